@@ -1,0 +1,112 @@
+"""Loading the reference's checkpoints safely, and writing ours atomically.
+
+A published ``checkpoint-last.pth`` is a dict with ``model``, ``optimizer``, ``epoch``, ``scaler`` and
+``args`` (an ``argparse.Namespace``). We load it with ``weights_only=True`` and only ``argparse.Namespace``
+allowed as an extra global, so a checkpoint cannot run code. Every failure is one ``CheckpointError``
+line saying what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Load a checkpoint file without executing code; returns the dict (a bare state_dict is wrapped)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r}: file not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path!r}: refused to unpickle (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"model": obj}
+    raise CheckpointError(f"checkpoint {path!r}: expected a dict with a 'model' state_dict "
+                          f"(or a bare state_dict), got {type(obj).__name__}"
+                          + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else ""))
+
+
+def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[str]:
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in own if k not in theirs]
+    extra = [k for k in theirs if k not in own]
+    shapes = [k for k in own if k in theirs and own[k] != theirs[k]]
+    if not (missing or extra or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {theirs[k]} vs {own[k]})")
+    return ", ".join(parts)
+
+
+def identify_config(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The published config whose state_dict has exactly these names and shapes, if any."""
+    from fractal_models.configs import CONFIG_NAMES, build_model
+    for name in CONFIG_NAMES:
+        with torch.device("meta"):
+            candidate = build_model(name)
+        if _mismatch(candidate, state) is None:
+            return name
+    return None
+
+
+def load_checkpoint(path: str, model: nn.Module, *, strict: bool = True) -> Dict[str, Any]:
+    """Load ``path``'s ``model`` weights into ``model`` (``strict`` by default); returns the whole dict.
+
+    Raises :class:`CheckpointError` with one line if the file is not such a checkpoint or its weights
+    belong to another configuration (naming that configuration when it is a published one).
+    """
+    ckpt = read_checkpoint(path)
+    state = ckpt["model"]
+    problem = _mismatch(model, state)
+    if problem is not None and strict:
+        other = identify_config(state)
+        hint = f"; it looks like a {other!r} checkpoint" if other else ""
+        raise CheckpointError(f"checkpoint {path!r} does not match the model: {problem}{hint}")
+    model.load_state_dict(state, strict=strict)
+    return ckpt
+
+
+def save_checkpoint(path: str, model: nn.Module, *, optimizer: Optional[torch.optim.Optimizer] = None,
+                    epoch: int = 0, scaler: Any = None, args: Any = None, **extra: Any) -> None:
+    """Write a reference-layout checkpoint atomically (temp file in the same folder, then rename)."""
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+               "epoch": epoch, "scaler": scaler.state_dict() if hasattr(scaler, "state_dict") else scaler,
+               "args": args, **extra}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

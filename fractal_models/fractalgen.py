@@ -1,0 +1,141 @@
+"""FractalGen: generators nested level by level, down to the pixel head.
+
+Module tree, constructor arguments, parameter names and the methods ``forward``, ``sample``,
+``generator``/``next_fractal`` match ``models/fractalgen.py`` of the public reference (LTH14/fractalgen),
+so its checkpoints load with ``strict=True``. Device-agnostic: no ``.cuda()``; the label-drop uniforms
+are drawn on the CPU RNG like the reference.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from fractal_models.ar import AR
+from fractal_models.mar import MAR
+from fractal_models.pixelloss import PixelLoss
+
+
+class FractalGen(nn.Module):
+    """Fractal generative model (one level; ``next_fractal`` holds the rest)."""
+
+    def __init__(self, img_size_list: Sequence[int], embed_dim_list: Sequence[int], num_blocks_list: Sequence[int],
+                 num_heads_list: Sequence[int], generator_type_list: Sequence[str], label_drop_prob: float = 0.1,
+                 class_num: int = 1000, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
+                 guiding_pixel: bool = False, num_conds: int = 1, r_weight: float = 1.0,
+                 grad_checkpointing: bool = False, fractal_level: int = 0) -> None:
+        super().__init__()
+        n = len(img_size_list)
+        for name, lst in (("embed_dim_list", embed_dim_list), ("num_blocks_list", num_blocks_list),
+                          ("num_heads_list", num_heads_list), ("generator_type_list", generator_type_list)):
+            if len(lst) != n:
+                raise ValueError(f"{name} has {len(lst)} entries; expected {n} (one per entry of img_size_list)")
+        if n < 2:
+            raise ValueError(f"img_size_list needs at least 2 levels, got {list(img_size_list)}")
+        for a, b in zip(img_size_list[:-1], img_size_list[1:]):
+            if a % b != 0:
+                raise ValueError(f"img_size_list must divide evenly level to level; {a} is not a multiple of {b}")
+        if img_size_list[-1] != 1:
+            raise ValueError(f"img_size_list must end at 1 (pixels), got {list(img_size_list)}")
+        self.fractal_level = fractal_level
+        self.num_fractal_levels = n
+        self.img_size = img_size_list[fractal_level]
+
+        if fractal_level == 0:
+            self.num_classes = class_num
+            self.class_emb = nn.Embedding(class_num, embed_dim_list[0])
+            self.label_drop_prob = label_drop_prob
+            self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim_list[0]))
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+            nn.init.normal_(self.fake_latent, std=0.02)
+
+        kind = generator_type_list[fractal_level]
+        if kind == "ar":
+            generator = AR
+        elif kind == "mar":
+            generator = MAR
+        else:
+            raise ValueError(f"generator_type_list[{fractal_level}] = {kind!r}; expected 'ar' or 'mar'")
+        self.generator = generator(
+            seq_len=(img_size_list[fractal_level] // img_size_list[fractal_level + 1]) ** 2,
+            patch_size=img_size_list[fractal_level + 1],
+            cond_embed_dim=embed_dim_list[fractal_level - 1] if fractal_level > 0 else embed_dim_list[0],
+            embed_dim=embed_dim_list[fractal_level],
+            num_blocks=num_blocks_list[fractal_level],
+            num_heads=num_heads_list[fractal_level],
+            attn_dropout=attn_dropout,
+            proj_dropout=proj_dropout,
+            guiding_pixel=guiding_pixel if fractal_level > 0 else False,
+            num_conds=num_conds,
+            grad_checkpointing=grad_checkpointing,
+        )
+        if fractal_level < n - 2:
+            self.next_fractal = FractalGen(
+                img_size_list=img_size_list, embed_dim_list=embed_dim_list, num_blocks_list=num_blocks_list,
+                num_heads_list=num_heads_list, generator_type_list=generator_type_list,
+                label_drop_prob=label_drop_prob, class_num=class_num, attn_dropout=attn_dropout,
+                proj_dropout=proj_dropout, guiding_pixel=guiding_pixel, num_conds=num_conds, r_weight=r_weight,
+                grad_checkpointing=grad_checkpointing, fractal_level=fractal_level + 1)
+        else:
+            # The last level's pixel head (the last generator type is unused, as in the reference).
+            self.next_fractal = PixelLoss(c_channels=embed_dim_list[fractal_level], depth=num_blocks_list[fractal_level + 1],
+                                          width=embed_dim_list[fractal_level + 1], num_heads=num_heads_list[fractal_level + 1],
+                                          r_weight=r_weight)
+
+    # ------------------------------------------------------------------ reference API
+    def forward(self, imgs: torch.Tensor, cond_list: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
+        """Loss of normalised images ``[B, 3, S, S]``; at level 0 ``cond_list`` is the labels ``[B]``.
+
+        Train mode: the training loss (labels dropped with ``label_drop_prob`` for CFG). Eval mode: the
+        unconditional NLL in nats per sub-pixel (every label replaced by the fake latent, as the reference
+        does for Table 3).
+        """
+        if self.fractal_level == 0:
+            labels = cond_list
+            class_embedding = self.class_emb(labels)
+            if self.training:
+                drop = (torch.rand(labels.size(0)) < self.label_drop_prob).unsqueeze(-1)
+            else:
+                drop = torch.ones(labels.size(0), 1)
+            drop = drop.to(device=class_embedding.device, dtype=class_embedding.dtype)
+            class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
+            cond_list = [class_embedding for _ in range(5)]
+        imgs, cond_list, guiding_pixel_loss = self.generator(imgs, cond_list)
+        loss = self.next_fractal(imgs, cond_list)
+        return loss + guiding_pixel_loss
+
+    def sample(self, cond_list: List[torch.Tensor], num_iter_list: Sequence[int], cfg, cfg_schedule: str,
+               temperature: float, filter_threshold: float, fractal_level: int, visualize=False, **extra: Any) -> torch.Tensor:
+        """Reference sampling entry: normalised images ``[B, 3, S, S]`` from conditions (``[cond; uncond]``
+        rows when ``cfg != 1``). ``extra`` (``top_p``, ``draw``, ``known``, ``known_mask``) are this
+        library's additions; ``known``/``known_mask`` apply to this level only, the rest to every level."""
+        passdown = {k: v for k, v in extra.items() if k in ("top_p", "draw")}
+        if fractal_level < self.num_fractal_levels - 2:
+            next_fn = partial(self.next_fractal.sample, num_iter_list=num_iter_list, cfg_schedule="constant",
+                              fractal_level=fractal_level + 1, **passdown)
+        else:
+            next_fn = partial(self.next_fractal.sample, **passdown)
+        return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule, temperature,
+                                     filter_threshold, next_fn, visualize, **extra)
+
+    # ------------------------------------------------------------------ library API
+    def levels(self) -> List[nn.Module]:
+        """The generator of every level, top first, then the pixel head."""
+        out, node = [], self
+        while isinstance(node, FractalGen):
+            out.append(node.generator)
+            node = node.next_fractal
+        out.append(node)
+        return out
+
+    def generate(self, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Class-conditional images as uint8 ``[B, 3, S, S]``; see :func:`fractal_models.sampling.generate`."""
+        from fractal_models.sampling import generate
+        return generate(self, labels, **kwargs)
+
+    def nll(self, imgs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Unconditional NLL in bits/dim; see :func:`fractal_models.likelihood.nll_bits_per_dim`."""
+        from fractal_models.likelihood import nll_bits_per_dim
+        return nll_bits_per_dim(self, imgs, **kwargs)

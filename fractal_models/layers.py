@@ -1,0 +1,53 @@
+"""Small building blocks shared by the levels (ViT MLP, weight init)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP with the parameter names of ``timm``'s ``Mlp`` (``fc1``, ``fc2``).
+
+    The reference imports this from timm; we keep the same structure (fc1 -> GELU -> dropout -> fc2 ->
+    dropout, exact erf GELU) without depending on timm.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def init_vit_weights(m: nn.Module) -> None:
+    """The reference's init: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+        if m.weight is not None:
+            nn.init.constant_(m.weight, 1.0)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, (H/p)(W/p), 3 p p]`` in the reference's (c, p, q) order."""
+    bsz, c, h, w = x.shape
+    x = x.reshape(bsz, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwcpq", x)
+    return x.reshape(bsz, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a square ``grid x grid`` of patches."""
+    bsz = x.shape[0]
+    x = x.reshape(bsz, grid, grid, 3, p, p)
+    x = torch.einsum("nhwcpq->nchpwq", x)
+    return x.reshape(bsz, 3, grid * p, grid * p)

@@ -1,0 +1,218 @@
+"""The pixel head (``PixelLoss``): a 4-token causal transformer (condition, R, G, B) with 256-way logits.
+
+Module tree and parameter names match ``models/pixelloss.py`` of the reference, so checkpoints map one to
+one. Numerics kept on purpose (see comments at each spot): LayerNorm eps 1e-6, scores in the input dtype
+(no fp32 upcast here, unlike the MAR/AR levels), logits in fp32 with autocast off, the ``1e-2`` rounding
+noise on targets, the temperature that *multiplies* logits.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from fractal_kernels.reference.attention import attention_reference
+from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
+from fractal_models.layers import Mlp, init_vit_weights
+
+PIX_MEAN = (0.485, 0.456, 0.406)
+PIX_STD = (0.229, 0.224, 0.225)
+
+# A pixel draw: (probs [B, 256], channel 0/1/2) -> int64 ids [B].
+PixelDraw = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def multinomial_draw(probs: torch.Tensor, channel: int) -> torch.Tensor:
+    """The reference's draw: ``torch.multinomial`` on the global RNG."""
+    return torch.multinomial(probs, num_samples=1).reshape(-1)
+
+
+class CausalAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, c = x.shape
+        qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, 4, Dh]
+        # Reference numerics: scores in the input dtype here (pixelloss.py does not upcast).
+        o = attention_reference(q, k, v, causal=True, scale=self.scale, scores_fp32=False,
+                                dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(bsz, seq, c)))
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = CausalAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                    proj_drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MlmLayer(nn.Module):
+    """Output bias of one channel; the channel's embedding table is reused as the output matrix."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, word_embeddings.transpose(0, 1)) + self.bias
+
+
+class PixelLoss(nn.Module):
+    """Pixel head: ``predict`` gives R/G/B logits, ``forward`` the loss, ``sample`` normalised pixels."""
+
+    vocab_size = 256
+
+    def __init__(self, c_channels: int, width: int, depth: int, num_heads: int, r_weight: float = 1.0) -> None:
+        super().__init__()
+        # Plain attributes, not buffers: the reference's state_dict has no pixel mean/std entries.
+        self.pix_mean = torch.tensor(PIX_MEAN)
+        self.pix_std = torch.tensor(PIX_STD)
+        self.cond_proj = nn.Linear(c_channels, width)
+        self.r_codebook = nn.Embedding(256, width)
+        self.g_codebook = nn.Embedding(256, width)
+        self.b_codebook = nn.Embedding(256, width)
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList([
+            CausalBlock(width, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=0, attn_drop=0)
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.r_weight = r_weight
+        self.r_mlm = MlmLayer(256)
+        self.g_mlm = MlmLayer(256)
+        self.b_mlm = MlmLayer(256)
+        self.criterion = nn.CrossEntropyLoss(reduction="none")
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        nn.init.normal_(self.r_codebook.weight, std=0.02)
+        nn.init.normal_(self.g_codebook.weight, std=0.02)
+        nn.init.normal_(self.b_codebook.weight, std=0.02)
+        self.apply(init_vit_weights)
+
+    def _stats(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.pix_mean.to(device), self.pix_std.to(device)
+
+    def target_ids(self, target: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``[B, 3]`` -> int64 ids in [0, 255], as the reference rounds them.
+
+        The reference adds ``1e-2 * randn`` before rounding (to break banker's-rounding ties of averaged
+        guiding pixels); kept, including its use of the global RNG.
+        """
+        target = target.reshape(target.size(0), target.size(1))
+        mean, std = self._stats(target.device)
+        target = target * std.unsqueeze(0) + mean.unsqueeze(0)
+        return (target * 255 + 1e-2 * torch.randn_like(target)).round().long()
+
+    def logits_from_ids(self, ids: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B, 3, 256]`` for pixel ids ``[B, 3]`` and condition ``[B, C]``."""
+        x = torch.cat([
+            self.cond_proj(cond).unsqueeze(1),
+            self.r_codebook(ids[:, 0:1]),
+            self.g_codebook(ids[:, 1:2]),
+            self.b_codebook(ids[:, 2:3]),
+        ], dim=1)
+        x = self.ln(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        # Reference numerics: logits with autocast disabled, i.e. in fp32 for fp32 weights.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            r_logits = self.r_mlm(x[:, 0], self.r_codebook.weight.float())
+            g_logits = self.g_mlm(x[:, 1], self.g_codebook.weight.float())
+            b_logits = self.b_mlm(x[:, 2], self.b_codebook.weight.float())
+        return torch.stack([r_logits, g_logits, b_logits], dim=1)
+
+    def predict(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reference API: normalised target ``[B, 3(,1,1)]`` -> (logits ``[B, 3, 256]``, ids ``[B, 3]``)."""
+        ids = self.target_ids(target)
+        # Only the middle condition is used by the pixel head.
+        return self.logits_from_ids(ids, cond_list[0]), ids
+
+    def forward(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Training loss (R weighted by ``r_weight``) in train mode; mean CE over R, G, B in eval mode."""
+        logits, target = self.predict(target, cond_list)
+        loss_r = self.criterion(logits[:, 0], target[:, 0])
+        loss_g = self.criterion(logits[:, 1], target[:, 1])
+        loss_b = self.criterion(logits[:, 2], target[:, 2])
+        if self.training:
+            loss = (self.r_weight * loss_r + loss_g + loss_b) / (self.r_weight + 2)
+        else:
+            loss = (loss_r + loss_g + loss_b) / 3  # NLL in nats per sub-pixel
+        return loss.mean()
+
+    def sample(
+        self,
+        cond_list: Sequence[torch.Tensor],
+        temperature: float,
+        cfg: CfgLike,
+        filter_threshold: float = 0,
+        *,
+        top_p: float = 1.0,
+        draw: Optional[PixelDraw] = None,
+        known: Optional[torch.Tensor] = None,
+        known_mask: Optional[torch.Tensor] = None,
+        return_probs: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Sample R, G, B in turn; returns normalised pixel values ``[B, 3]`` (as the reference does).
+
+        ``cond_list`` rows are ``[cond; uncond]`` when ``cfg != 1``. ``draw`` replaces the multinomial
+        draw (e.g. :func:`fractal_kernels.reference.inverse_cdf_draw` with given uniforms). ``known``
+        ``[B, 3]`` normalised values and ``known_mask`` ``[B, 3]`` bool: known channels keep their value
+        (used as context for the later channels) instead of the drawn one. ``return_probs`` also returns
+        the probabilities of each channel ``[3, B, 256]``.
+        """
+        guided = not _is_one(cfg)
+        rows = cond_list[0].size(0)
+        bsz = rows // 2 if guided else rows
+        device = cond_list[0].device
+        draw = draw or multinomial_draw
+        mean, std = self._stats(device)
+        pixel_values = torch.zeros(bsz, 3, device=device)
+        if known is not None:
+            known = known.reshape(bsz, 3).to(device=device, dtype=pixel_values.dtype)
+            known_mask = known_mask.reshape(bsz, 3).to(device=device, dtype=torch.bool)
+        all_probs = []
+        for i in range(3):
+            inp = pixel_values if not guided else torch.cat([pixel_values, pixel_values], dim=0)
+            logits, _ = self.predict(inp, cond_list)
+            probs = pixel_probs_reference(logits[:, i], temperature=temperature, cfg=cfg,
+                                          filter_threshold=filter_threshold, top_p=top_p, guided=guided)
+            sampled_ids = draw(probs, i)
+            value = (sampled_ids.float() / 255 - mean[i]) / std[i]
+            if known is not None:
+                value = torch.where(known_mask[:, i], known[:, i], value)
+            pixel_values[:, i] = value
+            all_probs.append(probs)
+        if return_probs:
+            return pixel_values, torch.stack(all_probs)
+        return pixel_values
+
+
+def _is_one(cfg: CfgLike) -> bool:
+    """The reference's ``cfg == 1.0`` test, also for per-row tensors (guidance off only if all are 1)."""
+    if isinstance(cfg, torch.Tensor):
+        return bool((cfg == 1.0).all())
+    return cfg == 1.0
