@@ -169,6 +169,7 @@ class AR(nn.Module):
         self.seq_len = seq_len
         self.patch_size = patch_size
         self.grad_checkpointing = grad_checkpointing
+        self.num_conds = 1  # only the middle condition is used, whatever num_conds the model was built with
         self.grid = int(math.isqrt(seq_len))
         if self.grid * self.grid != seq_len:
             raise ValueError(f"AR level needs a square number of patches, got seq_len={seq_len}")

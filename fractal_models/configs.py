@@ -30,12 +30,27 @@ _SPECS: Dict[str, Dict[str, Any]] = {
 
 CONFIG_NAMES = tuple(_SPECS)
 
+# Small configs of the reference fixtures (shared/reference/fixtures): for tests, demos and CPU benchmarks.
+_TINY: Dict[str, Dict[str, Any]] = {
+    "tiny_mar": dict(img_size_list=(16, 4, 1), embed_dim_list=(64, 32, 16), num_blocks_list=(2, 2, 1),
+                     num_heads_list=(4, 2, 2), generator_type_list=("mar", "mar", "ar"), num_conds=5,
+                     guiding_pixel=False, class_num=10),
+    "tiny_ar": dict(img_size_list=(16, 4, 1), embed_dim_list=(64, 32, 16), num_blocks_list=(2, 2, 1),
+                    num_heads_list=(4, 2, 2), generator_type_list=("ar", "ar", "ar"), num_conds=1,
+                    guiding_pixel=False, class_num=10),
+    "tiny_mar_gp": dict(img_size_list=(16, 4, 2, 1), embed_dim_list=(64, 32, 16, 16), num_blocks_list=(2, 1, 1, 1),
+                        num_heads_list=(4, 2, 2, 2), generator_type_list=("mar", "mar", "mar", "ar"), num_conds=5,
+                        guiding_pixel=True, class_num=10),
+}
+TINY_CONFIG_NAMES = tuple(_TINY)
+
 
 def config_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:
     """Constructor arguments of a published config, with ``overrides`` applied."""
-    if name not in _SPECS:
-        raise ValueError(f"config: unknown config {name!r}; expected one of {', '.join(CONFIG_NAMES)}")
-    kwargs = dict(_SPECS[name])
+    specs = {**_SPECS, **_TINY}
+    if name not in specs:
+        raise ValueError(f"config: unknown config {name!r}; expected one of {', '.join(specs)}")
+    kwargs = dict(specs[name])
     kwargs.setdefault("r_weight", 5.0)
     kwargs.update(overrides)
     return kwargs

@@ -1,0 +1,66 @@
+"""Install fractal-kernels. Pure Python by default; the CUDA extension (``fractal_kernels._C`` from
+``csrc/``) is built only when CUDA is available or asked for:
+
+    FRACTAL_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation   # force (nvcc + torch needed)
+    FRACTAL_KERNELS_BUILD_CUDA=0 pip install -e .                        # never
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    flag = os.environ.get("FRACTAL_KERNELS_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no"):
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
+                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if flag in ("1", "true", "yes"):
+            raise RuntimeError("FRACTAL_KERNELS_BUILD_CUDA=1 needs torch in the build environment: "
+                               "pip install -e . --no-build-isolation")
+        return [], {}
+    wanted = flag in ("1", "true", "yes") or (torch.cuda.is_available() and CUDA_HOME is not None)
+    if not wanted:
+        return [], {}
+    if not sources:
+        print("fractal-kernels: no CUDA sources under csrc/ yet; nothing to build")
+        return [], {}
+    ext = CUDAExtension(
+        name="fractal_kernels._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                                     "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="fractal-kernels",
+    version="0.1.0",
+    description="Kernels, models and benchmarks for fractal generative models (FractalGen)",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fractal_kernels", "fractal_kernels.*", "fractal_models", "fractal_models.*",
+                                    "benchmarks", "benchmarks.*"]),
+    # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
+    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "triton": ["triton"],
+    },
+    entry_points={"console_scripts": ["fractalgen=fractal_models.cli:main", "fractal-bench=benchmarks.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
