@@ -78,8 +78,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = _build(args.config, args.device)
     if args.checkpoint:
         load_checkpoint(args.checkpoint, model)
-    else:
-        print("fractalgen: no --checkpoint given: sampling from randomly initialised weights", file=sys.stderr)
     labels = _labels(args.labels)
     num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
     t0 = time.perf_counter()
@@ -88,21 +86,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
                       seed=args.seed, progress=not args.quiet)
     dt = time.perf_counter() - t0
     write_png(args.output, make_grid(images, nrow=args.nrow), scale=args.scale)
-    print(f"wrote {args.output}: {images.shape[0]} images of {images.shape[-1]}x{images.shape[-1]} in {dt:.1f} s")
+    source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
+    print(f"wrote {args.output}: {images.shape[0]} images of {images.shape[-1]}x{images.shape[-1]} in {dt:.1f} s "
+          f"from {source}")
     return 0
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
     from fractal_models.imageio import load_images
     from fractal_models.likelihood import nll_bits_per_dim
+    images = load_images(args.images)
     model = _build(args.config, args.device)
     if args.checkpoint:
         load_checkpoint(args.checkpoint, model)
-    else:
-        print("fractalgen: no --checkpoint given: NLL of randomly initialised weights", file=sys.stderr)
-    images = load_images(args.images)
     bpd = nll_bits_per_dim(model, images, num_orders=args.num_orders, batch_size=args.batch_size, seed=args.seed)
-    print(f"NLL: {bpd:.5f} bits/dim over {images.shape[0]} images ({args.num_orders} pass(es) each)")
+    source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
+    print(f"NLL: {bpd:.5f} bits/dim over {images.shape[0]} images ({args.num_orders} pass(es) each), {source}")
     return 0
 
 

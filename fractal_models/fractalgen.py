@@ -94,6 +94,7 @@ class FractalGen(nn.Module):
         """
         if self.fractal_level == 0:
             labels = cond_list
+            self._check_inputs(imgs, labels)
             class_embedding = self.class_emb(labels)
             if self.training:
                 drop = (torch.rand(labels.size(0)) < self.label_drop_prob).unsqueeze(-1)
@@ -105,6 +106,20 @@ class FractalGen(nn.Module):
         imgs, cond_list, guiding_pixel_loss = self.generator(imgs, cond_list)
         loss = self.next_fractal(imgs, cond_list)
         return loss + guiding_pixel_loss
+
+    def _check_inputs(self, imgs: torch.Tensor, labels: torch.Tensor) -> None:
+        s = self.img_size
+        if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4 or tuple(imgs.shape[1:]) != (3, s, s):
+            raise ValueError(f"imgs: expected normalised images [B, 3, {s}, {s}] for this model, got "
+                             f"{tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__}")
+        if not imgs.is_floating_point():
+            raise TypeError(f"imgs: expected a floating-point tensor (ImageNet-normalised), got {imgs.dtype}; "
+                            "convert uint8 images with fractal_models.sampling.normalize_uint8")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != imgs.shape[0]:
+            raise ValueError(f"labels: expected an integer tensor [{imgs.shape[0]}] (one per image), got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
 
     def sample(self, cond_list: List[torch.Tensor], num_iter_list: Sequence[int], cfg, cfg_schedule: str,
                temperature: float, filter_threshold: float, fractal_level: int, visualize=False, **extra: Any) -> torch.Tensor:

@@ -7,10 +7,15 @@ patches, exactly as the reference estimates it). Bits per dimension is that divi
 (one "dimension" = one sub-pixel, 3·H·W per image; no dequantisation term because the model is discrete).
 ``num_orders`` repeats the pass with fresh random orders/masks and averages, the reference's
 ``--nll_forward_number``.
+
+Guiding-pixel configs (the 256² models): the reference's eval loss adds the guiding-pixel heads' mean
+losses to the pixel loss, so its "NLL" is not a proper bits/dim there (the paper reports NLL only for the
+64² models, which have no guiding pixel). We return the reference's quantity and warn.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -31,6 +36,9 @@ def nll_bits_per_dim(model: FractalGen, imgs: torch.Tensor, *, num_orders: int =
         raise ValueError("imgs: empty batch; the NLL of no images is undefined")
     if num_orders < 1:
         raise ValueError(f"num_orders: expected >= 1, got {num_orders}")
+    if any(getattr(g, "guiding_pixel", False) for g in model.levels()[:-1]):
+        warnings.warn("nll_bits_per_dim: this config has guiding pixels; the value includes their auxiliary "
+                      "losses, as the reference computes it, and is not a proper bits/dim", stacklevel=2)
     device = model.class_emb.weight.device
     was_training = model.training
     model.eval()
