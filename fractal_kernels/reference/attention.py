@@ -46,9 +46,11 @@ def attention_reference(
     lq, lk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if scale is None:
         scale = d ** -0.5
+    # "fp32" means at least fp32: fp64 inputs (gradient references) stay fp64.
+    acc = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
         if scores_fp32:
-            scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+            scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
         else:
             scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
@@ -58,7 +60,7 @@ def attention_reference(
         scores = scores.masked_fill(~key_mask, float("-inf"))
     if subtract_max:
         scores = scores - scores.amax(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.float(), dim=-1)
+    probs = torch.softmax(scores.to(acc), dim=-1)
     if dropout_p > 0.0:
         probs = torch.dropout(probs, dropout_p, train=True)
     return probs.to(v.dtype) @ v

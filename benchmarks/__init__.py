@@ -1,0 +1,1 @@
+"""fractal-kernels benchmark suite: harness, cases and the ``fractal-bench`` CLI."""

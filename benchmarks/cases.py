@@ -1,0 +1,123 @@
+"""End-to-end model benchmarks: ``generate`` images/s, training-step time and NLL throughput.
+
+Every row runs the faithful ``backend="torch"`` models; kernel backends add rows beside them as they
+land. Each row also verifies its output (seeded reruns identical, losses finite) so a broken path cannot
+post a number.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from benchmarks.harness import Row, summarize, time_fn
+from fractal_models import build_model, generate
+from fractal_models.sampling import default_num_iter_list, normalize_uint8
+
+TINY = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
+
+
+@dataclass
+class Mode:
+    name: str
+    batch: int
+    repeats: int
+    warmup: int
+    full_iters: bool  # reference iteration counts (else 2 per level, for smoke runs)
+    big: bool  # include the published configs (GPU only)
+
+
+MODES = {
+    "smoke": Mode("smoke", batch=2, repeats=1, warmup=0, full_iters=False, big=False),
+    "quick": Mode("quick", batch=8, repeats=3, warmup=1, full_iters=True, big=False),
+    "full": Mode("full", batch=8, repeats=5, warmup=1, full_iters=True, big=True),
+}
+
+BIG = ("fractalmar_in64", "fractalmar_large_in256")
+
+
+def _iters(model, mode: Mode) -> List[int]:
+    return default_num_iter_list(model) if mode.full_iters else [2] * len(model.levels()[:-1])
+
+
+def generate_rows(config: str, mode: Mode, device: torch.device) -> Row:
+    model = build_model(config).to(device).eval()
+    bsz = mode.batch
+    labels = torch.arange(bsz, device=device) % model.num_classes
+    iters = _iters(model, mode)
+    cfg = 2.0
+    shape = dict(config=config, batch=bsz, num_iter_list=iters, cfg=cfg)
+    outs = []
+
+    def run():
+        outs.append(generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0))
+    times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
+    same = all(torch.equal(outs[0], o) for o in outs[1:]) if len(outs) > 1 else None
+    timing = summarize(times)
+    return Row("e2e", "generate", "torch", shape, timing,
+               metrics={"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz},
+               check={True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same])
+
+
+def train_step_row(config: str, mode: Mode, device: torch.device) -> Row:
+    torch.manual_seed(0)
+    model = build_model(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    bsz = mode.batch
+    imgs = normalize_uint8(torch.randint(0, 256, (bsz, 3, model.img_size, model.img_size), dtype=torch.uint8,
+                                         generator=torch.Generator().manual_seed(0))).to(device)
+    labels = torch.arange(bsz, device=device) % model.num_classes
+    losses: List[float] = []
+    amp = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(imgs, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    times = time_fn(step, device, warmup=mode.warmup, repeats=mode.repeats)
+    timing = summarize(times)
+    ok = all(math.isfinite(x) for x in losses)
+    return Row("e2e", "train_step", "torch", dict(config=config, batch=bsz, bf16_autocast=amp), timing,
+               metrics={"images_per_s": bsz / timing["median_s"], "s_per_iter": timing["median_s"]},
+               check="losses finite" if ok else "NON-FINITE LOSS")
+
+
+def nll_row(config: str, mode: Mode, device: torch.device) -> Row:
+    model = build_model(config).to(device).eval()
+    bsz = mode.batch * 2
+    imgs = normalize_uint8(torch.randint(0, 256, (bsz, 3, model.img_size, model.img_size), dtype=torch.uint8,
+                                         generator=torch.Generator().manual_seed(0))).to(device)
+    labels = torch.zeros(bsz, dtype=torch.long, device=device)
+    vals: List[float] = []
+
+    def run():
+        with torch.no_grad():
+            vals.append(float(model(imgs, labels)) / math.log(2))
+    times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
+    timing = summarize(times)
+    ok = all(math.isfinite(v) for v in vals)
+    return Row("e2e", "nll_forward", "torch", dict(config=config, batch=bsz), timing,
+               metrics={"images_per_s": bsz / timing["median_s"], "bits_per_dim": vals[-1]},
+               check="finite" if ok else "NON-FINITE")
+
+
+def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], Row]]:
+    """The rows of a run, as thunks (so the CLI can show progress and skip cleanly)."""
+    for config in TINY:
+        yield lambda c=config: generate_rows(c, mode, device)
+        yield lambda c=config: train_step_row(c, mode, device)
+        yield lambda c=config: nll_row(c, mode, device)
+    if mode.big:
+        for config in BIG:
+            if device.type != "cuda":
+                reason = "GPU-only row: published config at full size, minutes per image on CPU"
+                for name in ("generate", "train_step"):
+                    yield lambda c=config, n=name, r=reason: Row("e2e", n, "torch", dict(config=c), skipped=r)
+                continue
+            yield lambda c=config: generate_rows(c, mode, device)
+            yield lambda c=config: train_step_row(c, mode, device)
