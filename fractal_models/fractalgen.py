@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from fractal_models.ar import AR
 from fractal_models.mar import MAR
-from fractal_models.pixelloss import PixelLoss
+from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelLoss
 
 
 class FractalGen(nn.Module):
@@ -120,6 +120,17 @@ class FractalGen(nn.Module):
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+        if imgs.numel():
+            # One host sync per call: values outside [0, 255] after de-normalising would index past the
+            # pixel head's 256-entry tables deep inside the model; say so here instead.
+            mean = torch.tensor(PIX_MEAN, device=imgs.device)
+            std = torch.tensor(PIX_STD, device=imgs.device)
+            lo = (imgs.detach().amin(dim=(0, 2, 3)).float() * std + mean) * 255
+            hi = (imgs.detach().amax(dim=(0, 2, 3)).float() * std + mean) * 255
+            if bool((lo < -0.5).any() | (hi > 255.5).any() | ~torch.isfinite(lo).all() | ~torch.isfinite(hi).all()):
+                raise ValueError(f"imgs: values must be ImageNet-normalised pixels in [0, 255]; de-normalised range "
+                                 f"per channel is min {[round(v, 1) for v in lo.tolist()]}, max "
+                                 f"{[round(v, 1) for v in hi.tolist()]}")
 
     def sample(self, cond_list: List[torch.Tensor], num_iter_list: Sequence[int], cfg, cfg_schedule: str,
                temperature: float, filter_threshold: float, fractal_level: int, visualize=False, **extra: Any) -> torch.Tensor:

@@ -98,7 +98,30 @@ def _ctor(name):
     (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([0, 1]), TypeError, "imgs: expected a floating-point"),
     (torch.zeros(2, 3, 16, 16), torch.tensor([0]), ValueError, r"labels: expected an integer tensor \[2\]"),
     (torch.zeros(2, 3, 16, 16), torch.tensor([0.0, 1.0]), TypeError, "labels: expected an integer tensor"),
+    (torch.full((2, 3, 16, 16), 5.0), torch.tensor([0, 1]), ValueError, r"imgs: values must be ImageNet-normalised"),
+    (torch.full((2, 3, 16, 16), float("nan")), torch.tensor([0, 1]), ValueError, r"imgs: values must be"),
 ])
 def test_forward_bad_inputs(imgs, labels, exc, match):
     with pytest.raises(exc, match=match):
         build_model("tiny_mar")(imgs, labels)
+
+
+@pytest.mark.filterwarnings("ignore:nll_bits_per_dim")
+def test_cpu_bf16_autocast_paths(fixture_model):
+    """Autocast code paths run (CPU bf16); GPU numerics are checked by the GPU tests."""
+    name, model, _ = fixture_model
+    imgs = normalize_uint8(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(imgs, torch.tensor([0, 1]))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assert torch.isfinite(loss)
+    a = nll_bits_per_dim(model, imgs, autocast_dtype=torch.bfloat16, seed=0)
+    b = nll_bits_per_dim(model, imgs, seed=0)
+    assert abs(a - b) < 0.05 * terms_of(name)
+
+
+def terms_of(name):
+    return 3 if name == "tiny_mar_gp" else 1
