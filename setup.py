@@ -59,6 +59,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "triton": ["triton"],
+        # demo data: the photos inside the scikit-image 0.26 wheel (read as files, nothing downloaded)
+        "train": ["pillow", "scikit-image==0.26.0"],
     },
     entry_points={"console_scripts": ["fractalgen=fractal_models.cli:main", "fractal-bench=benchmarks.cli:main"]},
     ext_modules=ext_modules,

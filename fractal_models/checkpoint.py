@@ -29,8 +29,17 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path!r}: refused to unpickle (weights_only=True): {first}") from None
+        # torch wraps the real cause in advice to retry with weights_only=False, which we must not give
+        text = str(e)
+        cause = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+        if "trusted source." in cause:
+            cause = cause.split("trusted source.", 1)[1]
+        cause = " ".join(cause.split()) or type(e).__name__
+        if "GLOBAL" in cause or "global" in cause:
+            raise CheckpointError(f"checkpoint {path!r}: refused to unpickle code it would have to run "
+                                  f"(weights_only=True): {cause}") from None
+        raise CheckpointError(f"checkpoint {path!r}: not a readable PyTorch checkpoint (corrupt or truncated: "
+                              f"{cause})") from None
     except Exception as e:  # torch.load raises many types on a foreign file; all mean "not a checkpoint"
         raise CheckpointError(f"checkpoint {path!r}: not a readable PyTorch checkpoint "
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -73,13 +82,16 @@ def identify_config(state: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def load_checkpoint(path: str, model: nn.Module, *, strict: bool = True) -> Dict[str, Any]:
+def load_checkpoint(path: str, model: nn.Module, *, strict: bool = True,
+                    ckpt: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Load ``path``'s ``model`` weights into ``model`` (``strict`` by default); returns the whole dict.
+    ``ckpt``: the already-read dict of ``path`` (from :func:`read_checkpoint`), to avoid reading twice.
 
     Raises :class:`CheckpointError` with one line if the file is not such a checkpoint or its weights
     belong to another configuration (naming that configuration when it is a published one).
     """
-    ckpt = read_checkpoint(path)
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
     state = ckpt["model"]
     problem = _mismatch(model, state)
     if problem is not None and strict:

@@ -3,6 +3,8 @@
     fractalgen info [--config NAME]
     fractalgen sample --config fractalmar_in64 [--checkpoint ckpt.pth] --labels 1,2,3 --cfg 4 --output grid.png
     fractalgen nll --config fractalmar_in64 --checkpoint ckpt.pth --images val.npz
+    fractalgen train --demo --max-steps 300 --output-dir out/demo      (see fractalgen train --help)
+    fractalgen eval --config tiny_mar --checkpoint out/demo/checkpoint-best.pth --demo
 
 Errors (missing/mismatched checkpoint, bad arguments) print one line and exit with status 2.
 """
@@ -17,20 +19,32 @@ from typing import List, Optional
 
 import torch
 
-from fractal_models.checkpoint import CheckpointError, load_checkpoint
+from fractal_models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from fractal_models.configs import CONFIG_NAMES, build_model
 from fractal_models.fractalgen import FractalGen
 
 
-def _build(config: str, device: str) -> FractalGen:
+def _build(config: str, device: str, **overrides) -> FractalGen:
     if config.endswith(".json"):
         if not os.path.isfile(config):
             raise ValueError(f"--config {config!r}: file not found")
         spec = json.load(open(config))
-        model = FractalGen(**spec.get("constructor", spec))
+        model = FractalGen(**{**spec.get("constructor", spec), **overrides})
     else:
-        model = build_model(config)
+        model = build_model(config, **overrides)
     return model.to(device)
+
+
+def _model_from_args(args: argparse.Namespace):
+    """Build ``--config`` (with the checkpoint's class count, if it records one) and load ``--checkpoint``."""
+    if not args.checkpoint:
+        return _build(args.config, args.device), None
+    ckpt = read_checkpoint(args.checkpoint)
+    saved = ckpt.get("args")
+    overrides = {"class_num": saved.class_num} if getattr(saved, "class_num", None) else {}
+    model = _build(args.config, "cpu", **overrides)
+    load_checkpoint(args.checkpoint, model, ckpt=ckpt)
+    return model.to(args.device), ckpt
 
 
 def _count(module: torch.nn.Module, exclude: Optional[torch.nn.Module] = None) -> int:
@@ -75,9 +89,7 @@ def _labels(text: str) -> torch.Tensor:
 def cmd_sample(args: argparse.Namespace) -> int:
     from fractal_models.imageio import make_grid, write_png
     from fractal_models.sampling import generate
-    model = _build(args.config, args.device)
-    if args.checkpoint:
-        load_checkpoint(args.checkpoint, model)
+    model, _ = _model_from_args(args)
     labels = _labels(args.labels)
     num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
     t0 = time.perf_counter()
@@ -96,12 +108,52 @@ def cmd_nll(args: argparse.Namespace) -> int:
     from fractal_models.imageio import load_images
     from fractal_models.likelihood import nll_bits_per_dim
     images = load_images(args.images)
-    model = _build(args.config, args.device)
-    if args.checkpoint:
-        load_checkpoint(args.checkpoint, model)
+    model, _ = _model_from_args(args)
     bpd = nll_bits_per_dim(model, images, num_orders=args.num_orders, batch_size=args.batch_size, seed=args.seed)
     source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
     print(f"NLL: {bpd:.5f} bits/dim over {images.shape[0]} images ({args.num_orders} pass(es) each), {source}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """NLL of a checkpoint on a held-out set; FID/IS only with torch-fidelity and local Inception weights."""
+    from fractal_models.data import ImageFolder, ShippedPhotos
+    from fractal_models.likelihood import nll_bits_per_dim
+    if args.fid and not args.inception_weights:
+        raise ValueError("--fid needs --inception-weights FILE (the FID Inception weights; nothing is downloaded)")
+    if args.fid:
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise ValueError("--fid needs torch-fidelity: pip install torch-fidelity (with a torchvision for your torch)") from None
+        if not os.path.isfile(args.inception_weights):
+            raise ValueError(f"--inception-weights {args.inception_weights!r}: file not found")
+    model, ckpt = _model_from_args(args)
+    if args.demo:
+        data = ShippedPhotos("val", model.img_size, per_class=max(1, args.num_images // ShippedPhotos.num_classes))
+    elif args.data_path:
+        data = ImageFolder(args.data_path, model.img_size)
+    else:
+        raise ValueError("give --data-path (ImageFolder) or --demo (the shipped photos' held-out split)")
+    n = min(len(data), args.num_images)
+    imgs = torch.stack([data[i][0] for i in range(n)])
+    bpd = nll_bits_per_dim(model, imgs, num_orders=args.num_orders, batch_size=args.batch_size, seed=args.seed)
+    step = ((ckpt or {}).get("train_state") or {}).get("step")
+    print(f"NLL: {bpd:.5f} bits/dim over {n} images" + (f" (checkpoint step {step})" if step is not None else ""))
+    if args.fid:
+        from fractal_models.sampling import generate
+        from fractal_models.imageio import write_png
+        out = os.path.join(args.output_dir, "fid_samples")
+        labels = torch.arange(args.fid_images) % model.num_classes
+        for start in range(0, args.fid_images, args.batch_size):
+            batch = generate(model, labels[start:start + args.batch_size].to(args.device), cfg=args.cfg,
+                             temperature=args.temperature, seed=args.seed + start)
+            for j, img in enumerate(batch.cpu()):
+                write_png(os.path.join(out, f"{start + j:05d}.png"), img.permute(1, 2, 0).numpy())
+        metrics = torch_fidelity.calculate_metrics(input1=out, input2=None, fid_statistics_file=args.fid_stats,
+                                                   feature_extractor_weights_path=args.inception_weights,
+                                                   cuda=torch.cuda.is_available(), isc=True, fid=True, verbose=False)
+        print(", ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -116,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sp.add_argument("--seed", type=int, default=0)
 
+    sub.add_parser("train", help="train a model (see: fractalgen train --help)", add_help=False)
     info = sub.add_parser("info", help="configs, parameters per level, available kernel backends")
     info.add_argument("--config", default=None)
     info.set_defaults(fn=cmd_info)
@@ -141,14 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--num-orders", type=int, default=1, help="passes per image averaged (reference: --nll_forward_number)")
     n.add_argument("--batch-size", type=int, default=64)
     n.set_defaults(fn=cmd_nll)
+
+    e = sub.add_parser("eval", help="held-out NLL (bits/dim) of a checkpoint; FID/IS with local Inception weights")
+    common(e)
+    e.add_argument("--data-path", default=None, help="held-out ImageFolder")
+    e.add_argument("--demo", action="store_true", help="the shipped photos' held-out split")
+    e.add_argument("--num-images", type=int, default=1000)
+    e.add_argument("--num-orders", type=int, default=1)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--fid", action="store_true", help="also FID/IS (needs torch-fidelity and --inception-weights)")
+    e.add_argument("--inception-weights", default=None)
+    e.add_argument("--fid-stats", default=None, help="reference statistics .npz (e.g. the reference's fid_stats/)")
+    e.add_argument("--fid-images", type=int, default=50000)
+    e.add_argument("--cfg", type=float, default=1.0)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--output-dir", default="./output_dir")
+    e.set_defaults(fn=cmd_eval)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer owns its flags (also: python -m fractal_models.train)
+        from fractal_models.train import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"fractalgen: error: {e}", file=sys.stderr)
         return 2
 
