@@ -14,7 +14,7 @@ or ``[B, V]`` when ``cfg == 1``:
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -44,14 +44,37 @@ def cfg_filter_mix_reference(
     return uncond_logits + cfg_col * (cond_logits - uncond_logits)
 
 
+def _mass_at_or_above(probs: torch.Tensor) -> torch.Tensor:
+    """``S_i = sum_j p_j [p_j >= p_i]`` per entry (ties counted together), via one sort. ``[B, V]``."""
+    asc, _ = probs.sort(dim=-1)
+    cum = asc.cumsum(dim=-1)
+    total = cum[:, -1:]
+    # entries strictly below p_i: the first position of p_i in the ascending order
+    below = torch.searchsorted(asc.contiguous(), probs.contiguous(), right=False)
+    mass_below = torch.where(below > 0, cum.gather(-1, (below - 1).clamp(min=0)), torch.zeros_like(probs))
+    return total - mass_below
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely entries whose mass reaches ``top_p``; renormalise. ``[B, V]``."""
+    """Nucleus truncation with ties kept together; renormalises. ``[B, V]``.
+
+    Keeps entry i iff the mass strictly above it is < ``top_p``; equivalently every entry ``>= tau*``,
+    where ``tau*`` is the largest value whose at-or-above mass reaches ``top_p``. The argmax is always kept.
+    """
     if top_p >= 1.0:
         return probs
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-    sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    kept = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    s_at = _mass_at_or_above(probs)
+    tau = torch.where(s_at >= top_p, probs, torch.zeros_like(probs)).amax(dim=-1, keepdim=True)
+    kept = torch.where(probs >= tau, probs, torch.zeros_like(probs))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep every entry at least as large as the k-th largest (ties kept together); renormalises."""
+    if top_k <= 0 or top_k >= probs.shape[-1]:
+        return probs
+    kth = probs.topk(top_k, dim=-1).values[:, -1:]
+    kept = torch.where(probs >= kth, probs, torch.zeros_like(probs))
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -74,13 +97,63 @@ def pixel_probs_reference(
 
 
 def inverse_cdf_draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index of the first ``i`` with ``cumsum(probs)[i] / sum(probs) >= u`` (ties go to the lower index).
+    """Index of the first ``i`` with ``cumsum(probs)[i] / sum(probs) >= u`` (the fixtures' rule).
 
     ``probs`` ``[B, V]`` (any non-negative weights), ``uniforms`` ``[B]`` in [0, 1). Accumulates in fp64 so
-    the draw does not depend on the summation order of a low-precision cumsum. Returns int64 ``[B]``.
+    the draw does not depend on the summation order of a low-precision cumsum. A zero-probability entry is
+    never returned (at ``u = 0`` the first entry with positive mass is). Returns int64 ``[B]``.
     """
     cdf = probs.double().cumsum(dim=-1)
     cdf = cdf / cdf[:, -1:]
     u = uniforms.to(device=probs.device, dtype=torch.float64).reshape(-1, 1)
+    u = u.clamp(min=torch.finfo(torch.float64).tiny)
     idx = torch.searchsorted(cdf, u, right=False).reshape(-1)
     return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _sanitize(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never sampled), +inf -> the largest float (ties with other +inf entries)."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=FLT_MAX, neginf=float("-inf"))
+
+
+def sample_logits_reference(
+    cond_logits: torch.Tensor,
+    uncond_logits: Optional[torch.Tensor],
+    *,
+    cfg: CfgLike,
+    inv_temperature: float,
+    filter_threshold: float,
+    top_p: float,
+    top_k: int,
+    uniforms: Optional[torch.Tensor],
+    greedy: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The math of :func:`fractal_kernels.sample_logits` (the ``torch`` backend); returns (ids, probs).
+
+    fp32 throughout: ``logits * inv_temperature`` (greedy: no scaling), sanitise, the reference's filter
+    and CFG mix when ``uncond_logits`` is given, sanitise, softmax, top-k then top-p (each renormalising),
+    then the inverse-CDF draw from ``uniforms`` (or the argmax when ``greedy``). Rows without a finite
+    logit return id -1 and zero probabilities.
+    """
+    x = cond_logits.float()
+    scale = 1.0 if greedy else inv_temperature
+    x = _sanitize(x * scale)
+    if uncond_logits is not None:
+        u = _sanitize(uncond_logits.float() * scale)
+        x = _sanitize(cfg_filter_mix_reference(x, u, cfg, filter_threshold))
+    valid = torch.isfinite(x.amax(dim=-1))
+    probs = torch.softmax(x, dim=-1)
+    probs = top_k_filter(probs, top_k)
+    probs = top_p_filter(probs, top_p)
+    probs = torch.where(valid[:, None], probs, torch.zeros_like(probs))
+    if greedy:
+        ids = x.argmax(dim=-1)
+        probs = torch.zeros_like(probs).scatter_(-1, ids[:, None], 1.0)
+    else:
+        ids = inverse_cdf_draw(torch.where(valid[:, None], probs, torch.ones_like(probs)), uniforms)
+    ids = torch.where(valid, ids, torch.full_like(ids, -1))
+    probs = torch.where(valid[:, None], probs, torch.zeros_like(probs))
+    return ids, probs

@@ -42,17 +42,31 @@ def test_top_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
     out = top_p_filter(probs, 0.7)
     torch.testing.assert_close(out[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))
-    assert (out[1] > 0).sum() == 3  # three quarters needed to reach 0.7
+    assert (out[1] > 0).sum() == 4  # ties are kept together: all four equal entries stay
     assert torch.equal(top_p_filter(probs, 1.0), probs)
     tiny = top_p_filter(probs, 1e-9)
-    assert torch.equal((tiny > 0).sum(-1), torch.tensor([1, 1]))  # always keeps the argmax
+    assert torch.equal((tiny > 0).sum(-1), torch.tensor([1, 4]))  # always keeps the argmax (with its ties)
+
+
+def test_top_k_and_mass_above():
+    from fractal_kernels.reference.pixel_sampling import _mass_at_or_above, top_k_filter
+    probs = torch.tensor([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    torch.testing.assert_close(_mass_at_or_above(probs), torch.tensor([[1.0, 0.8, 1.0, 0.8], [0.7, 1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(top_k_filter(probs, 1), torch.tensor([[0.0, 0.5, 0.0, 0.5], [1.0, 0, 0, 0]]))
+    torch.testing.assert_close(top_k_filter(probs, 2)[1], torch.tensor([0.7, 0.1, 0.1, 0.1]))  # tie at the 2nd
+    assert torch.equal(top_k_filter(probs, 4), probs) and torch.equal(top_k_filter(probs, 0), probs)
+    # top-p against a brute-force definition: keep i iff mass strictly above p_i < top_p
+    p = torch.softmax(torch.randn(50, 32), -1)
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        above = (p[:, None, :] * (p[:, None, :] > p[:, :, None])).sum(-1)
+        assert torch.equal(top_p_filter(p, top_p) > 0, above < top_p)
 
 
 def test_inverse_cdf_draw_edges_and_ties():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 4)
     u = torch.tensor([0.0, 0.5, 0.5000001, 0.9999999], dtype=torch.float64)
-    # u = 0 -> the first index with positive cumulative mass... cumsum[0] = 0 >= 0 counts (documented tie rule)
-    assert inverse_cdf_draw(probs, u).tolist() == [0, 1, 3, 3]
+    # u = 0 -> the first entry with positive mass (never a zero-probability one); u = 0.5 -> cdf reaches it at 1
+    assert inverse_cdf_draw(probs, u).tolist() == [1, 1, 3, 3]
     unnormalised = torch.tensor([[2.0, 6.0]])
     assert inverse_cdf_draw(unnormalised, torch.tensor([0.3])).tolist() == [1]
 
