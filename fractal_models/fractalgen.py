@@ -25,7 +25,7 @@ class FractalGen(nn.Module):
                  num_heads_list: Sequence[int], generator_type_list: Sequence[str], label_drop_prob: float = 0.1,
                  class_num: int = 1000, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
                  guiding_pixel: bool = False, num_conds: int = 1, r_weight: float = 1.0,
-                 grad_checkpointing: bool = False, fractal_level: int = 0) -> None:
+                 grad_checkpointing: bool = False, fractal_level: int = 0, backend: str = "torch") -> None:
         super().__init__()
         n = len(img_size_list)
         for name, lst in (("embed_dim_list", embed_dim_list), ("num_blocks_list", num_blocks_list),
@@ -40,6 +40,7 @@ class FractalGen(nn.Module):
         if img_size_list[-1] != 1:
             raise ValueError(f"img_size_list must end at 1 (pixels), got {list(img_size_list)}")
         self.fractal_level = fractal_level
+        self._backend = "torch"
         self.num_fractal_levels = n
         self.img_size = img_size_list[fractal_level]
 
@@ -83,6 +84,8 @@ class FractalGen(nn.Module):
             self.next_fractal = PixelLoss(c_channels=embed_dim_list[fractal_level], depth=num_blocks_list[fractal_level + 1],
                                           width=embed_dim_list[fractal_level + 1], num_heads=num_heads_list[fractal_level + 1],
                                           r_weight=r_weight)
+        if fractal_level == 0:
+            self.set_backend(backend)
 
     # ------------------------------------------------------------------ reference API
     def forward(self, imgs: torch.Tensor, cond_list: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:
@@ -147,6 +150,21 @@ class FractalGen(nn.Module):
                                      filter_threshold, next_fn, visualize, **extra)
 
     # ------------------------------------------------------------------ library API
+    @property
+    def backend(self) -> str:
+        """Kernel backend of the fused ops: "torch" (the faithful reference path), "auto", "triton", "cuda"."""
+        return self._backend
+
+    def set_backend(self, backend: str) -> "FractalGen":
+        """Switch every level's kernels to ``backend``; parameters and checkpoints are unaffected."""
+        if backend not in ("torch", "auto", "triton", "cuda"):
+            raise ValueError(f"backend: expected 'torch', 'auto', 'triton' or 'cuda', got {backend!r}")
+        self._backend = backend
+        for m in self.modules():
+            if isinstance(m, PixelLoss):
+                m.backend = backend
+        return self
+
     def levels(self) -> List[nn.Module]:
         """The generator of every level, top first, then the pixel head."""
         out, node = [], self

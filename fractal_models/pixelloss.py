@@ -103,6 +103,8 @@ class PixelLoss(nn.Module):
         self.g_mlm = MlmLayer(256)
         self.b_mlm = MlmLayer(256)
         self.criterion = nn.CrossEntropyLoss(reduction="none")
+        # Kernel backend: "torch" is the reference path; "auto"/"triton"/"cuda" use the fused ops.
+        self.backend = "torch"
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -125,8 +127,8 @@ class PixelLoss(nn.Module):
         target = target * std.unsqueeze(0) + mean.unsqueeze(0)
         return (target * 255 + 1e-2 * torch.randn_like(target)).round().long()
 
-    def logits_from_ids(self, ids: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits ``[B, 3, 256]`` for pixel ids ``[B, 3]`` and condition ``[B, C]``."""
+    def hidden_from_ids(self, ids: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states ``[B, 4, W]`` (condition, R, G, B tokens), teacher-forced."""
         x = torch.cat([
             self.cond_proj(cond).unsqueeze(1),
             self.r_codebook(ids[:, 0:1]),
@@ -136,7 +138,11 @@ class PixelLoss(nn.Module):
         x = self.ln(x)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def logits_from_ids(self, ids: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[B, 3, 256]`` for pixel ids ``[B, 3]`` and condition ``[B, C]``."""
+        x = self.hidden_from_ids(ids, cond)
         # Reference numerics: logits with autocast disabled, i.e. in fp32 for fp32 weights.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -151,8 +157,16 @@ class PixelLoss(nn.Module):
         # Only the middle condition is used by the pixel head.
         return self.logits_from_ids(ids, cond_list[0]), ids
 
+    def _codebooks(self):
+        return ((self.r_codebook, self.r_mlm), (self.g_codebook, self.g_mlm), (self.b_codebook, self.b_mlm))
+
+    def _op_backend(self) -> Optional[str]:
+        return None if self.backend == "auto" else self.backend
+
     def forward(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
         """Training loss (R weighted by ``r_weight``) in train mode; mean CE over R, G, B in eval mode."""
+        if self.backend != "torch":
+            return self._forward_fused(target, cond_list)
         logits, target = self.predict(target, cond_list)
         loss_r = self.criterion(logits[:, 0], target[:, 0])
         loss_g = self.criterion(logits[:, 1], target[:, 1])
@@ -162,6 +176,18 @@ class PixelLoss(nn.Module):
         else:
             loss = (loss_r + loss_g + loss_b) / 3  # NLL in nats per sub-pixel
         return loss.mean()
+
+    def _forward_fused(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Same loss through :func:`fractal_kernels.pixel_cross_entropy` (no ``[B, 256]`` logits kept)."""
+        from fractal_kernels.ops.pixel_cross_entropy import pixel_cross_entropy
+        ids = self.target_ids(target)
+        h = self.hidden_from_ids(ids, cond_list[0])
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            losses = [pixel_cross_entropy(h[:, c], cb.weight, mlm.bias, ids[:, c], backend=self._op_backend())
+                      for c, (cb, mlm) in enumerate(self._codebooks())]
+        if self.training:
+            return (self.r_weight * losses[0] + losses[1] + losses[2]) / (self.r_weight + 2)
+        return (losses[0] + losses[1] + losses[2]) / 3
 
     def sample(
         self,
@@ -194,13 +220,18 @@ class PixelLoss(nn.Module):
         if known is not None:
             known = known.reshape(bsz, 3).to(device=device, dtype=pixel_values.dtype)
             known_mask = known_mask.reshape(bsz, 3).to(device=device, dtype=torch.bool)
+        fused = self.backend != "torch" and (draw is multinomial_draw or hasattr(draw, "uniforms"))
         all_probs = []
         for i in range(3):
             inp = pixel_values if not guided else torch.cat([pixel_values, pixel_values], dim=0)
             logits, _ = self.predict(inp, cond_list)
-            probs = pixel_probs_reference(logits[:, i], temperature=temperature, cfg=cfg,
-                                          filter_threshold=filter_threshold, top_p=top_p, guided=guided)
-            sampled_ids = draw(probs, i)
+            if fused:
+                sampled_ids, probs = self._draw_fused(logits[:, i], bsz, guided, temperature, cfg, filter_threshold,
+                                                      top_p, draw, i, return_probs)
+            else:
+                probs = pixel_probs_reference(logits[:, i], temperature=temperature, cfg=cfg,
+                                              filter_threshold=filter_threshold, top_p=top_p, guided=guided)
+                sampled_ids = draw(probs, i)
             value = (sampled_ids.float() / 255 - mean[i]) / std[i]
             if known is not None:
                 value = torch.where(known_mask[:, i], known[:, i], value)
@@ -209,6 +240,23 @@ class PixelLoss(nn.Module):
         if return_probs:
             return pixel_values, torch.stack(all_probs)
         return pixel_values
+
+    def _draw_fused(self, logits, bsz, guided, temperature, cfg, filter_threshold, top_p, draw, channel, want_probs):
+        """One channel through :func:`fractal_kernels.sample_logits`. The reference multiplies logits by
+        ``temperature``; the op divides, so it gets ``1 / temperature``."""
+        from fractal_kernels.ops.sample_logits import sample_logits
+        n = bsz
+        cfg_arg = cfg
+        if isinstance(cfg, torch.Tensor):
+            cfg_arg = cfg.reshape(-1).to(logits.device) if cfg.numel() > 1 else float(cfg)
+        uniforms = draw.uniforms(n, channel) if hasattr(draw, "uniforms") else None
+        if uniforms is not None:
+            uniforms = uniforms.to(logits.device)
+        probs = torch.empty(n, logits.shape[-1], device=logits.device) if want_probs else None
+        ids = sample_logits(logits[:bsz], logits[bsz:] if guided else None, cfg=cfg_arg if guided else 1.0,
+                            temperature=1.0 / temperature, filter_threshold=filter_threshold, top_p=top_p,
+                            uniforms=uniforms, out_probs=probs, backend=self._op_backend())
+        return ids, probs
 
 
 def _is_one(cfg: CfgLike) -> bool:

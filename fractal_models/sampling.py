@@ -27,9 +27,11 @@ from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelDraw
 def uniform_draw(uniforms: Callable[[int, int], torch.Tensor]) -> PixelDraw:
     """A pixel draw by inverse CDF from explicit uniforms: ``uniforms(num_rows, channel) -> [num_rows]``.
 
-    Used to make sampling exactly reproducible against the reference (the fixtures do this)."""
+    Used to make sampling exactly reproducible against the reference (the fixtures do this). The fused
+    sampler reads ``draw.uniforms`` and consumes the same uniforms, so both backends draw alike."""
     def draw(probs: torch.Tensor, channel: int) -> torch.Tensor:
         return inverse_cdf_draw(probs, uniforms(probs.shape[0], channel))
+    draw.uniforms = uniforms
     return draw
 
 
@@ -105,6 +107,7 @@ def generate(
     draw: Optional[PixelDraw] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Generate class-conditional images; returns uint8 ``[B, 3, S, S]`` on the model's device.
 
@@ -115,6 +118,8 @@ def generate(
     the caller's RNG state. ``known`` uint8 ``[B, 3, S, S]`` + ``known_mask`` bool (``[B, 3|1, S, S]`` or
     ``[B, S, S]``): keep those pixels exactly and sample the rest. ``draw`` replaces the multinomial draw
     (see :func:`uniform_draw`). ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs under autocast.
+    ``backend`` ("torch" = the faithful reference path, "auto", "triton", "cuda") overrides the model's
+    kernel backend for this call.
     """
     if not isinstance(model, FractalGen) or model.fractal_level != 0:
         raise TypeError("model: expected a top-level FractalGen")
@@ -165,6 +170,9 @@ def generate(
         visualize = lambda _patches: bar.update(1)  # noqa: E731  called once per top-level step
 
     was_training = model.training
+    previous_backend = model.backend
+    if backend is not None:
+        model.set_backend(backend)
     model.eval()
     amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
@@ -179,6 +187,7 @@ def generate(
                                   **extra)
     finally:
         model.train(was_training)
+        model.set_backend(previous_backend)
         if bar is not None:
             bar.close()
     # Known pixels come back exactly: their normalised value round-trips through to_uint8 unchanged.

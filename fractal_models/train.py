@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="kernel backend; only the PyTorch reference exists so far (auto -> torch)")
+                   help="kernel backend of the fused ops (auto: CUDA -> Triton on GPU, PyTorch on CPU; torch = reference)")
     p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="./output_dir")
@@ -134,8 +134,10 @@ def resolve(args: argparse.Namespace, world: int) -> argparse.Namespace:
         raise TrainError(f"--batch-size {args.batch_size} is not divisible by world size {world} x grad accum "
                          f"{args.grad_accum}")
     if args.backend in ("triton", "cuda"):
-        raise TrainError(f"--backend {args.backend}: no fused {args.backend} kernels are available in this release "
-                         "yet; use --backend torch (or auto)")
+        from fractal_kernels.dispatch import backend_report
+        ok, why = backend_report()[args.backend]
+        if not ok:
+            raise TrainError(f"--backend {args.backend}: unavailable here ({why}); use --backend torch or auto")
     args.micro_batch = args.batch_size // (world * args.grad_accum)
     args.world_size = world
     if args.lr is None:
@@ -244,6 +246,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = FractalGen(**config_kwargs(args.config, class_num=num_classes, label_drop_prob=args.label_drop_prob,
                                        attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout,
                                        grad_checkpointing=args.grad_checkpointing)).to(device)
+    model.set_backend(args.backend)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     dtype = amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
