@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 BACKENDS = ("cuda", "triton", "torch")
+# op name -> the function of fractal_kernels._C that implements its CUDA path
+CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows"}
 _LAST: Dict[str, str] = {}
 _VERIFIED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                               "results", "cuda_verified.json")
@@ -89,7 +91,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
         ext = _cuda_ext()
         if device.type != "cuda":
             raise BackendUnavailable(f"{op}: backend 'cuda' needs CUDA tensors, got {device.type} tensors")
-        if ext is None or not hasattr(ext, op):
+        if ext is None or not hasattr(ext, CUDA_SYMBOLS.get(op, op)):
             raise BackendUnavailable(f"{op}: backend 'cuda' unavailable: {_cuda_extension()[1]}")
     elif choice == "triton":
         ok, why = _triton()
@@ -101,7 +103,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
         choice = "torch"
         if device.type == "cuda":
             ext = _cuda_ext()
-            if ext is not None and hasattr(ext, op) and op in cuda_verified_ops():
+            if ext is not None and hasattr(ext, CUDA_SYMBOLS.get(op, op)) and op in cuda_verified_ops():
                 choice = "cuda"
             elif _triton()[0]:
                 choice = "triton"

@@ -1,0 +1,50 @@
+"""Dispatch: forced backends, graceful auto choice, visible decisions."""
+import pytest
+import torch
+
+from fractal_kernels import dispatch
+from fractal_kernels.dispatch import BackendUnavailable, last_backend, resolve
+
+
+def test_auto_on_cpu_is_torch_and_recorded(monkeypatch):
+    monkeypatch.delenv("FRACTAL_KERNELS_BACKEND", raising=False)
+    assert resolve("sample_logits", None, torch.device("cpu")) == "torch"
+    assert last_backend("sample_logits") == "torch"
+
+
+def test_environment_forces_a_backend(monkeypatch, capsys):
+    monkeypatch.setenv("FRACTAL_KERNELS_BACKEND", "torch")
+    monkeypatch.setenv("FRACTAL_KERNELS_VERBOSE", "1")
+    assert resolve("pixel_cross_entropy", None, torch.device("cpu")) == "torch"
+    assert "pixel_cross_entropy -> torch" in capsys.readouterr().err
+
+
+def test_forced_unavailable_backends_say_why(monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+            resolve("sample_logits", "cuda", torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+            resolve("sample_logits", "triton", torch.device("cpu"))
+
+
+def test_auto_prefers_cuda_only_when_verified(monkeypatch):
+    class FakeExt:
+        sample_logits = ce_rows = staticmethod(lambda *a: None)
+    monkeypatch.setattr(dispatch, "_cuda_ext", lambda: FakeExt)
+    monkeypatch.setattr(dispatch, "_triton", lambda: (True, "fake"))
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(dispatch, "cuda_verified_ops", lambda: [])
+    assert resolve("sample_logits", "auto", cuda) == "triton"
+    monkeypatch.setattr(dispatch, "cuda_verified_ops", lambda: ["sample_logits", "pixel_cross_entropy"])
+    assert resolve("sample_logits", "auto", cuda) == "cuda"
+    assert resolve("pixel_cross_entropy", "auto", cuda) == "cuda"
+    monkeypatch.setattr(dispatch, "_triton", lambda: (False, "no triton"))
+    monkeypatch.setattr(dispatch, "cuda_verified_ops", lambda: [])
+    assert resolve("sample_logits", "auto", cuda) == "torch"
+
+
+def test_report_lists_every_backend():
+    report = dispatch.backend_report()
+    assert set(report) == {"cuda", "triton", "torch"} and report["torch"][0]
