@@ -198,18 +198,33 @@ def plot_results(doc: Dict[str, Any], path: str) -> Optional[str]:
     except ImportError:
         return None
     rows = [r for r in doc["rows"] if not r["skipped"] and "images_per_s" in r["metrics"]]
-    if not rows:
+    bw_rows = [r for r in doc["rows"] if not r["skipped"] and "GB_per_s" in r["metrics"]]
+    if not rows and not bw_rows:
         return None
     labels = [f"{r['shape'].get('config', '')}\n{r['name']}\n[{r['backend']}]" for r in rows]
     values = [r["metrics"]["images_per_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(rows) + 5), 4.5),
+                                  gridspec_kw={"width_ratios": [max(1, len(rows)), 4]})
     ax.bar(range(len(rows)), values, color="tab:blue")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("images / s")
     ax.set_yscale("log")
     m = doc["machine"]
-    ax.set_title(f"fractal-bench ({doc['mode']}): {m['device']}, {m['date'][:10]}, {m['commit']}", fontsize=8)
+    ax.set_title(f"end-to-end ({doc['mode']}): {m['device']}, {m['date'][:10]}, {m['commit']}", fontsize=8)
+    series = {}
+    for r in bw_rows:  # GB/s vs N per (case, backend, cfg)
+        key = f"{r['name']} [{r['backend']}] cfg={r['shape'].get('cfg', '-')}"
+        series.setdefault(key, []).append((r["shape"]["N"], r["metrics"]["GB_per_s"]))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("rows N")
+    ax2.set_ylabel("GB/s (bytes the op must read)")
+    ax2.set_title("pixel sampler bandwidth", fontsize=8)
+    if series:
+        ax2.legend(fontsize=6)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
