@@ -58,7 +58,7 @@ setup(
     # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "triton": ["triton"],
         # demo data: the photos inside the scikit-image 0.26 wheel (read as files, nothing downloaded)
