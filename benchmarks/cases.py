@@ -13,6 +13,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 from benchmarks.harness import Row, summarize, time_fn
+from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, generate
 from fractal_models.sampling import default_num_iter_list, normalize_uint8
 
@@ -42,8 +43,9 @@ def _iters(model, mode: Mode) -> List[int]:
     return default_num_iter_list(model) if mode.full_iters else [2] * len(model.levels()[:-1])
 
 
-def generate_rows(config: str, mode: Mode, device: torch.device) -> Row:
-    model = build_model(config).to(device).eval()
+def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = "torch") -> Row:
+    torch.manual_seed(0)  # same random weights for every backend's row
+    model = build_model(config).to(device).eval().set_backend(backend)
     bsz = mode.batch
     labels = torch.arange(bsz, device=device) % model.num_classes
     iters = _iters(model, mode)
@@ -56,14 +58,14 @@ def generate_rows(config: str, mode: Mode, device: torch.device) -> Row:
     times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
     same = all(torch.equal(outs[0], o) for o in outs[1:]) if len(outs) > 1 else None
     timing = summarize(times)
-    return Row("e2e", "generate", "torch", shape, timing,
+    return Row("e2e", "generate", backend, shape, timing,
                metrics={"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz},
                check={True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same])
 
 
-def train_step_row(config: str, mode: Mode, device: torch.device) -> Row:
+def train_step_row(config: str, mode: Mode, device: torch.device, backend: str = "torch") -> Row:
     torch.manual_seed(0)
-    model = build_model(config).to(device).train()
+    model = build_model(config).to(device).train().set_backend(backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     bsz = mode.batch
     imgs = normalize_uint8(torch.randint(0, 256, (bsz, 3, model.img_size, model.img_size), dtype=torch.uint8,
@@ -82,7 +84,7 @@ def train_step_row(config: str, mode: Mode, device: torch.device) -> Row:
     times = time_fn(step, device, warmup=mode.warmup, repeats=mode.repeats)
     timing = summarize(times)
     ok = all(math.isfinite(x) for x in losses)
-    return Row("e2e", "train_step", "torch", dict(config=config, batch=bsz, bf16_autocast=amp), timing,
+    return Row("e2e", "train_step", backend, dict(config=config, batch=bsz, bf16_autocast=amp), timing,
                metrics={"images_per_s": bsz / timing["median_s"], "s_per_iter": timing["median_s"]},
                check="losses finite" if ok else "NON-FINITE LOSS")
 
@@ -108,10 +110,18 @@ def nll_row(config: str, mode: Mode, device: torch.device) -> Row:
 
 def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], Row]]:
     """The rows of a run, as thunks (so the CLI can show progress and skip cleanly)."""
+    fused = [b for b in ("triton", "cuda") if device.type == "cuda" and backend_report()[b][0]]
     for config in TINY:
         yield lambda c=config: generate_rows(c, mode, device)
         yield lambda c=config: train_step_row(c, mode, device)
         yield lambda c=config: nll_row(c, mode, device)
+        for b in fused:
+            yield lambda c=config, b=b: generate_rows(c, mode, device, b)
+            yield lambda c=config, b=b: train_step_row(c, mode, device, b)
+        if device.type != "cuda":
+            for name in ("generate", "train_step"):
+                yield lambda c=config, n=name: Row("e2e", n, "triton|cuda", dict(config=c), skipped=(
+                    "GPU-only row: on CPU the fused backends run through the Triton interpreter (not timed)"))
     if mode.big:
         for config in BIG:
             if device.type != "cuda":
@@ -119,5 +129,6 @@ def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], Row]]:
                 for name in ("generate", "train_step"):
                     yield lambda c=config, n=name, r=reason: Row("e2e", n, "torch", dict(config=c), skipped=r)
                 continue
-            yield lambda c=config: generate_rows(c, mode, device)
-            yield lambda c=config: train_step_row(c, mode, device)
+            for b in ["torch"] + fused:
+                yield lambda c=config, b=b: generate_rows(c, mode, device, b)
+                yield lambda c=config, b=b: train_step_row(c, mode, device, b)

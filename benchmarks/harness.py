@@ -161,7 +161,9 @@ def markdown_table(doc: Dict[str, Any]) -> str:
     for r in doc["rows"]:
         shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
         if r["skipped"]:
-            lines.append(f"| {r['suite']} | {r['name']} | {r['backend']} | {shape} | skipped | | {r['skipped']} | |")
+            analytic = ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
+            why = r["skipped"] + (f"; {analytic}" if analytic else "")
+            lines.append(f"| {r['suite']} | {r['name']} | {r['backend']} | {shape} | skipped | | {why} | |")
             continue
         t = r["timing"]
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
@@ -189,45 +191,142 @@ def write_results(doc: Dict[str, Any], out_dir: str, stem: str) -> Dict[str, str
     return paths
 
 
+def _family(r: Dict[str, Any], short: bool = False) -> str:
+    """Panel key of a kernel row: one op at one shape family (N varies along the x axis)."""
+    sh = r["shape"]
+    if r["suite"] == "attention":
+        case = {"attn_fwd": "attn fwd", "attn_fwd_bwd": "attn fwd+bwd"}.get(r["name"], r["name"])
+        if short:
+            return f"{case}\n{sh.get('tag', '')}"
+        return (f"{case} {sh.get('tag', '')}: L={sh['L']} H={sh['H']} D={sh['D']}"
+                + (" causal" if sh.get("causal") else "") + f" {sh.get('dtype', '')}")
+    if r["name"] == "sampler":
+        return f"sampler\ncfg={sh.get('cfg')}" if short else f"pixel sampler V={sh.get('V')} cfg={sh.get('cfg')} {sh.get('dtype', '')}"
+    rest = " ".join(f"{k}={v}" for k, v in sh.items() if k not in ("N", "V"))
+    name = {"cross_entropy_fwd_bwd": "cross-entropy fwd+bwd"}.get(r["name"], r["name"])
+    return f"{name}\n{rest}" if short else f"{name} {rest}"
+
+
 def plot_results(doc: Dict[str, Any], path: str) -> Optional[str]:
-    """Throughput bars per case and backend (images/s or rows/s); ``None`` if matplotlib is missing."""
+    """One PNG: GB/s vs N per backend (one panel per op/shape family, log-x, with the copy bandwidth of the
+    same run), speedup bars vs each family's baseline at its largest N, and end-to-end images/s.
+    ``None`` if matplotlib is missing or there is nothing to draw."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.gridspec import GridSpec
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return None
-    rows = [r for r in doc["rows"] if not r["skipped"] and "images_per_s" in r["metrics"]]
-    bw_rows = [r for r in doc["rows"] if not r["skipped"] and "GB_per_s" in r["metrics"]]
-    if not rows and not bw_rows:
+    done = [r for r in doc["rows"] if not r["skipped"] and r["timing"]]
+    e2e = [r for r in done if "images_per_s" in r["metrics"]]
+    bw_rows = [r for r in done if "GB_per_s" in r["metrics"] and "N" in r["shape"]]
+    sp_rows = [r for r in done if "speedup_vs_reference" in r["metrics"] and "N" in r["shape"]]
+    if not e2e and not bw_rows and not sp_rows:
         return None
-    labels = [f"{r['shape'].get('config', '')}\n{r['name']}\n[{r['backend']}]" for r in rows]
-    values = [r["metrics"]["images_per_s"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(rows) + 5), 4.5),
-                                  gridspec_kw={"width_ratios": [max(1, len(rows)), 4]})
-    ax.bar(range(len(rows)), values, color="tab:blue")
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("images / s")
-    ax.set_yscale("log")
+
+    families: Dict[str, Dict[str, List[Any]]] = {}
+    for r in bw_rows:
+        families.setdefault(_family(r), {}).setdefault(r["backend"], []).append(r)
+    backends = sorted({r["backend"] for r in bw_rows + sp_rows})
+    cmap = plt.get_cmap("tab20")
+    color = {b: cmap(i % 20) for i, b in enumerate(backends)}
+    copy_gbps = [r["metrics"]["GB_per_s"] * 100 / r["metrics"]["pct_copy_bw"] for r in bw_rows
+                 if r["metrics"].get("pct_copy_bw")]
+
+    ncols = 4
+    nfam_rows = -(-len(families) // ncols)
+    heights = [3.0] * nfam_rows + ([3.6] if sp_rows else []) + ([3.2] if e2e else [])
+    fig = plt.figure(figsize=(20, sum(heights) + 1.6))
+    gs = GridSpec(len(heights), ncols, figure=fig, height_ratios=heights, hspace=0.75, wspace=0.25)
     m = doc["machine"]
-    ax.set_title(f"end-to-end ({doc['mode']}): {m['device']}, {m['date'][:10]}, {m['commit']}", fontsize=8)
-    series = {}
-    for r in bw_rows:  # GB/s vs N per (case, backend, cfg)
-        key = f"{r['name']} [{r['backend']}] cfg={r['shape'].get('cfg', '-')}"
-        series.setdefault(key, []).append((r["shape"]["N"], r["metrics"]["GB_per_s"]))
-    for key, pts in sorted(series.items()):
-        pts.sort()
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("rows N")
-    ax2.set_ylabel("GB/s (bytes the op must read)")
-    ax2.set_title("pixel sampler bandwidth", fontsize=8)
-    if series:
-        ax2.legend(fontsize=6)
-    fig.tight_layout()
+    fig.suptitle(f"fractal-bench {doc['mode']} - {m['device']} - {m['date'][:10]} - torch {m['torch']} - "
+                 f"commit {m['commit']}", fontsize=12)
+
+    for i, (fam, series) in enumerate(families.items()):  # run order: each shape's fwd beside its fwd+bwd
+        ax = fig.add_subplot(gs[i // ncols, i % ncols])
+        for b, rs in sorted(series.items()):
+            rs = sorted(rs, key=lambda r: r["shape"]["N"])
+            ax.plot([r["shape"]["N"] for r in rs], [r["metrics"]["GB_per_s"] for r in rs], marker="o", ms=4,
+                    color=color[b], label=b)
+        if copy_gbps:
+            cb = statistics.median(copy_gbps)
+            ax.axhline(cb, color="k", ls="--", lw=0.8)
+            if fam.startswith("attn_fwd "):
+                ax.axhline(0.85 * cb, color="k", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(fam, fontsize=8)
+        ax.set_xlabel("N (sequences / rows)", fontsize=7)
+        ax.set_ylabel("effective GB/s", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+
+    row = nfam_rows
+    if sp_rows:  # speedup vs the family's baseline (reference) at the largest N of each family
+        ax = fig.add_subplot(gs[row, :])
+        row += 1
+        groups: Dict[str, Dict[str, float]] = {}
+        largest: Dict[str, int] = {}
+        for r in sp_rows:
+            fam = _family(r, short=True)
+            largest[fam] = max(largest.get(fam, 0), r["shape"]["N"])
+        for r in sp_rows:
+            fam = _family(r, short=True)
+            if r["shape"]["N"] == largest[fam]:
+                groups.setdefault(f"{fam}\nN={largest[fam]}", {})[r["backend"]] = r["metrics"]["speedup_vs_reference"]
+        names = list(groups)
+        used = sorted({b for g in groups.values() for b in g})
+        width = 0.8 / max(1, len(used))
+        for j, b in enumerate(used):
+            xs = [i + (j - (len(used) - 1) / 2) * width for i, n in enumerate(names) if b in groups[n]]
+            ys = [groups[n][b] for n in names if b in groups[n]]
+            ax.bar(xs, ys, width=width, color=color[b], label=b)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=7)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel("speedup vs reference (x)", fontsize=8)
+        ax.set_title("speedup over each family's baseline (reference = 1x) at the largest N measured", fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    handles = {}
+    for a in fig.axes:
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if copy_gbps:
+        from matplotlib.lines import Line2D
+        handles["copy bandwidth (same run)"] = Line2D([], [], color="k", ls="--", lw=0.8)
+        handles["85% of copy (attn fwd target)"] = Line2D([], [], color="k", ls=":", lw=0.8)
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(7, len(handles)),
+                   fontsize=8, bbox_to_anchor=(0.5, 1 - 0.45 / (sum(heights) + 1.6)), frameon=False)
+
+    if e2e:  # images/s per config, one bar per e2e case
+        ax = fig.add_subplot(gs[row, :])
+        configs = sorted({r["shape"].get("config", "?") for r in e2e})
+        cases = sorted({r["name"] for r in e2e})
+        width = 0.8 / max(1, len(cases))
+        for j, c in enumerate(cases):
+            pts = [(configs.index(r["shape"].get("config", "?")), r["metrics"]["images_per_s"]) for r in e2e
+                   if r["name"] == c]
+            xs = [p[0] + (j - (len(cases) - 1) / 2) * width for p in pts]
+            bars = ax.bar(xs, [p[1] for p in pts], width=width, label=c, color=plt.get_cmap("Set2")(j))
+            ax.bar_label(bars, labels=[f"{p[1]:.3g}" for p in pts], fontsize=6)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("images / s", fontsize=8)
+        ax.set_title(f"end-to-end images/s (batch per row: see table) - {m['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+
+    fig.subplots_adjust(top=1 - 1.25 / (sum(heights) + 1.6), bottom=0.04, left=0.05, right=0.99)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
     return path

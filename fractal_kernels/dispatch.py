@@ -22,7 +22,8 @@ import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 # op name -> the function of fractal_kernels._C that implements its CUDA path
-CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows"}
+CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows",
+                "tiny_attention": "tiny_attention_fwd"}
 _LAST: Dict[str, str] = {}
 _VERIFIED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                               "results", "cuda_verified.json")
@@ -107,6 +108,12 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
                 choice = "cuda"
             elif _triton()[0]:
                 choice = "triton"
+    return record(op, choice)
+
+
+def record(op: str, choice: str) -> str:
+    """Note that ``choice`` runs ``op`` (for ``last_backend`` and ``FRACTAL_KERNELS_VERBOSE``); returns it.
+    Ops call it directly for choices outside the three backends (e.g. "sdpa" for long attention)."""
     _LAST[op] = choice
     if os.environ.get("FRACTAL_KERNELS_VERBOSE") == "1":
         print(f"fractal_kernels: {op} -> {choice}", file=sys.stderr)

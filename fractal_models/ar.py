@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import init_vit_weights, patchify, unpatchify
+from fractal_models.layers import init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
 from fractal_models.pixelloss import _is_one
 
 
@@ -102,10 +103,13 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys/values ``[B, H, max_len, D]`` filled one position at a time (not a module: no state_dict)."""
 
-    def __init__(self, bsz: int, max_len: int, n_head: int, head_dim: int, device, dtype) -> None:
+    def __init__(self, bsz: int, max_len: int, n_head: int, head_dim: int, device, dtype,
+                 freqs_cis: Optional[torch.Tensor] = None) -> None:
         self.k = torch.zeros(bsz, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        # The level's whole RoPE table, for the decode kernel (which caches un-rotated keys and rotates on load).
+        self.freqs_cis = freqs_cis
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         n = k.shape[2]
@@ -126,17 +130,40 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.attn_dropout_p = config.attn_dropout_p
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+        self.backend = "torch"
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: Optional[int] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask`` is accepted for LlamaGen's call signature and unused: the mask there is always causal."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wqkv(x).split([self.dim, self.dim, self.dim], dim=-1)
         xq = xq.view(bsz, seqlen, self.n_head, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_head, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_head, self.head_dim)
+        cached = self.kv_cache is not None and input_pos is not None
+        if use_kernel(self.backend, self.training, self.attn_dropout_p):
+            if cached and getattr(self.kv_cache, "freqs_cis", None) is not None:
+                # decode kernel: the cache keeps un-rotated keys; RoPE (fp32) is applied on load, q cast to the
+                # cache's dtype (fp32, the reference's cache) first
+                xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, L, Dh]
+                self.kv_cache.update(input_pos, xk, xv)
+                cache = self.kv_cache
+                out = tiny_attention_decode(xq.to(cache.k.dtype), cache.k, cache.v, cache.length,
+                                            freqs_cis=cache.freqs_cis, backend=kernel_backend(self.backend))
+            else:
+                xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+                xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, L, Dh] views
+                if cached:
+                    keys, values = self.kv_cache.update(input_pos, xk, xv)
+                    out = tiny_attention_decode(xq.to(keys.dtype), keys, values, keys.shape[2],
+                                                backend=kernel_backend(self.backend))
+                else:
+                    out = tiny_attention(xq, xk, xv, causal=True, backend=kernel_backend(self.backend))
+            return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.dim)))
         xq = apply_rotary_emb(xq, freqs_cis)
         xk = apply_rotary_emb(xk, freqs_cis)
         xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, L, Dh]
-        if self.kv_cache is not None and input_pos is not None:
+        if cached:
             keys, values = self.kv_cache.update(input_pos, xk, xv)
         else:
             keys, values = xk, xv
@@ -199,7 +226,8 @@ class AR(nn.Module):
         """Attach an empty KV cache to every block (the reference keeps fp32 caches)."""
         head_dim = self.config.dim // self.config.n_head
         for b in self.blocks:
-            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head, head_dim, device, dtype)
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head, head_dim, device, dtype,
+                                           freqs_cis=self.freqs_cis.to(device))
 
     def clear_caches(self) -> None:
         for b in self.blocks:

@@ -161,8 +161,8 @@ class FractalGen(nn.Module):
             raise ValueError(f"backend: expected 'torch', 'auto', 'triton' or 'cuda', got {backend!r}")
         self._backend = backend
         for m in self.modules():
-            if isinstance(m, PixelLoss):
-                m.backend = backend
+            if m is not self and hasattr(m, "backend") and not isinstance(m, FractalGen):
+                m.backend = backend  # pixel heads and every attention module
         return self
 
     def levels(self) -> List[nn.Module]:

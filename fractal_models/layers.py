@@ -24,6 +24,17 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+def use_kernel(backend: str, training: bool, dropout_p: float) -> bool:
+    """Whether an attention module runs ``fractal_kernels.tiny_attention``: any non-"torch" backend, unless
+    attention dropout is active (the kernels have no dropout yet; that call keeps the reference math)."""
+    return backend != "torch" and not (training and dropout_p > 0.0)
+
+
+def kernel_backend(backend: str):
+    """Model backend name -> the ops' ``backend`` argument ("auto" lets the dispatcher choose)."""
+    return None if backend == "auto" else backend
+
+
 def init_vit_weights(m: nn.Module) -> None:
     """The reference's init: xavier-uniform Linear weights, zero biases, unit LayerNorm."""
     if isinstance(m, nn.Linear):

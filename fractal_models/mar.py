@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import Mlp, init_vit_weights, patchify, unpatchify
+from fractal_models.layers import Mlp, init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
 from fractal_models.pixelloss import PixelLoss, _is_one
 
 
@@ -34,9 +35,15 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = "torch"  # "torch": the reference math; otherwise fractal_kernels.tiny_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, c = x.shape
+        if use_kernel(self.backend, self.training, self.attn_drop.p):
+            # the kernel reads q, k, v straight from the projection's [B, L, 3C] output (fp32 scores)
+            o = tiny_attention_packed(self.qkv(x), self.num_heads, scale=self.scale,
+                                      backend=kernel_backend(self.backend))
+            return self.proj_drop(self.proj(o))
         qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, Dh]
         # Reference numerics: fp32 scores (autocast off), explicit max subtraction, fp32 softmax.

@@ -12,9 +12,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
 from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
-from fractal_models.layers import Mlp, init_vit_weights
+from fractal_models.layers import Mlp, init_vit_weights, kernel_backend, use_kernel
 
 PIX_MEAN = (0.485, 0.456, 0.406)
 PIX_STD = (0.229, 0.224, 0.225)
@@ -41,9 +42,15 @@ class CausalAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, c = x.shape
+        if use_kernel(self.backend, self.training, self.attn_drop.p):
+            # fp32 scores in the kernel (the reference uses the input dtype here: identical in fp32)
+            o = tiny_attention_packed(self.qkv(x), self.num_heads, causal=True, scale=self.scale,
+                                      backend=kernel_backend(self.backend))
+            return self.proj_drop(self.proj(o))
         qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, 4, Dh]
         # Reference numerics: scores in the input dtype here (pixelloss.py does not upcast).
@@ -161,7 +168,7 @@ class PixelLoss(nn.Module):
         return ((self.r_codebook, self.r_mlm), (self.g_codebook, self.g_mlm), (self.b_codebook, self.b_mlm))
 
     def _op_backend(self) -> Optional[str]:
-        return None if self.backend == "auto" else self.backend
+        return kernel_backend(self.backend)
 
     def forward(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
         """Training loss (R weighted by ``r_weight``) in train mode; mean CE over R, G, B in eval mode."""

@@ -3,6 +3,7 @@ import json
 
 import torch
 
+from benchmarks.attention import SHAPES
 from benchmarks.cli import main
 
 ROW_KEYS = {"suite", "name", "backend", "shape", "timing", "metrics", "check", "skipped"}
@@ -21,8 +22,32 @@ def test_smoke_run_writes_documented_schema(tmp_path, capsys):
         if row["skipped"] is None:
             assert set(row["timing"]) == TIMING_KEYS and row["timing"]["median_s"] > 0
             assert row["check"] and not row["check"].isupper()
+        else:
+            assert not row["skipped"].startswith("error"), row
     assert (tmp_path / "smoke.md").read_text().startswith("# fractal-bench results (smoke)")
     out = capsys.readouterr().out
     assert "| e2e | generate | torch |" in out
     if not torch.cuda.is_available():
         assert "No GPU here" in out
+
+    # attention rows: every WORKLOADS shape, forward and forward+backward, measured and checked
+    attn = [r for r in doc["rows"] if r["suite"] == "attention"]
+    measured = [r for r in attn if r["skipped"] is None]
+    for case in ("attn_fwd", "attn_fwd_bwd"):
+        for shape in SHAPES:
+            group = [r for r in measured if r["name"] == case and r["shape"]["tag"] == shape.tag]
+            backends = {r["backend"] for r in group}
+            assert {"reference", "tiny_attention[torch]", "tiny_attention_packed[auto]", "sdpa[math]"} <= backends
+            for r in group:
+                assert r["check"].startswith("max err") and not r["check"].isupper()
+                assert r["metrics"]["GB_per_s"] > 0 and r["metrics"]["pct_copy_bw"] > 0
+                assert r["metrics"]["max_err"] <= 1e-3
+                assert "speedup_vs_best_sdpa" in r["metrics"] and "speedup_vs_reference" in r["metrics"]
+    # GPU-only rows stay visible with the bytes they must move; the target shape is listed
+    for r in attn:
+        if r["skipped"]:
+            assert r["metrics"]["bytes_min_bf16"] > 0 and r["metrics"]["target_s_at_85pct_of_3.0TBps"] > 0
+    if not torch.cuda.is_available():
+        assert any(r["shape"]["N"] * r["shape"]["H"] >= 2 ** 19 and r["backend"] == "tiny_attention[triton]"
+                   for r in attn)
+    assert (tmp_path / "smoke.png").stat().st_size > 0

@@ -4,9 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace fractal_kernels {
+#include "../common.cuh"  // DType
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace fractal_kernels {
 
 struct SampleLogitsArgs {
   const void* cond;          // [n_rows, V], row stride stride_c elements

@@ -64,3 +64,48 @@ def attention_reference(
     if dropout_p > 0.0:
         probs = torch.dropout(probs, dropout_p, train=True)
     return probs.to(v.dtype) @ v
+
+
+def rope_reference(x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The AR level's rotary embedding on ``x`` ``[N, H, L, D]``: interleaved pairs ``(x[2i], x[2i+1])`` are
+    rotated by ``freqs_cis[pos, i] = (cos, sin)``; ``positions`` is ``[L]`` or ``[N, L]``. fp32 math, cast back
+    to ``x``'s dtype (the reference's ``apply_rotary_emb``)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs_cis.float()[positions.long()]  # [L, D/2, 2] or [N, L, D/2, 2]
+    f = f[:, None] if f.dim() == 4 else f[None, None]
+    cos, sin = f[..., 0], f[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor, *,
+                               causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """Self-attention where sequence n only has its first ``seqlens[n]`` tokens (``[N]`` integers): keys past
+    the length are masked out and the outputs of queries past it are zero. fp32 scores."""
+    n, _, length, _ = q.shape
+    pos = torch.arange(length, device=q.device)
+    valid = pos[None, :] < seqlens.to(q.device).long()[:, None]  # [N, L]
+    key_mask = valid[:, None, None, :]
+    # an empty sequence has no key at all: give its (discarded) rows one key so softmax stays finite
+    key_mask = key_mask | ~valid.any(-1)[:, None, None, None]
+    o = attention_reference(q, k, v, causal=causal, scale=scale, key_mask=key_mask)
+    return o * valid[:, None, :, None].to(o.dtype)
+
+
+def attention_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               kv_lens: torch.Tensor, *, scale: Optional[float] = None,
+                               freqs_cis: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal decode: ``q`` ``[N, H, Lq, D]`` holds the last ``Lq`` positions of sequences whose first
+    ``kv_lens[n]`` keys/values are in ``k_cache``/``v_cache`` ``[N, H, Lmax, D]``; query i sits at position
+    ``kv_lens[n] - Lq + i`` and sees keys ``j <= that``. With ``freqs_cis`` ``[P, D/2, 2]`` the cache holds
+    un-rotated keys and q and k are rotated by their positions first (the AR level's RoPE). fp32 scores."""
+    n, _, lq, _ = q.shape
+    lmax = k_cache.shape[2]
+    kv_lens = kv_lens.to(q.device).long()
+    qpos = kv_lens[:, None] - lq + torch.arange(lq, device=q.device)[None, :]  # [N, Lq]
+    kpos = torch.arange(lmax, device=q.device)
+    if freqs_cis is not None:
+        q = rope_reference(q, freqs_cis, qpos.clamp(min=0))
+        k_cache = rope_reference(k_cache, freqs_cis, kpos.clamp(max=freqs_cis.shape[0] - 1))
+    keep = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
+    return attention_reference(q, k_cache, v_cache, causal=False, scale=scale, key_mask=keep[:, None])

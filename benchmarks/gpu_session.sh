@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a session that is lent a GPU (see README "GPU runs"): build the CUDA extension
+# against the machine's torch, run the GPU tests, record which CUDA ops passed (cuda_verified.json), then
+# the benchmark suite. Everything is logged under $OUT (or benchmarks/results/gpu-logs) and the results land
+# in benchmarks/results/<device>/. Usage: bash benchmarks/gpu_session.sh [quick|full]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-full}"
+LOG="${OUT:-benchmarks/results/gpu-logs}"
+mkdir -p "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$LOG/versions.txt"
+# 1. CUDA extension, in place (no deps, no isolation: use the image's torch)
+FRACTAL_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 python setup.py build_ext --inplace > "$LOG/build.txt" 2>&1
+echo "build rc=$?" | tee -a "$LOG/versions.txt"
+# 2. GPU tests of the kernels (Triton on GPU, CUDA where built) and the models on the kernel backends
+timeout 240 python -m pytest -q -x -p no:cacheprovider tests/fractal_kernels tests/models/test_kernel_backends.py \
+    > "$LOG/gpu-tests.txt" 2>&1
+echo "gpu tests rc=$? ($(tail -1 "$LOG/gpu-tests.txt"))" | tee -a "$LOG/versions.txt"
+python -m benchmarks.verify_cuda 2>&1 | tee "$LOG/verify_cuda.txt"
+# 3. benchmarks (JSON + markdown + plot under benchmarks/results/<device>/)
+timeout 300 python -m benchmarks.cli "--$MODE" --no-progress > "$LOG/bench.txt" 2>&1
+echo "bench rc=$?" | tee -a "$LOG/versions.txt"
+cp -r benchmarks/results "$LOG/results" 2>/dev/null || true

@@ -1,0 +1,730 @@
+"""Tiny-sequence attention: Triton kernels (forward, backward, KV-cache decode with fused RoPE), their
+launchers, the ``torch.library`` custom ops and the public entry points.
+
+Entry points (q, k, v ``[N, H, L, D]``; any strides with a contiguous head dim, i.e. ``stride(-1) == 1``):
+
+* :func:`tiny_attention` -- bidirectional or causal self-attention, optional per-sequence lengths, autograd.
+* :func:`tiny_attention_packed` -- reads the qkv projection's output ``[N, L, 3*H*D]`` through strided views
+  and returns ``[N, L, H*D]`` for the output projection; its backward writes ``d(qkv)`` in place, so no
+  permute/contiguous copy surrounds the kernels either way.
+* :func:`tiny_attention_decode` -- causal decode of the last ``Lq`` positions against a KV cache, with the
+  AR level's 2-D rotary embedding applied inside the kernel when ``freqs_cis`` is given (forward only).
+
+Numerics: scores ``q k^T * scale`` and the softmax in fp32 whatever the input dtype (the MAR/AR levels'
+numerics; the pixel head's reference computes scores in the input dtype, identical in fp32), output in the
+input dtype. The log-sum-exp is kept for the backward pass, which accumulates dq, dk, dv in fp32.
+
+Kernel design (memory-bound workload: L ~ 4..64 tokens, ~10 FLOP/byte): for L <= 64 one program takes the
+*whole* sequence of ``G = TILE // Lp`` (sequence, head) pairs at once (``Lp`` = L rounded up to a power of
+two) as one ``[G*Lp, D]`` tile with a block-diagonal mask, so a tile is never mostly padding (L=4: 16 pairs
+per program) and one pass needs no online-softmax loop; the backward does dq, dk, dv in one kernel from
+the same tile. Longer sequences stream keys in 64-blocks with an online softmax (backward: one kernel for
+dk/dv, one for dq). Under ``TRITON_INTERPRET=1`` (CPU tests) dots run in fp32 because the interpreter's
+bf16 ``tl.dot`` is wrong.
+
+Dispatch (``fractal_kernels.dispatch``): "torch" runs ``fractal_kernels.reference.attention``; "triton" these
+kernels; "cuda" the ``csrc/tiny_attention`` kernels (forward/backward; decode has no CUDA version). ``auto``
+on a GPU uses SDPA instead for lengths past the crossover measured by the benchmark
+(``benchmarks/results/attention_crossover.json``), and always past ``MAX_L``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from fractal_kernels.dispatch import _cuda_ext, resolve, triton_interpreting, record
+from fractal_kernels.reference.attention import (attention_decode_reference, attention_reference,
+                                                 attention_varlen_reference)
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is optional
+    HAS_TRITON = False
+
+MAX_L = 512
+SUPPORTED_D = (16, 32, 64, 80, 128)
+MAX_D = 128
+PACK_MAX_L = 64   # sequences up to this length are processed whole, several per program
+TILE = 64         # rows of a packed tile; 64 x 64 fp32 scores stay in registers
+STREAM_BLOCK = 64
+_CROSSOVER_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "benchmarks", "results", "attention_crossover.json")
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_layout(pid, mb, NH, H, GROUPS: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr):
+        # Row r of a tile -> (pair index bh, position). Packed: G pairs of LP rows; streaming: one pair.
+        r = tl.arange(0, BLOCK)
+        if GROUPS > 1:
+            grp = r // LP
+            pos = r % LP
+        else:
+            grp = r * 0
+            pos = mb * BLOCK + r
+        bh = pid * GROUPS + grp
+        ok = bh < NH
+        bh = tl.where(ok, bh, 0)
+        return grp, pos, bh, bh // H, bh % H, ok
+
+    @triton.jit
+    def _load_rows(ptr, n, h, pos, rmask, sn, sh, sl, offs_d, dmask, DOT_F32: tl.constexpr):
+        # [rows, BLOCK_D] tile of a [N, H, L, D] tensor with arbitrary (n, h, l) strides
+        t = tl.load(ptr + (n * sn + h * sh + pos * sl)[:, None] + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if DOT_F32:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _sanitize_rows(x):
+        # Packed tiles hold several sequences, and 0 * NaN in a dot would carry one sequence's NaN/inf into
+        # its neighbours: non-finite entries become 0 and the rows that held them are reported instead.
+        fin = (x == x) & (tl.abs(x) != float("inf"))
+        bad = tl.sum(tl.where(fin, 0, 1), axis=1) > 0
+        return tl.where(fin, x, 0.0), bad
+
+    @triton.jit
+    def _rope(x, partner, freqs_ptr, fpos, offs_d, m, HALF_STRIDE):
+        # freqs laid out [P, D/2, 2] contiguous: cos at (p, i, 0), sin at (p, i, 1)
+        fo = fpos[:, None] * HALF_STRIDE + (offs_d // 2)[None, :] * 2
+        cos = tl.load(freqs_ptr + fo, mask=m, other=0.0)
+        sin = tl.load(freqs_ptr + fo + 1, mask=m, other=0.0)
+        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)[None, :]
+        return x.to(tl.float32) * cos + sign * partner * sin
+
+    @triton.jit
+    def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lens_ptr, freqs_ptr,
+                         NH, H, LQ, LK, D, P, scale,
+                         sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
+                         CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, DECODE: tl.constexpr, ROPE: tl.constexpr,
+                         DOT_F32: tl.constexpr, GROUPS: tl.constexpr, LPQ: tl.constexpr, LPK: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Packed (GROUPS > 1): rows = GROUPS pairs x LPQ queries, columns = GROUPS pairs x LPK keys,
+        # block-diagonal, one key pass. Streaming (GROUPS == 1): one pair, BLOCK_M queries, keys in BLOCK_N
+        # blocks with an online softmax.
+        pid = tl.program_id(0)
+        mb = tl.program_id(1)
+        qg, qpos, bh, n, h, pair_ok = _row_layout(pid, mb, NH, H, GROUPS, LPQ, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        if HAS_LENS:
+            klen = tl.load(lens_ptr + n, mask=pair_ok, other=0)
+        else:
+            klen = qpos * 0 + LK
+        if DECODE:
+            shift = klen - LQ  # query i of the last LQ positions sits at klen - LQ + i
+            q_ok = pair_ok & (qpos < LQ)
+        else:
+            shift = klen * 0
+            q_ok = pair_ok & (qpos < LQ) & (qpos < klen)
+        if ROPE:
+            qm = q_ok[:, None] & dmask[None, :]
+            qbase = (n * sqn + h * sqh + qpos * sql)[:, None]
+            qx = tl.load(q_ptr + qbase + offs_d[None, :], mask=qm, other=0.0)
+            qp = tl.load(q_ptr + qbase + (offs_d ^ 1)[None, :], mask=qm, other=0.0).to(tl.float32)
+            fpos = tl.minimum(tl.maximum(qpos + shift, 0), P - 1)
+            q = _rope(qx, qp, freqs_ptr, fpos, offs_d, qm, 2 * (D // 2)).to(qx.dtype)
+            if DOT_F32:
+                q = q.to(tl.float32)
+        else:
+            q = _load_rows(q_ptr, n, h, qpos, q_ok, sqn, sqh, sql, offs_d, dmask, DOT_F32)
+        poison = q_ok & False
+        if GROUPS > 1:
+            q, qbad = _sanitize_rows(q)
+            poison = qbad & q_ok
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = LK
+        if CAUSAL and not DECODE and GROUPS == 1:
+            hi = tl.minimum(LK, (mb + 1) * BLOCK_M)
+        c = tl.arange(0, BLOCK_N)
+        for start in range(0, hi, BLOCK_N):
+            kg, kpos0, kbh, kn, kh, kpair_ok = _row_layout(pid, 0, NH, H, GROUPS, LPK, BLOCK_N)
+            kpos = start + kpos0
+            k_ok = kpair_ok & (kpos < LK)
+            if ROPE:
+                km = k_ok[:, None] & dmask[None, :]
+                kbase = (kn * skn + kh * skh + kpos * skl)[:, None]
+                kx = tl.load(k_ptr + kbase + offs_d[None, :], mask=km, other=0.0)
+                kp = tl.load(k_ptr + kbase + (offs_d ^ 1)[None, :], mask=km, other=0.0).to(tl.float32)
+                kfpos = tl.minimum(kpos, P - 1)
+                k = _rope(kx, kp, freqs_ptr, kfpos, offs_d, km, 2 * (D // 2)).to(kx.dtype)
+                if DOT_F32:
+                    k = k.to(tl.float32)
+            else:
+                k = _load_rows(k_ptr, kn, kh, kpos, k_ok, skn, skh, skl, offs_d, dmask, DOT_F32)
+            v = _load_rows(v_ptr, kn, kh, kpos, k_ok, svn, svh, svl, offs_d, dmask, DOT_F32)
+            valid = (kg[None, :] == qg[:, None]) & (kpos[None, :] < klen[:, None]) & k_ok[None, :] & q_ok[:, None]
+            if CAUSAL:
+                valid = valid & (kpos[None, :] <= (qpos + shift)[:, None])
+            if GROUPS > 1:
+                k, kbad = _sanitize_rows(k)
+                v, vbad = _sanitize_rows(v)
+                poison = poison | (tl.sum(tl.where(valid & (kbad | vbad)[None, :], 1, 0), axis=1) > 0)
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+            m_i = m_new
+        empty = l_i == 0.0  # padded query or a sequence of length 0: zeros out, lse 0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = tl.where(poison[:, None], float("nan"), acc / l_safe[:, None])
+        lse = tl.where(poison, float("nan"), tl.where(empty, 0.0, m_i + tl.log(l_safe)))
+        tl.store(o_ptr + (n * son + h * soh + qpos * sol)[:, None] + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=(pair_ok & (qpos < LQ))[:, None] & dmask[None, :])
+        tl.store(lse_ptr + bh * LQ + qpos, lse, mask=pair_ok & (qpos < LQ))
+
+    @triton.jit
+    def _attn_bwd_packed_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lens_ptr,
+                                dq_ptr, dk_ptr, dv_ptr, NH, H, L, D, scale,
+                                sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol, sdn, sdh, sdl,
+                                dqn, dqh, dql, dkn, dkh, dkl, dvn, dvh, dvl,
+                                CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, GROUPS: tl.constexpr,
+                                LP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Whole sequences (L <= LP <= BLOCK), GROUPS pairs per tile: dq, dk, dv in one pass, fp32 math.
+        pid = tl.program_id(0)
+        g, pos, bh, n, h, pair_ok = _row_layout(pid, 0, NH, H, GROUPS, LP, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        if HAS_LENS:
+            klen = tl.load(lens_ptr + n, mask=pair_ok, other=0)
+        else:
+            klen = pos * 0 + L
+        ok = pair_ok & (pos < L) & (pos < klen)
+        q = _load_rows(q_ptr, n, h, pos, ok, sqn, sqh, sql, offs_d, dmask, True)
+        k = _load_rows(k_ptr, n, h, pos, ok, skn, skh, skl, offs_d, dmask, True)
+        v = _load_rows(v_ptr, n, h, pos, ok, svn, svh, svl, offs_d, dmask, True)
+        o = _load_rows(o_ptr, n, h, pos, ok, son, soh, sol, offs_d, dmask, True)
+        do = _load_rows(do_ptr, n, h, pos, ok, sdn, sdh, sdl, offs_d, dmask, True)
+        lse = tl.load(lse_ptr + bh * L + pos, mask=ok, other=0.0)
+        # a non-finite value anywhere in a pair makes that pair's gradients NaN, and only that pair's
+        q, b1 = _sanitize_rows(q)
+        k, b2 = _sanitize_rows(k)
+        v, b3 = _sanitize_rows(v)
+        o, b4 = _sanitize_rows(o)
+        do, b5 = _sanitize_rows(do)
+        bad = (b1 | b2 | b3 | b4 | b5 | (lse != lse)) & ok
+        lse = tl.where(lse == lse, lse, 0.0)
+        same = g[None, :] == g[:, None]
+        poison = tl.sum(tl.where(same & bad[None, :], 1, 0), axis=1) > 0
+        delta = tl.sum(do * o, axis=1)  # rowsum(dO * O), fp32
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK, BLOCK]: rows = queries, columns = keys
+        valid = same & ok[:, None] & ok[None, :]
+        if CAUSAL:
+            valid = valid & (pos[None, :] <= pos[:, None])
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = tl.where(valid, p * (dp - delta[:, None]) * scale, 0.0)
+        dq = tl.where(poison[:, None], float("nan"), tl.dot(ds, k))
+        dk = tl.where(poison[:, None], float("nan"), tl.dot(tl.trans(ds), q))
+        dv = tl.where(poison[:, None], float("nan"), dv)
+        wmask = (pair_ok & (pos < L))[:, None] & dmask[None, :]
+        tl.store(dq_ptr + (n * dqn + h * dqh + pos * dql)[:, None] + offs_d[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dk_ptr + (n * dkn + h * dkh + pos * dkl)[:, None] + offs_d[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dv_ptr + (n * dvn + h * dvh + pos * dvl)[:, None] + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=wmask)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dk_ptr, dv_ptr,
+                              H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
+                              dkn, dkh, dkl, dvn, dvh, dvl,
+                              CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Long sequences: one program = one pair x BLOCK_N keys; queries streamed. fp32 math.
+        bh = tl.program_id(0)
+        nb = tl.program_id(1)
+        n = bh // H
+        h = bh % H
+        klen = L
+        if HAS_LENS:
+            klen = tl.load(lens_ptr + n)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        k_ok = (offs_n < L) & (offs_n < klen)
+        k = _load_rows(k_ptr, n, h, offs_n, k_ok, skn, skh, skl, offs_d, dmask, True)
+        v = _load_rows(v_ptr, n, h, offs_n, k_ok, svn, svh, svl, offs_d, dmask, True)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (nb * BLOCK_N) // BLOCK_M * BLOCK_M
+        for start in range(lo, L, BLOCK_M):
+            qm = start + offs_m
+            q_ok = (qm < L) & (qm < klen)
+            q = _load_rows(q_ptr, n, h, qm, q_ok, sqn, sqh, sql, offs_d, dmask, True)
+            do = _load_rows(do_ptr, n, h, qm, q_ok, sdn, sdh, sdl, offs_d, dmask, True)
+            lse = tl.load(lse_ptr + bh * L + qm, mask=q_ok, other=0.0)
+            delta = tl.load(delta_ptr + bh * L + qm, mask=q_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [M, N]
+            valid = q_ok[:, None] & k_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= qm[:, None])
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None]) * scale
+            dk += tl.dot(tl.trans(ds), q)
+        wmask = (offs_n < L)[:, None] & dmask[None, :]
+        tl.store(dk_ptr + (n * dkn + h * dkh + offs_n * dkl)[:, None] + offs_d[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dv_ptr + (n * dvn + h * dvh + offs_n * dvl)[:, None] + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=wmask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dq_ptr,
+                            H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
+                            dqn, dqh, dql,
+                            CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        mb = tl.program_id(1)
+        n = bh // H
+        h = bh % H
+        klen = L
+        if HAS_LENS:
+            klen = tl.load(lens_ptr + n)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        q_ok = (offs_m < L) & (offs_m < klen)
+        q = _load_rows(q_ptr, n, h, offs_m, q_ok, sqn, sqh, sql, offs_d, dmask, True)
+        do = _load_rows(do_ptr, n, h, offs_m, q_ok, sdn, sdh, sdl, offs_d, dmask, True)
+        lse = tl.load(lse_ptr + bh * L + offs_m, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh * L + offs_m, mask=q_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, (mb + 1) * BLOCK_M)
+        for start in range(0, hi, BLOCK_N):
+            kn = start + offs_n
+            k_ok = (kn < L) & (kn < klen)
+            k = _load_rows(k_ptr, n, h, kn, k_ok, skn, skh, skl, offs_d, dmask, True)
+            v = _load_rows(v_ptr, n, h, kn, k_ok, svn, svh, svl, offs_d, dmask, True)
+            s = tl.dot(q, tl.trans(k)) * scale
+            valid = q_ok[:, None] & k_ok[None, :]
+            if CAUSAL:
+                valid = valid & (kn[None, :] <= offs_m[:, None])
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None]) * scale
+            dq += tl.dot(ds, k)
+        tl.store(dq_ptr + (n * dqn + h * dqh + offs_m * dql)[:, None] + offs_d[None, :],
+                 dq.to(dq_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & dmask[None, :])
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _packed_layout(L: int) -> Tuple[int, int]:
+    """(pairs per program G, padded length Lp) of the packed kernels for a length L <= PACK_MAX_L."""
+    lp = triton.next_power_of_2(max(L, 1))
+    return max(1, TILE // lp), lp
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _out_like_heads_last(q: torch.Tensor, L: int) -> torch.Tensor:
+    """An ``[N, H, L, D]`` view of a fresh ``[N, L, H, D]`` buffer: ``o.transpose(1, 2).reshape(N, L, H*D)``
+    is then free for the output projection."""
+    N, H, _, D = q.shape
+    return torch.empty(N, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None):
+    N, H, LQ, D = q.shape
+    LK = k.shape[2]
+    NH = N * H
+    dot_f32 = triton_interpreting() or q.dtype == torch.float32
+    lens_arg = lens if lens is not None else lse
+    freqs_arg = freqs if freqs is not None else lse
+    P = freqs.shape[0] if freqs is not None else 1
+    if LK <= PACK_MAX_L:
+        # whole sequences, several pairs per program (decode: a few queries against a short cache)
+        groups, lpk = _packed_layout(LK)
+        lpq = max(triton.next_power_of_2(LQ), 16 // groups)  # tl.dot needs >= 16 rows
+        bm, bn = groups * lpq, groups * lpk
+        grid = (triton.cdiv(NH, groups), 1)
+    else:
+        groups, lpq, lpk = 1, 1, 1
+        bm, bn = (STREAM_BLOCK if LQ > 16 else 16), STREAM_BLOCK
+        grid = (NH, triton.cdiv(LQ, bm))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, lens_arg, freqs_arg, NH, H, LQ, LK, D, P, scale,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        CAUSAL=causal, HAS_LENS=lens is not None, DECODE=decode, ROPE=freqs is not None, DOT_F32=dot_f32,
+        GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D))
+
+
+def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv):
+    N, H, L, D = q.shape
+    NH = N * H
+    bd = _block_d(D)
+    lens_arg = lens if lens is not None else lse
+    if L <= PACK_MAX_L:
+        groups, lp = _packed_layout(L)
+        _attn_bwd_packed_kernel[(triton.cdiv(NH, groups),)](
+            q, k, v, o, do, lse, lens_arg, dq, dk, dv, NH, H, L, D, scale,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
+            *_strides(dq), *_strides(dk), *_strides(dv),
+            CAUSAL=causal, HAS_LENS=lens is not None, GROUPS=groups, LP=lp, BLOCK=groups * lp, BLOCK_D=bd)
+        return
+    delta = (do.float() * o.float()).sum(-1).reshape(NH, L)  # [N*H, L]
+    args = (H, L, D, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    b = STREAM_BLOCK
+    _attn_bwd_dkdv_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dk, dv, *args,
+                                                   *_strides(dk), *_strides(dv), CAUSAL=causal,
+                                                   HAS_LENS=lens is not None, BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd)
+    _attn_bwd_dq_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dq, *args, *_strides(dq),
+                                                 CAUSAL=causal, HAS_LENS=lens is not None,
+                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd)
+
+
+def _fwd_into(q, k, v, o, lse, lens, causal, scale, backend):
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        return
+    if backend == "cuda":
+        _cuda_ext().tiny_attention_fwd(q, k, v, o, lse, lens, causal, scale)
+    else:
+        _triton_fwd(q, k, v, o, lse, lens, causal, scale)
+
+
+def _bwd_into(do, q, k, v, o, lse, lens, causal, scale, backend, dq, dk, dv):
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+        return
+    if backend == "cuda":
+        _cuda_ext().tiny_attention_bwd(do, q, k, v, o, lse, dq, dk, dv, lens, causal, scale)
+    else:
+        _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv)
+
+
+# ---- custom ops: [N, H, L, D] entry -------------------------------------------------------------------
+
+@torch.library.custom_op("fractal_kernels::tiny_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: Optional[torch.Tensor], causal: bool,
+            scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    N, H, L, D = q.shape
+    o = _out_like_heads_last(q, L)
+    lse = torch.empty(N, H, L, dtype=torch.float32, device=q.device)
+    _fwd_into(q, k, v, o, lse, seqlens, causal, scale, backend)
+    return o, lse
+
+
+@_fwd_op.register_fake
+def _(q, k, v, seqlens, causal, scale, backend):
+    N, H, L, D = q.shape
+    return _out_like_heads_last(q, L), q.new_empty(N, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("fractal_kernels::tiny_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, seqlens: Optional[torch.Tensor], causal: bool, scale: float,
+            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _bwd_into(do, q, k, v, o, lse, seqlens, causal, scale, backend, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seqlens, causal, scale, backend):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, seqlens, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seqlens)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse, seqlens = ctx.saved_tensors
+    do = do if do.stride(-1) == 1 else do.contiguous()  # autograd may hand in expanded (stride 0) grads
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seqlens, ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ---- custom ops: packed qkv entry ---------------------------------------------------------------------
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int):
+    N, L, three_hd = qkv.shape
+    D = three_hd // (3 * num_heads)
+    return qkv.view(N, L, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [N, H, L, D] views
+
+
+@torch.library.custom_op("fractal_kernels::tiny_attention_packed_fwd", mutates_args=())
+def _packed_fwd_op(qkv: torch.Tensor, num_heads: int, seqlens: Optional[torch.Tensor], causal: bool,
+                   scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    N, L, three_hd = qkv.shape
+    D = three_hd // (3 * num_heads)
+    q, k, v = _split_qkv(qkv, num_heads)
+    o = torch.empty(N, L, num_heads * D, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(N, num_heads, L, dtype=torch.float32, device=qkv.device)
+    _fwd_into(q, k, v, o.view(N, L, num_heads, D).transpose(1, 2), lse, seqlens, causal, scale, backend)
+    return o, lse
+
+
+@_packed_fwd_op.register_fake
+def _(qkv, num_heads, seqlens, causal, scale, backend):
+    N, L, three_hd = qkv.shape
+    return qkv.new_empty(N, L, three_hd // 3), qkv.new_empty(N, num_heads, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("fractal_kernels::tiny_attention_packed_bwd", mutates_args=())
+def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                   seqlens: Optional[torch.Tensor], causal: bool, scale: float, backend: str) -> torch.Tensor:
+    N, L, hd = o.shape
+    D = hd // num_heads
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    q, k, v = _split_qkv(qkv, num_heads)
+    dq, dk, dv = _split_qkv(dqkv, num_heads)
+    heads = (lambda t: t.view(N, L, num_heads, D).transpose(1, 2))
+    _bwd_into(heads(do), q, k, v, heads(o), lse, seqlens, causal, scale, backend, dq, dk, dv)
+    return dqkv
+
+
+@_packed_bwd_op.register_fake
+def _(do, qkv, o, lse, num_heads, seqlens, causal, scale, backend):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _packed_setup(ctx, inputs, output):
+    qkv, num_heads, seqlens, causal, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, seqlens)
+    ctx.num_heads, ctx.causal, ctx.scale, ctx.backend = num_heads, causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, do, dlse):
+    qkv, o, lse, seqlens = ctx.saved_tensors
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dqkv = _packed_bwd_op(do, qkv, o, lse, ctx.num_heads, seqlens, ctx.causal, ctx.scale, ctx.backend)
+    return dqkv, None, None, None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+# ---- custom op: decode against a KV cache (inference) ---------------------------------------------------
+
+@torch.library.custom_op("fractal_kernels::tiny_attention_decode", mutates_args=())
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
+               freqs_cis: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    N, H, LQ, D = q.shape
+    o = _out_like_heads_last(q, LQ)
+    if N * H * LQ == 0:
+        return o
+    lse = torch.empty(N, H, LQ, dtype=torch.float32, device=q.device)
+    _triton_fwd(q, k_cache, v_cache, o, lse, kv_lens, True, scale, decode=True, freqs=freqs_cis)
+    return o
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, kv_lens, freqs_cis, scale):
+    return _out_like_heads_last(q, q.shape[2])
+
+
+# ---- validation and public entry points ---------------------------------------------------------------
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_qkv(q, k, v, scale, same_length: bool = True) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a [N, H, L, D] tensor, got {_shape(t)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name}: expected float32, float16 or bfloat16 (float64: torch backend), got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v: mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; cast them to one dtype")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v: on different devices q {q.device}, k {k.device}, v {v.device}")
+    N, H, L, D = q.shape
+    if same_length and (k.shape != q.shape or v.shape != q.shape):
+        raise ValueError(f"k, v: expected the shape of q {tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not same_length and (k.shape[:2] != q.shape[:2] or k.shape[3] != D or v.shape != k.shape):
+        raise ValueError(f"k_cache, v_cache: expected [N={N}, H={H}, Lmax, D={D}], got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if D not in SUPPORTED_D and D > MAX_D:
+        raise ValueError(f"q: head dim D={D} unsupported (at most {MAX_D}; tuned for {SUPPORTED_D})")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+
+
+def _check_lens(seqlens, N: int, L: int, device, name: str = "seqlens") -> Optional[torch.Tensor]:
+    if seqlens is None:
+        return None
+    if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (N,) or seqlens.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected an integer tensor of shape [N={N}], got {_shape(seqlens)}")
+    if seqlens.device != device:
+        raise ValueError(f"{name}: expected it on {device} like q, got {seqlens.device}")
+    if seqlens.numel() and (int(seqlens.min()) < 0 or int(seqlens.max()) > L):
+        raise ValueError(f"{name}: values must lie in [0, {L}], got [{int(seqlens.min())}, {int(seqlens.max())}]")
+    return seqlens.to(torch.int32).contiguous()
+
+
+def _measured_crossover(D: int, dtype: torch.dtype) -> Optional[int]:
+    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any)."""
+    try:
+        with open(_CROSSOVER_FILE) as f:
+            table = json.load(f)
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        return int(table[name][str(dtype).replace("torch.", "")][str(D)])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _choose(op: str, backend: Optional[str], q: torch.Tensor, L: int) -> str:
+    """The backend for this call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
+    if q.dtype == torch.float64:
+        if backend not in (None, "auto", "torch"):
+            raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
+        return resolve(op, "torch", q.device)
+    forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
+    if L > MAX_L:
+        if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
+            raise ValueError(f"q: sequence length L={L} over the kernels' limit {MAX_L}; use backend=None "
+                             f"(SDPA) or 'torch'")
+        if not forced:
+            return record(op, "sdpa" if q.device.type == "cuda" else "torch")
+    which = resolve(op, backend, q.device)
+    if not forced and which != "torch":
+        cross = _measured_crossover(q.shape[-1], q.dtype)
+        if cross is not None and L >= cross:
+            return record(op, "sdpa")
+    return which
+
+
+def _check_strides(which: str, **tensors) -> None:
+    if which in ("triton", "cuda"):
+        for name, t in tensors.items():
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name}: the head dim must be contiguous (stride(-1) == 1) for the {which} "
+                                 f"kernel, got strides {t.stride()}")
+
+
+def _sdpa(q, k, v, causal, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention over many tiny sequences.
+
+    q, k, v: ``[N, H, L, D]``, one dtype (fp32 / bf16 / fp16; fp64 on the torch backend), any strides with
+    ``stride(-1) == 1``. ``causal`` masks key j > query i. ``scale`` defaults to ``D ** -0.5``. ``seqlens``
+    (``[N]`` integers in [0, L]) gives each sequence its own length: keys past it are ignored, outputs past it
+    are zero. Returns ``[N, H, L, D]`` in the input dtype (a view of an ``[N, L, H, D]`` buffer). Autograd
+    flows to q, k, v. ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
+    """
+    _check_qkv(q, k, v, scale)
+    N, H, L, D = q.shape
+    lens = _check_lens(seqlens, N, L, q.device)
+    scale = float(scale) if scale is not None else D ** -0.5
+    which = _choose("tiny_attention", backend, q, L)
+    if which == "torch":
+        if lens is not None:
+            return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
+        return attention_reference(q, k, v, causal=causal, scale=scale)
+    if which == "sdpa":
+        if lens is not None:
+            return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
+        return _sdpa(q, k, v, causal, scale)
+    _check_strides(which, q=q, k=k, v=v)
+    o, _ = _fwd_op(q, k, v, lens, causal, scale, which)
+    return o
+
+
+def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = False,
+                          scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                          backend: Optional[str] = None) -> torch.Tensor:
+    """Attention straight from the qkv projection ``[N, L, 3*H*D]`` (q, k, v of each head in the reference's
+    ``reshape(N, L, 3, H, D)`` order) to ``[N, L, H*D]``; the kernels read and write through strides."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv: expected a [N, L, 3*H*D] tensor, got {_shape(qkv)}")
+    if not isinstance(num_heads, int) or num_heads < 1 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"num_heads: expected a positive int dividing qkv's last dim / 3 "
+                         f"({qkv.shape[-1]} / 3), got {num_heads!r}")
+    N, L, three_hd = qkv.shape
+    D = three_hd // (3 * num_heads)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q, k, v = _split_qkv(qkv, num_heads)
+    _check_qkv(q, k, v, scale)
+    lens = _check_lens(seqlens, N, L, qkv.device)
+    scale = float(scale) if scale is not None else D ** -0.5
+    which = _choose("tiny_attention", backend, q, L)
+    if which in ("torch", "sdpa"):
+        o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens,
+                           backend="torch" if which == "torch" else None)
+        return o.transpose(1, 2).reshape(N, L, num_heads * D)
+    o, _ = _packed_fwd_op(qkv, num_heads, lens, causal, scale, which)
+    return o
+
+
+def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          kv_lens: Union[int, torch.Tensor], *, freqs_cis: Optional[torch.Tensor] = None,
+                          scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Causal attention of the last ``Lq`` positions against a KV cache (the AR levels' sampling step).
+
+    q ``[N, H, Lq, D]``; k_cache, v_cache ``[N, H, Lmax, D]`` whose first ``kv_lens`` positions are filled
+    (an int, or ``[N]`` integers, each >= Lq); query i sits at position ``kv_lens - Lq + i`` and sees keys
+    ``j <= that``. ``freqs_cis`` ``[P, D/2, 2]`` (cos, sin; P >= Lmax) turns on the AR level's rotary
+    embedding inside the kernel: the cache then holds *un-rotated* keys and q and k are rotated by their
+    positions on load (fp32 math rounded to the input dtype, as the reference rotates before caching).
+    Forward only. Returns ``[N, H, Lq, D]``.
+    """
+    _check_qkv(q, k_cache, v_cache, scale, same_length=False)
+    N, H, LQ, D = q.shape
+    lmax = k_cache.shape[2]
+    if isinstance(kv_lens, int):
+        if not LQ <= kv_lens <= lmax:
+            raise ValueError(f"kv_lens: expected Lq={LQ} <= kv_lens <= Lmax={lmax}, got {kv_lens}")
+        lens = torch.full((N,), kv_lens, dtype=torch.int32, device=q.device)
+    else:
+        lens = _check_lens(kv_lens, N, lmax, q.device, "kv_lens")
+        if lens.numel() and int(lens.min()) < LQ:
+            raise ValueError(f"kv_lens: every length must be >= Lq={LQ}, got min {int(lens.min())}")
+    if freqs_cis is not None:
+        if freqs_cis.dim() != 3 or freqs_cis.shape[1:] != (D // 2, 2) or freqs_cis.shape[0] < lmax or D % 2:
+            raise ValueError(f"freqs_cis: expected [P >= {lmax}, D/2={D // 2}, 2] for an even D, got "
+                             f"{_shape(freqs_cis)}")
+        freqs_cis = freqs_cis.to(device=q.device, dtype=torch.float32).contiguous()
+    scale = float(scale) if scale is not None else D ** -0.5
+    which = resolve("tiny_attention_decode", backend, q.device) if q.dtype != torch.float64 else \
+        resolve("tiny_attention_decode", "torch", q.device)
+    if which == "torch":
+        return attention_decode_reference(q, k_cache, v_cache, lens, scale=scale, freqs_cis=freqs_cis)
+    if which == "cuda":
+        from fractal_kernels.dispatch import BackendUnavailable
+        raise BackendUnavailable("tiny_attention_decode: no CUDA decode kernel; use backend='triton' or None")
+    _check_strides(which, q=q, k_cache=k_cache, v_cache=v_cache)
+    return _decode_op(q, k_cache, v_cache, lens, freqs_cis, scale)

@@ -1,0 +1,255 @@
+"""tiny_attention (Triton; on CPU through the interpreter) vs the pure-PyTorch reference.
+
+Tolerances, against an fp64 reference of the same (rounded) inputs:
+* fp32: outputs 2e-5 abs / 1e-4 rel, gradients 5e-5 abs / 1e-4 rel (fp32 dots and exp; the interpreter and
+  GPUs without TF32 both accumulate in fp32);
+* bf16: 1.6e-2 abs+rel, fp16: 2e-3 abs+rel (the output is rounded to the input dtype once; gradients 3e-2 /
+  4e-3: P and dS feed the dots after rounding on a GPU).
+The CUDA kernels have their own GPU-only grid in test_tiny_attention_cuda.py.
+"""
+import math
+
+import pytest
+import torch
+
+import fractal_kernels.ops.tiny_attention as ta
+from fractal_kernels.dispatch import BackendUnavailable, last_backend
+from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode, tiny_attention_packed
+from fractal_kernels.reference.attention import (attention_decode_reference, attention_reference,
+                                                 attention_varlen_reference)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+GRAD_TOL = {torch.float32: dict(atol=5e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+            torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEV)
+
+
+def qkv(n, h, length, d, dtype=torch.float32, seed=0):
+    return tuple(rand(n, h, length, d, dtype=dtype, seed=seed + i) for i in range(3))
+
+
+def check_fwd_bwd(q, k, v, causal, grads=True, seqlens=None):
+    dtype = q.dtype
+    qs, ks, vs = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    out = tiny_attention(qs, ks, vs, causal=causal, seqlens=seqlens, backend="triton")
+    assert last_backend("tiny_attention") == "triton"
+    assert out.dtype == dtype and out.shape == q.shape
+    qd, kd, vd = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
+    if seqlens is None:
+        ref = attention_reference(qd, kd, vd, causal=causal)
+    else:
+        ref = attention_varlen_reference(qd, kd, vd, seqlens, causal=causal)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    if grads:
+        go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEV)
+        got = torch.autograd.grad(out, (qs, ks, vs), go.to(dtype))
+        exp = torch.autograd.grad(ref, (qd, kd, vd), go)
+        for name, a, r in zip("qkv", got, exp):
+            assert a.dtype == dtype and a.shape == q.shape, name
+            torch.testing.assert_close(a.double(), r, **GRAD_TOL[dtype], msg=lambda m: f"d{name}: {m}")
+
+
+LENGTHS = [1, 3, 4, 17, 21, 22, 64, 261]
+DIMS = [16, 32, 64, 80]
+HEADS = [1, 3, 8]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_forward_grid_fp32(length, d, causal):
+    # N = 5 is not a multiple of the pairs packed per program (2..64 for L <= 64); H cycles over 1, 3, 8
+    h = HEADS[(LENGTHS.index(length) + DIMS.index(d)) % 3]
+    n = 5 if length <= 64 else 1
+    check_fwd_bwd(*qkv(n, h, length, d, seed=length * d), causal, grads=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [16, 80])
+@pytest.mark.parametrize("length", [1, 4, 17, 22, 64, 261])
+def test_gradients_vs_fp64(length, d, causal):
+    check_fwd_bwd(*qkv(1 if length > 64 else 3, 3, length, d, seed=length + d), causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length,d", [(4, 32), (21, 64), (100, 64)])
+def test_half_precision(dtype, length, d, causal):
+    check_fwd_bwd(*qkv(2, 3, length, d, dtype=dtype, seed=3), causal)
+
+
+def test_n1_and_many_pairs_per_program():
+    check_fwd_bwd(*qkv(1, 1, 4, 32), True)
+    check_fwd_bwd(*qkv(37, 1, 4, 16), True)  # 37 pairs over programs of 16
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_contiguous_inputs(causal):
+    n, h, length, d = 3, 4, 21, 32
+    base = rand(n, length, h, 2 * d, seed=1)  # [N, L, H, 2D]: take every other head-dim block
+    q = base[..., :d].transpose(1, 2)
+    k = rand(n, length, h, d, seed=2).transpose(1, 2)  # [N, H, L, D] view of [N, L, H, D]
+    v = rand(2 * n, h, length, d, seed=3)[::2]  # stride over N
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    check_fwd_bwd(q, k, v, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [4, 22, 70])
+def test_packed_entry_point(length, causal):
+    n, h, d = 3, 4, 16
+    qkv_t = rand(n, length, 3 * h * d, seed=length).requires_grad_()
+    out = tiny_attention_packed(qkv_t, h, causal=causal, backend="triton")
+    assert out.shape == (n, length, h * d) and out.is_contiguous()
+    x = qkv_t.detach().double().requires_grad_()
+    q, k, v = x.view(n, length, 3, h, d).permute(2, 0, 3, 1, 4)
+    ref = attention_reference(q, k, v, causal=causal).transpose(1, 2).reshape(n, length, h * d)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(DEV)
+    (g,) = torch.autograd.grad(out, qkv_t, go.float())
+    (r,) = torch.autograd.grad(ref, x, go)
+    torch.testing.assert_close(g.double(), r, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [4, 21, 70])
+def test_variable_lengths(length, causal):
+    n = 5
+    lens = torch.tensor([0, 1, length, length // 2, 3], device=DEV)
+    check_fwd_bwd(*qkv(n, 2, length, 32, seed=9), causal, seqlens=lens)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("lq,lens", [(1, [1, 5, 17]), (3, [3, 17, 9]), (2, [16, 16, 16])])
+def test_decode_against_cache(lq, lens, rope):
+    from fractal_models.ar import precompute_freqs_cis_2d
+    n, h, lmax, d = 3, 2, 17, 32
+    freqs = precompute_freqs_cis_2d(4, d).to(DEV) if rope else None  # 1 + 16 rows: condition row is zeros
+    kc, vc = rand(n, h, lmax, d, seed=1), rand(n, h, lmax, d, seed=2)
+    q = rand(n, h, lq, d, seed=3)
+    kv = torch.tensor(lens, device=DEV)
+    out = tiny_attention_decode(q, kc, vc, kv, freqs_cis=freqs, backend="triton")
+    ref = attention_decode_reference(q.double(), kc.double(), vc.double(), kv, freqs_cis=freqs)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    if len(set(lens)) == 1:  # an int length means the same
+        same = tiny_attention_decode(q, kc, vc, lens[0], freqs_cis=freqs, backend="triton")
+        torch.testing.assert_close(same, out, atol=0, rtol=0)
+
+
+def test_decode_rope_matches_the_ar_levels_math():
+    """Rotating on load equals the AR level's apply_rotary_emb before caching, then plain causal attention."""
+    from fractal_models.ar import apply_rotary_emb, precompute_freqs_cis_2d
+    n, h, length, d = 2, 2, 10, 16
+    freqs = precompute_freqs_cis_2d(3, d).to(DEV)
+    x = [rand(n, length, h, d, seed=s) for s in range(3)]  # [B, L, H, D] like the AR block
+    q_rot, k_rot = (apply_rotary_emb(t, freqs[:length]).transpose(1, 2) for t in x[:2])
+    full = attention_reference(q_rot, k_rot, x[2].transpose(1, 2), causal=True)
+    cache_k, cache_v = x[1].transpose(1, 2).contiguous(), x[2].transpose(1, 2).contiguous()
+    for step in range(length):
+        out = tiny_attention_decode(x[0][:, step:step + 1].transpose(1, 2), cache_k, cache_v, step + 1,
+                                    freqs_cis=freqs, backend="triton")
+        torch.testing.assert_close(out[:, :, 0], full[:, :, step], atol=2e-6, rtol=1e-5)
+
+
+def test_non_finite_inputs_stay_in_their_sequence():
+    q, k, v = (t.requires_grad_() for t in qkv(6, 2, 4, 16, seed=4))
+    with torch.no_grad():
+        v[1, 0, 2, 3] = float("nan")
+        k[3, 1, 0, 0] = float("inf")
+    out = tiny_attention(q, k, v, backend="triton")
+    bad = out.isnan().flatten(2).any(-1)
+    expected = torch.zeros_like(bad)
+    expected[1, 0] = expected[3, 1] = True
+    assert torch.equal(bad, expected)  # 16 pairs share one tile: nothing leaks to the neighbours
+    clean = torch.ones(6, 2, dtype=torch.bool)
+    clean[1, 0] = clean[3, 1] = False
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double())
+    torch.testing.assert_close(out.detach().double()[clean], ref[clean], **TOL[torch.float32])
+    out.sum().backward()
+    assert torch.equal(q.grad.isnan().flatten(2).any(-1), expected)
+
+
+def test_empty_batch():
+    q, k, v = (t.requires_grad_() for t in qkv(0, 4, 21, 32))
+    out = tiny_attention(q, k, v, backend="triton")
+    assert out.shape == (0, 4, 21, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    assert tiny_attention_packed(rand(0, 5, 96), 2, backend="triton").shape == (0, 5, 32)
+
+
+def test_torch_compile_keeps_the_custom_op():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    q, k, v = qkv(2, 2, 4, 16)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v):
+        return tiny_attention(q, k, v, causal=True, backend="triton") * 2
+
+    out = torch.compile(f, backend=counter, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    graph_ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes]
+    assert any("fractal_kernels.tiny_attention_fwd" in t for t in graph_ops), graph_ops
+
+
+def test_opcheck():
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 4, 16))
+    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_fwd.default, (q, k, v, None, True, 0.25, "triton"))
+    x = rand(2, 4, 3 * 2 * 16).requires_grad_()
+    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_packed_fwd.default, (x, 2, None, False, 0.25, "triton"))
+
+
+def test_dispatch_and_torch_backend():
+    q, k, v = qkv(2, 2, 5, 16)
+    ref = attention_reference(q, k, v, causal=True)
+    out = tiny_attention(q, k, v, causal=True, backend="torch")
+    assert last_backend("tiny_attention") == "torch"
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    if DEV == "cpu":
+        tiny_attention(q, k, v)  # auto on CPU tensors: the PyTorch reference
+        assert last_backend("tiny_attention") == "torch"
+        with pytest.raises(BackendUnavailable, match="tiny_attention: backend 'cuda'"):
+            tiny_attention(q, k, v, backend="cuda")
+    long = qkv(1, 1, ta.MAX_L + 1, 16)
+    torch.testing.assert_close(tiny_attention(*long), attention_reference(*long))  # auto: long goes to torch/SDPA
+    with pytest.raises(ValueError, match="L=513 over the kernels' limit 512"):
+        tiny_attention(*long, backend="triton")
+    q64 = q.double()
+    torch.testing.assert_close(tiny_attention(q64, k.double(), v.double()), attention_reference(q64, k.double(), v.double()))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda q, k, v: tiny_attention(q, k[:, :, :3], v), ValueError, "k, v: expected the shape of q"),
+    (lambda q, k, v: tiny_attention(q[0], k, v), ValueError, r"q: expected a \[N, H, L, D\] tensor"),
+    (lambda q, k, v: tiny_attention(q, k.half(), v), TypeError, "q, k, v: mixed dtypes"),
+    (lambda q, k, v: tiny_attention(q.long(), k.long(), v.long()), TypeError, "q: expected float32"),
+    (lambda q, k, v: tiny_attention(q, k.to("meta"), v), ValueError, "q, k, v: on different devices"),
+    (lambda q, k, v: tiny_attention(q, k, v, scale=float("nan")), ValueError, "scale: expected a finite number"),
+    (lambda q, k, v: tiny_attention(q, k, v, scale=math.inf), ValueError, "scale: expected a finite number"),
+    (lambda q, k, v: tiny_attention(q, k, v, seqlens=torch.tensor([1, 9])), ValueError, r"seqlens: values must lie in \[0, 5\]"),
+    (lambda q, k, v: tiny_attention(q, k, v, seqlens=torch.tensor([1.0, 2.0])), ValueError, "seqlens: expected an integer tensor"),
+    (lambda q, k, v: tiny_attention(q, k, v, backend="fast"), ValueError, "backend: expected one of"),
+    (lambda q, k, v: tiny_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, backend="triton"),
+     ValueError, r"q: the head dim must be contiguous"),
+    (lambda q, k, v: tiny_attention_packed(q, 2), ValueError, r"qkv: expected a \[N, L, 3\*H\*D\] tensor"),
+    (lambda q, k, v: tiny_attention_packed(torch.zeros(2, 5, 96), 5), ValueError, "num_heads: expected a positive int"),
+    (lambda q, k, v: tiny_attention_decode(q, k, v, 9), ValueError, r"kv_lens: expected Lq=5 <= kv_lens <= Lmax=5"),
+    (lambda q, k, v: tiny_attention_decode(q[:, :, :1], k, v, 3, freqs_cis=torch.zeros(2, 8, 2)), ValueError,
+     r"freqs_cis: expected \[P >= 5, D/2=8, 2\]"),
+])
+def test_bad_inputs_name_the_argument(call, exc, match):
+    q, k, v = qkv(2, 2, 5, 16)
+    with pytest.raises(exc, match=match):
+        call(q, k, v)
+
+
+def test_unsupported_head_dim():
+    q, k, v = qkv(1, 1, 4, 256)
+    with pytest.raises(ValueError, match="q: head dim D=256 unsupported"):
+        tiny_attention(q, k, v, backend="triton")
