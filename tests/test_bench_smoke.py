@@ -45,9 +45,11 @@ def test_smoke_run_writes_documented_schema(tmp_path, capsys):
                 assert "speedup_vs_best_sdpa" in r["metrics"] and "speedup_vs_reference" in r["metrics"]
     # GPU-only rows stay visible with the bytes they must move; the target shape is listed
     for r in attn:
-        if r["skipped"]:
+        if r["skipped"] and r["name"] != "crossover":
             assert r["metrics"]["bytes_min_bf16"] > 0 and r["metrics"]["target_s_at_85pct_of_3.0TBps"] > 0
     if not torch.cuda.is_available():
         assert any(r["shape"]["N"] * r["shape"]["H"] >= 2 ** 19 and r["backend"] == "tiny_attention[triton]"
                    for r in attn)
+    # the Triton/SDPA crossover that auto-dispatch reads is measured on GPUs only, and says so here
+    assert any(r["name"] == "crossover" for r in attn)
     assert (tmp_path / "smoke.png").stat().st_size > 0
