@@ -104,3 +104,24 @@ def test_bad_backend_names_the_argument():
     model, _ = model_for("tiny_mar", "torch")
     with pytest.raises(ValueError, match="backend: expected 'torch', 'auto', 'triton' or 'cuda'"):
         model.set_backend("fast")
+
+
+@pytest.mark.parametrize("name", ["tiny_mar", "tiny_ar"])
+def test_bf16_autocast_matches_torch_path(name):
+    """Under bf16 autocast the kernel path (fp32 scores, bf16 in/out) stays within bf16 tolerance of the
+    reference path, forward loss and gradients."""
+    imgs = normalize_uint8(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
+                                         generator=torch.Generator().manual_seed(2)))
+    labels = torch.tensor([1, 7])
+    res = {}
+    for b in ("torch", "triton"):
+        model, _ = model_for(name, b)
+        model.train()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(imgs, labels)
+        loss.backward()
+        res[b] = (float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert abs(res["triton"][0] - res["torch"][0]) <= 2e-2 * abs(res["torch"][0])
+    g_t, g_r = res["triton"][1], res["torch"][1]
+    assert (g_t - g_r).norm() <= 5e-2 * g_r.norm()

@@ -84,6 +84,11 @@ def test_half_precision(dtype, length, d, causal):
     check_fwd_bwd(*qkv(2, 3, length, d, dtype=dtype, seed=3), causal)
 
 
+@pytest.mark.parametrize("length", [21, 100])
+def test_head_dim_128(length):
+    check_fwd_bwd(*qkv(2, 2, length, 128, seed=5), causal=length == 100)
+
+
 def test_n1_and_many_pairs_per_program():
     check_fwd_bwd(*qkv(1, 1, 4, 32), True)
     check_fwd_bwd(*qkv(37, 1, 4, 16), True)  # 37 pairs over programs of 16
