@@ -106,7 +106,7 @@ if HAS_TRITON:
                          sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
                          CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, DECODE: tl.constexpr, ROPE: tl.constexpr,
                          DOT_F32: tl.constexpr, GROUPS: tl.constexpr, LPQ: tl.constexpr, LPK: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
         # Packed (GROUPS > 1): rows = GROUPS pairs x LPQ queries, columns = GROUPS pairs x LPK keys,
         # block-diagonal, one key pass. Streaming (GROUPS == 1): one pair, BLOCK_M queries, keys in BLOCK_N
         # blocks with an online softmax.
@@ -170,14 +170,14 @@ if HAS_TRITON:
                 k, kbad = _sanitize_rows(k)
                 v, vbad = _sanitize_rows(v)
                 poison = poison | (tl.sum(tl.where(valid & (kbad | vbad)[None, :], 1, 0), axis=1) > 0)
-            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PREC) * scale  # [BLOCK_M, BLOCK_N]
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=PREC)
             m_i = m_new
         empty = l_i == 0.0  # padded query or a sequence of length 0: zeros out, lse 0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -193,7 +193,7 @@ if HAS_TRITON:
                                 sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol, sdn, sdh, sdl,
                                 dqn, dqh, dql, dkn, dkh, dkl, dvn, dvh, dvl,
                                 CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, GROUPS: tl.constexpr,
-                                LP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                                LP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
         # Whole sequences (L <= LP <= BLOCK), GROUPS pairs per tile: dq, dk, dv in one pass, fp32 math.
         pid = tl.program_id(0)
         g, pos, bh, n, h, pair_ok = _row_layout(pid, 0, NH, H, GROUPS, LP, BLOCK)
@@ -221,16 +221,16 @@ if HAS_TRITON:
         same = g[None, :] == g[:, None]
         poison = tl.sum(tl.where(same & bad[None, :], 1, 0), axis=1) > 0
         delta = tl.sum(do * o, axis=1)  # rowsum(dO * O), fp32
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK, BLOCK]: rows = queries, columns = keys
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BLOCK, BLOCK]: rows = queries, columns = keys
         valid = same & ok[:, None] & ok[None, :]
         if CAUSAL:
             valid = valid & (pos[None, :] <= pos[:, None])
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = tl.where(valid, p * (dp - delta[:, None]) * scale, 0.0)
-        dq = tl.where(poison[:, None], float("nan"), tl.dot(ds, k))
-        dk = tl.where(poison[:, None], float("nan"), tl.dot(tl.trans(ds), q))
+        dq = tl.where(poison[:, None], float("nan"), tl.dot(ds, k, input_precision=PREC))
+        dk = tl.where(poison[:, None], float("nan"), tl.dot(tl.trans(ds), q, input_precision=PREC))
         dv = tl.where(poison[:, None], float("nan"), dv)
         wmask = (pair_ok & (pos < L))[:, None] & dmask[None, :]
         tl.store(dq_ptr + (n * dqn + h * dqh + pos * dql)[:, None] + offs_d[None, :],
@@ -245,7 +245,7 @@ if HAS_TRITON:
                               H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
                               dkn, dkh, dkl, dvn, dvh, dvl,
                               CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
         # Long sequences: one program = one pair x BLOCK_N keys; queries streamed. fp32 math.
         bh = tl.program_id(0)
         nb = tl.program_id(1)
@@ -273,15 +273,15 @@ if HAS_TRITON:
             do = _load_rows(do_ptr, n, h, qm, q_ok, sdn, sdh, sdl, offs_d, dmask, True)
             lse = tl.load(lse_ptr + bh * L + qm, mask=q_ok, other=0.0)
             delta = tl.load(delta_ptr + bh * L + qm, mask=q_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # [M, N]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [M, N]
             valid = q_ok[:, None] & k_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= qm[:, None])
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None]) * scale
-            dk += tl.dot(tl.trans(ds), q)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
         wmask = (offs_n < L)[:, None] & dmask[None, :]
         tl.store(dk_ptr + (n * dkn + h * dkh + offs_n * dkl)[:, None] + offs_d[None, :],
                  dk.to(dk_ptr.dtype.element_ty), mask=wmask)
@@ -293,7 +293,7 @@ if HAS_TRITON:
                             H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
                             dqn, dqh, dql,
                             CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
         bh = tl.program_id(0)
         mb = tl.program_id(1)
         n = bh // H
@@ -319,14 +319,14 @@ if HAS_TRITON:
             k_ok = (kn < L) & (kn < klen)
             k = _load_rows(k_ptr, n, h, kn, k_ok, skn, skh, skl, offs_d, dmask, True)
             v = _load_rows(v_ptr, n, h, kn, k_ok, svn, svh, svl, offs_d, dmask, True)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             valid = q_ok[:, None] & k_ok[None, :]
             if CAUSAL:
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None]) * scale
-            dq += tl.dot(ds, k)
+            dq += tl.dot(ds, k, input_precision=PREC)
         tl.store(dq_ptr + (n * dqn + h * dqh + offs_m * dql)[:, None] + offs_d[None, :],
                  dq.to(dq_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & dmask[None, :])
 
@@ -339,6 +339,12 @@ def _packed_layout(L: int) -> Tuple[int, int]:
     """(pairs per program G, padded length Lp) of the packed kernels for a length L <= PACK_MAX_L."""
     lp = triton.next_power_of_2(max(L, 1))
     return max(1, TILE // lp), lp
+
+
+def _precision(q: torch.Tensor) -> str:
+    """``tl.dot`` precision: fp32 inputs keep true fp32 products ("ieee": the reference's fp32 attention; Triton's
+    default would be TF32); fp16/bf16 inputs use the tensor cores (the backward's fp32-upcast dots as TF32)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _block_d(D: int) -> int:
@@ -374,7 +380,7 @@ def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None):
         q, k, v, o, lse, lens_arg, freqs_arg, NH, H, LQ, LK, D, P, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         CAUSAL=causal, HAS_LENS=lens is not None, DECODE=decode, ROPE=freqs is not None, DOT_F32=dot_f32,
-        GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D))
+        GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_precision(q))
 
 
 def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv):
@@ -388,17 +394,19 @@ def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv):
             q, k, v, o, do, lse, lens_arg, dq, dk, dv, NH, H, L, D, scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dv),
-            CAUSAL=causal, HAS_LENS=lens is not None, GROUPS=groups, LP=lp, BLOCK=groups * lp, BLOCK_D=bd)
+            CAUSAL=causal, HAS_LENS=lens is not None, GROUPS=groups, LP=lp, BLOCK=groups * lp, BLOCK_D=bd,
+            PREC=_precision(q))
         return
     delta = (do.float() * o.float()).sum(-1).reshape(NH, L)  # [N*H, L]
     args = (H, L, D, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     b = STREAM_BLOCK
     _attn_bwd_dkdv_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dk, dv, *args,
                                                    *_strides(dk), *_strides(dv), CAUSAL=causal,
-                                                   HAS_LENS=lens is not None, BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd)
+                                                   HAS_LENS=lens is not None, BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd,
+                                                   PREC=_precision(q))
     _attn_bwd_dq_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dq, *args, *_strides(dq),
                                                  CAUSAL=causal, HAS_LENS=lens is not None,
-                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd)
+                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd, PREC=_precision(q))
 
 
 def _fwd_into(q, k, v, o, lse, lens, causal, scale, backend):
