@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks import attention, kernels
+from benchmarks import attention, kernels, opcount
 from benchmarks.cases import MODES, plan
 from benchmarks.harness import Row, device_slug, markdown_table, results_document, write_results
 
@@ -25,7 +25,8 @@ DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results
 
 def run(mode_name: str, device: torch.device, out_dir: Optional[str], progress: bool = True) -> dict:
     mode = MODES[mode_name]
-    thunks = list(kernels.plan(mode, device)) + list(attention.plan(mode, device)) + list(plan(mode, device))
+    thunks = (list(kernels.plan(mode, device)) + list(attention.plan(mode, device)) + list(plan(mode, device))
+              + list(opcount.plan(mode, device)))
     rows: List[Row] = []
     bar = None
     if progress:

@@ -138,14 +138,23 @@ class FractalGen(nn.Module):
     def sample(self, cond_list: List[torch.Tensor], num_iter_list: Sequence[int], cfg, cfg_schedule: str,
                temperature: float, filter_threshold: float, fractal_level: int, visualize=False, **extra: Any) -> torch.Tensor:
         """Reference sampling entry: normalised images ``[B, 3, S, S]`` from conditions (``[cond; uncond]``
-        rows when ``cfg != 1``). ``extra`` (``top_p``, ``draw``, ``known``, ``known_mask``) are this
-        library's additions; ``known``/``known_mask`` apply to this level only, the rest to every level."""
+        rows when ``cfg != 1``). ``extra`` (``top_p``, ``draw``, ``known``, ``known_mask``, ``fast``) are this
+        library's additions; ``known``/``known_mask`` apply to this level only, the rest to every level.
+        ``fast=True`` samples every pixel head (and guiding-pixel head) with its KV cache
+        (:meth:`PixelLoss.sample_cached`): same pixels as the reference loop in fp32."""
+        fast = bool(extra.pop("fast", False))
         passdown = {k: v for k, v in extra.items() if k in ("top_p", "draw")}
         if fractal_level < self.num_fractal_levels - 2:
+            if fast:
+                passdown["fast"] = True
             next_fn = partial(self.next_fractal.sample, num_iter_list=num_iter_list, cfg_schedule="constant",
                               fractal_level=fractal_level + 1, **passdown)
         else:
+            if fast:
+                passdown["use_cache"] = True
             next_fn = partial(self.next_fractal.sample, **passdown)
+        if fast and getattr(self.generator, "guiding_pixel", False):
+            extra["fast"] = True
         return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule, temperature,
                                      filter_threshold, next_fn, visualize, **extra)
 

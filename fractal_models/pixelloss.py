@@ -208,6 +208,7 @@ class PixelLoss(nn.Module):
         known: Optional[torch.Tensor] = None,
         known_mask: Optional[torch.Tensor] = None,
         return_probs: bool = False,
+        use_cache: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Sample R, G, B in turn; returns normalised pixel values ``[B, 3]`` (as the reference does).
 
@@ -216,7 +217,14 @@ class PixelLoss(nn.Module):
         ``[B, 3]`` normalised values and ``known_mask`` ``[B, 3]`` bool: known channels keep their value
         (used as context for the later channels) instead of the drawn one. ``return_probs`` also returns
         the probabilities of each channel ``[3, B, 256]``.
+
+        ``use_cache=True`` is the fast path (:meth:`sample_cached`): one new token per channel against
+        cached keys/values instead of re-running all four tokens; same pixels bit for bit in fp32 with the
+        torch backend. The default is the reference's loop.
         """
+        if use_cache:
+            return self.sample_cached(cond_list, temperature, cfg, filter_threshold, top_p=top_p, draw=draw,
+                                      known=known, known_mask=known_mask, return_probs=return_probs)
         guided = not _is_one(cfg)
         rows = cond_list[0].size(0)
         bsz = rows // 2 if guided else rows
@@ -232,13 +240,8 @@ class PixelLoss(nn.Module):
         for i in range(3):
             inp = pixel_values if not guided else torch.cat([pixel_values, pixel_values], dim=0)
             logits, _ = self.predict(inp, cond_list)
-            if fused:
-                sampled_ids, probs = self._draw_fused(logits[:, i], bsz, guided, temperature, cfg, filter_threshold,
-                                                      top_p, draw, i, return_probs)
-            else:
-                probs = pixel_probs_reference(logits[:, i], temperature=temperature, cfg=cfg,
-                                              filter_threshold=filter_threshold, top_p=top_p, guided=guided)
-                sampled_ids = draw(probs, i)
+            sampled_ids, probs = self._draw_channel(logits[:, i], i, bsz, guided, fused, temperature, cfg,
+                                                    filter_threshold, top_p, draw, return_probs)
             value = (sampled_ids.float() / 255 - mean[i]) / std[i]
             if known is not None:
                 value = torch.where(known_mask[:, i], known[:, i], value)
@@ -247,6 +250,149 @@ class PixelLoss(nn.Module):
         if return_probs:
             return pixel_values, torch.stack(all_probs)
         return pixel_values
+
+    def _draw_channel(self, logits, channel, bsz, guided, fused, temperature, cfg, filter_threshold, top_p, draw,
+                      want_probs):
+        """(ids ``[B]``, probs ``[B, 256]`` or None) of one channel from its logits ``[rows, 256]``."""
+        if fused:
+            return self._draw_fused(logits, bsz, guided, temperature, cfg, filter_threshold, top_p, draw, channel,
+                                    want_probs)
+        probs = pixel_probs_reference(logits, temperature=temperature, cfg=cfg, filter_threshold=filter_threshold,
+                                      top_p=top_p, guided=guided)
+        return draw(probs, channel), probs
+
+    # ------------------------------------------------------------------ fast path: KV-cached sampling
+    def sample_cached(
+        self,
+        cond_list: Sequence[torch.Tensor],
+        temperature: float,
+        cfg: CfgLike,
+        filter_threshold: float = 0,
+        *,
+        top_p: float = 1.0,
+        draw: Optional[PixelDraw] = None,
+        known: Optional[torch.Tensor] = None,
+        known_mask: Optional[torch.Tensor] = None,
+        return_probs: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`sample` with a KV cache: channel ``c`` runs only token ``c`` (condition, R, G) through the
+        blocks, its query attending to the cached keys/values of the earlier tokens.
+
+        Equal to :meth:`sample` because the pixel head is causal: channel c's logits come from token c,
+        which sees tokens 0..c only, and those are the same at every step (the condition, then the ids
+        already drawn). The global RNG is consumed exactly as the reference does (one ``randn`` of
+        ``[rows, 3]`` per channel for the target-rounding noise, then the draw), so seeded runs match
+        too. Inference only (no dropout); plain fp32 PyTorch math in the reference's op order, whatever
+        the backend (the draw still uses the fused sampler on a kernel backend, as :meth:`sample` does).
+        """
+        guided = not _is_one(cfg)
+        cond = cond_list[0]
+        rows = cond.size(0)
+        bsz = rows // 2 if guided else rows
+        device = cond.device
+        draw = draw or multinomial_draw
+        mean, std = self._channel_stats(device)
+        if known is not None:
+            known = known.reshape(bsz, 3).to(device=device, dtype=torch.float32)
+            known_mask = known_mask.reshape(bsz, 3).to(device=device, dtype=torch.bool)
+        fused = self.backend != "torch" and (draw is multinomial_draw or hasattr(draw, "uniforms"))
+        pad = _gemm_pad(rows)
+        width = self.ln.normalized_shape[0]
+        # per call, not per channel and block: the zero qkv rows past the token and the causal mask
+        zeros = torch.zeros(rows + pad, 2, 3 * width, device=device, dtype=self.blocks[0].attn.qkv.weight.dtype)
+        masked = ~torch.ones(4, 4, dtype=torch.bool, device=device).tril()
+        caches: List[List[torch.Tensor]] = [[] for _ in self.blocks]
+        codebooks = self._codebooks()
+        values, all_probs = [], []
+        ids = None  # ids of the previous channel, one per row [rows]
+        for i in range(3):
+            # The reference's rounding noise (target_ids on the [rows, 3] input): drawn for the RNG stream.
+            noise = torch.randn(rows, 3, device=device, dtype=torch.float32)
+            if i == 0:
+                x = self.cond_proj(cond)
+            else:
+                if known is not None:  # the reference's rounding of the previous channel, row by row
+                    col = torch.cat([values[-1], values[-1]]) if guided else values[-1]
+                    ids = ((col * std[i - 1] + mean[i - 1]) * 255 + 1e-2 * noise[:, i - 1]).round().long()
+                # else ids are the drawn ones: (id / 255 - m) / s maps back to id within 1e-4, the noise adds
+                # |1e-2 * randn| < 0.1, so the reference's rounding returns the drawn id exactly
+                x = codebooks[i - 1][0](ids)
+            if pad:
+                x = torch.cat([x, x[-1:].expand(pad, -1)])
+            h = self._token_step(x.unsqueeze(1), i, caches, pad, zeros, masked)
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                cb, mlm = codebooks[i]
+                h = h[:rows, 0] if pad else h[:, 0]
+                w = cb.weight
+                logits = mlm(h if h.dtype == torch.float32 else h.float(),
+                             w if w.dtype == torch.float32 else w.float())
+            sampled_ids, probs = self._draw_channel(logits, i, bsz, guided, fused, temperature, cfg, filter_threshold,
+                                                    top_p, draw, return_probs)
+            value = (sampled_ids.float() / 255 - mean[i]) / std[i]
+            if known is not None:
+                value = torch.where(known_mask[:, i], known[:, i], value)
+            elif i < 2:
+                ids = torch.cat([sampled_ids, sampled_ids]) if guided else sampled_ids
+            values.append(value)
+            all_probs.append(probs)
+        pixel_values = torch.stack(values, dim=1)
+        if return_probs:
+            return pixel_values, torch.stack(all_probs)
+        return pixel_values
+
+    def _channel_stats(self, device: torch.device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per-channel 0-d mean/std tensors on ``device`` (the values of :meth:`_stats`), made once per device."""
+        cache = self.__dict__.setdefault("_channel_stats_cache", {})
+        if device not in cache:
+            mean, std = self._stats(device)
+            cache[device] = (list(mean.unbind(0)), list(std.unbind(0)))
+        return cache[device]
+
+    def _token_step(self, x: torch.Tensor, pos: int, caches: List[List[torch.Tensor]], pad: int,
+                    zeros: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden state ``[N, 1, W]`` of token ``pos`` (embedded ``x`` ``[N, 1, W]``), given the
+        cached qkv rows of tokens ``0..pos-1`` (one list per block); appends this token's. Mirrors
+        :class:`CausalBlock` / :class:`CausalAttention` (torch path) for that token's row.
+
+        LayerNorms, Linear layers and the MLP run on this token only. The attention itself (a few hundred
+        FLOPs per row) runs on the reference's exact shapes and layout, the 4-token qkv ``[N, 4, 3W]`` with
+        zeros past ``pos`` (``zeros`` ``[N, 2, 3W]``), and keeps output row ``pos``: the GEMMs then round
+        exactly like the reference's (a ``[1, D] @ [D, pos + 1]`` product may take another BLAS kernel). The
+        zero rows never matter: the causal mask (``masked``: True above the diagonal) gives them probability 0
+        and ``0 * v`` adds an exact zero. Same ops as :func:`attention_reference` with ``scores_fp32=False``,
+        minus the no-op casts. The last ``pad`` rows of ``x`` are dummies (see :func:`_gemm_pad`); the
+        attention runs without them, on the reference's batch."""
+        x = self.ln(x)
+        n, _, c = x.shape
+        m = n - pad
+        for block, cache in zip(self.blocks, caches):
+            attn = block.attn
+            qkv_t = attn.qkv(block.norm1(x))  # [N, 1, 3W]
+            cache.append(qkv_t)
+            if pos == 0:
+                # one visible key: softmax is exactly 1, and 1 * v0 + exact zeros is v0 in the reference too
+                o = qkv_t[:, :, 2 * c:]
+            else:
+                if zeros.dtype != qkv_t.dtype:  # under autocast
+                    zeros = zeros.to(qkv_t.dtype)
+                qkv = torch.cat(cache + [zeros if pos == 1 else zeros[:, :1]], dim=1)
+                if pad:
+                    qkv = qkv[:m]
+                qkv = qkv.reshape(m, 4, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+                q, k, v = qkv.unbind(0)  # [N, H, 4, Dh]
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    scores = (q @ k.transpose(-2, -1)) * attn.scale  # input dtype, as the reference
+                scores = scores.masked_fill(masked, float("-inf"))
+                acc = torch.promote_types(q.dtype, torch.float32)
+                probs = torch.softmax(scores if scores.dtype == acc else scores.to(acc), dim=-1)
+                o = (probs if probs.dtype == v.dtype else probs.to(v.dtype)) @ v
+                o = o.transpose(1, 2)[:, pos:pos + 1].reshape(m, 1, c)
+                if pad:
+                    o = torch.cat([o, o[-1:].expand(pad, -1, -1)])
+            x = x + attn.proj(o)
+            mlp = block.mlp
+            x = x + mlp.fc2(mlp.act(mlp.fc1(block.norm2(x))))
+        return self.norm(x)
 
     def _draw_fused(self, logits, bsz, guided, temperature, cfg, filter_threshold, top_p, draw, channel, want_probs):
         """One channel through :func:`fractal_kernels.sample_logits`. The reference multiplies logits by
@@ -264,6 +410,16 @@ class PixelLoss(nn.Module):
                             temperature=1.0 / temperature, filter_threshold=filter_threshold, top_p=top_p,
                             uniforms=uniforms, out_probs=probs, backend=self._op_backend())
         return ids, probs
+
+
+def _gemm_pad(rows: int) -> int:
+    """Dummy rows to add to the cached pixel head's token batch so its matmuls round like the reference's.
+
+    The reference runs the blocks' Linear layers on ``4 * rows`` token rows; a GEMM's rounding of a row can
+    depend on the number of rows M (CPU MKL sgemm takes another kernel, summing in another order, for
+    M < 12 not a multiple of 4). Padding the one-token batch to a multiple of 4 rows keeps those rows on
+    the same kernel as the reference's; from 12 rows on no padding is needed."""
+    return 0 if rows >= 12 or rows % 4 == 0 else 4 - rows % 4
 
 
 def _is_one(cfg: CfgLike) -> bool:

@@ -1,0 +1,128 @@
+"""Operator-count proxy of ``generate``: how many PyTorch operators one batch dispatches, faithful vs fast.
+
+Machine-independent (no timing in the count): the fast generation engine's first target is the host-side
+operator count, which bounds the launch/dispatch overhead that dominates FractalGen sampling (millions of
+tiny ops). ``count_generate_ops`` profiles one ``generate`` call with ``torch.profiler`` (CPU activity) and
+counts operator events:
+
+* an event is an *operator* if its name starts with ``aten::`` or with a custom-op namespace in
+  ``CUSTOM_NAMESPACES`` (``fractal_kernels::``);
+* **primary count ("ops", top-level rule)**: operators not nested inside another operator on the same
+  thread (interval containment), i.e. the calls dispatched from Python (``aten::linear`` counts once, its
+  inner ``aten::t``/``aten::addmm`` do not; a custom op counts once, whatever it runs inside);
+* secondary count ("ops_all"): every operator event, nested ones included;
+* only the calling thread's events are counted (intra-op worker threads, if any recorded, are ignored);
+  Python-level work (tensor bookkeeping, RNG calls through ``torch.Generator``) that dispatches no
+  operator is not counted, host syncs count as the operator that causes them (``aten::item`` etc.).
+
+Both sides (``fast=False`` faithful reference loop, ``fast=True``) are counted by the same function with
+the same rule, on the same seeded inputs; the fast row also checks that its images equal the faithful ones.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from benchmarks.harness import Row, summarize, time_fn
+from fractal_models import build_model, config_kwargs, generate
+from fractal_models.sampling import default_num_iter_list
+
+TINY = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
+CUSTOM_NAMESPACES = ("fractal_kernels::",)
+OP_PREFIXES = ("aten::",) + CUSTOM_NAMESPACES
+
+
+def is_operator(name: str) -> bool:
+    return name.startswith(OP_PREFIXES)
+
+
+def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
+    """Run ``fn`` once under ``torch.profiler`` and count its operator events (see the module docstring).
+
+    Returns ``{"ops": top-level operators, "ops_all": all operator events}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.device_type() == torch.autograd.DeviceType.CPU and is_operator(e.name())]
+    if not events:
+        return {"ops": 0, "ops_all": 0}
+    # The calling thread: the profiler numbers threads itself, so take the thread of the earliest operator
+    # (fn runs on this thread; workers only ever run operators inside one of its operators).
+    main = min(events, key=lambda e: e.start_ns()).start_thread_id()
+    spans = sorted(((e.start_ns(), e.end_ns()) for e in events if e.start_thread_id() == main),
+                   key=lambda s: (s[0], -s[1]))
+    top = 0
+    cur = None  # (start, end) of the current top-level operator
+    for start, end in spans:
+        if cur is not None and cur[0] <= start and end <= cur[1]:
+            continue  # nested in the current top-level operator
+        top += 1
+        cur = (start, end)
+    return {"ops": top, "ops_all": len(spans)}
+
+
+def count_generate_ops(model, labels: torch.Tensor, *, fast: bool, num_iter_list: Sequence[int], cfg: float,
+                       seed: int = 0, **kwargs) -> Dict[str, object]:
+    """Operator counts of one ``generate`` batch (``fast`` or the faithful path); also returns the images."""
+    out: List[torch.Tensor] = []
+
+    def run():
+        out.append(generate(model, labels, num_iter_list=list(num_iter_list), cfg=cfg, seed=seed, fast=fast,
+                            **kwargs))
+    counts = count_ops(run)
+    return {**counts, "images": out[0]}
+
+
+def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]], device: torch.device,
+                 repeats: int = 1, cfg: float = 2.0, time_it: bool = True) -> List[Row]:
+    """Two rows (faithful, fast) for one tiny config: operator counts per batch and images/s.
+
+    Random weights (seed 0), ``backend="torch"`` on both sides; ``num_iter_list`` None = the reference's
+    defaults. Each row is timed (``repeats`` unprofiled runs after the profiled one) when ``time_it``."""
+    torch.manual_seed(0)
+    model = build_model(config).to(device).eval()
+    model.set_backend("torch")
+    iters = list(num_iter_list) if num_iter_list is not None else default_num_iter_list(model)
+    labels = torch.arange(batch, device=device) % model.num_classes
+    shape = dict(config=config, batch=batch, num_iter_list=iters, cfg=cfg)
+    res = {fast: count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg) for fast in (False, True)}
+    rows = []
+    for fast in (False, True):
+        r = res[fast]
+        metrics: Dict[str, object] = {"ops": r["ops"], "ops_all": r["ops_all"], "ops_per_image": r["ops"] / batch}
+        if fast:
+            metrics["ops_ratio_faithful_over_fast"] = res[False]["ops"] / max(1, r["ops"])
+            metrics["ops_all_ratio_faithful_over_fast"] = res[False]["ops_all"] / max(1, r["ops_all"])
+            same = res[False]["images"] == r["images"]
+            check = ("images identical to faithful" if bool(same.all()) else
+                     f"{float(same.float().mean()):.4%} of sub-pixels identical to faithful")
+        else:
+            check = "baseline"
+        if time_it:
+            timing = summarize(time_fn(lambda f=fast: generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0,
+                                                                fast=f), device, warmup=0, repeats=repeats))
+            metrics["images_per_s"] = batch / timing["median_s"]
+        else:
+            timing = {"median_s": 0.0, "iqr_s": 0.0, "min_s": 0.0, "max_s": 0.0, "repeats": 0}
+        rows.append(Row("opcount", "generate[fast]" if fast else "generate[faithful]", "torch", shape, timing,
+                        metrics=metrics, check=check))
+    return rows
+
+
+def plan(mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
+    """Rows of suite "opcount" for ``fractal-bench``: batch 8, cfg 2 and the reference's iterations (16, 16 /
+    16, 16 / 16, 16, 4: ``default_num_iter_list``) in quick/full mode; batch 2 and 2 iterations per level in
+    smoke mode."""
+    for config in TINY:
+        if mode.full_iters:
+            yield lambda c=config: opcount_rows(c, mode.batch, None, device, repeats=min(mode.repeats, 3))
+        else:
+            yield lambda c=config: opcount_rows(c, mode.batch, [2] * _num_levels(c), device, repeats=1)
+
+
+def _num_levels(config: str) -> int:
+    """Generator levels above the pixel head."""
+    return len(config_kwargs(config)["img_size_list"]) - 1

@@ -1,0 +1,146 @@
+"""The fast generation engine (``generate(..., fast=True)``): same images as the faithful path, fewer ops.
+
+The fast path samples each pixel head with a KV cache (``PixelLoss.sample(use_cache=True)``); in fp32 it
+must give the faithful path's pixels bit for bit, for the same seed and for injected uniforms.
+"""
+import pytest
+import torch
+
+from benchmarks.opcount import count_generate_ops, count_ops
+from fractal_models import FractalGen, generate, uniform_draw
+from fractal_models.pixelloss import PixelLoss, _gemm_pad
+from tests.conftest import FIXTURES, load_fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: one intra-op thread is much faster on a shared CPU (both paths run under the same setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_MODELS = {}
+
+
+def model_for(name):
+    if name not in _MODELS:
+        meta, data = load_fixture(name)
+        model = FractalGen(**meta["constructor"], backend="torch")
+        model.load_state_dict(data["state_dict"], strict=True)
+        _MODELS[name] = model.eval()
+    return _MODELS[name]
+
+
+def iters(model):
+    return [2] * (len(model.levels()) - 1)
+
+
+def uniforms_from(seed):
+    g = torch.Generator().manual_seed(seed)
+    return uniform_draw(lambda n, channel: torch.rand(n, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fast_equals_faithful(name, cfg):
+    model = model_for(name)
+    labels = torch.tensor([3, 7])
+    out = {}
+    for fast in (False, True):
+        seeded = generate(model, labels, num_iter_list=iters(model), cfg=cfg, seed=11, fast=fast)
+        drawn = generate(model, labels, num_iter_list=iters(model), cfg=cfg, temperature=1.2, seed=5,
+                         draw=uniforms_from(2), fast=fast)
+        out[fast] = (seeded, drawn)
+    assert torch.equal(out[True][0], out[False][0])  # same seed: multinomial draws, orders, rounding noise
+    assert torch.equal(out[True][1], out[False][1])  # same injected uniforms
+    assert model.backend == "torch"
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fast_conditional_prediction_equals_faithful(name):
+    model = model_for(name)
+    labels = torch.tensor([0, 9])
+    g = torch.Generator().manual_seed(3)
+    known = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    mask = torch.rand(2, 3, 16, 16, generator=g) < 0.4  # scattered pixels and single channels
+    mask[:, :, :, :6] = True  # plus fully known patches
+    out = {fast: generate(model, labels, num_iter_list=iters(model), cfg=2.0, seed=1, known=known, known_mask=mask,
+                          draw=uniforms_from(4), fast=fast) for fast in (False, True)}
+    assert torch.equal(out[True], out[False])
+    assert torch.equal(out[True][mask], known[mask])
+
+
+def _random_head(width, depth, heads, c_channels=24, seed=0):
+    torch.manual_seed(seed)
+    head = PixelLoss(c_channels=c_channels, width=width, depth=depth, num_heads=heads).eval()
+    with torch.no_grad():  # larger weights than the init, so every layer matters
+        for p in head.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    return head
+
+
+@pytest.mark.parametrize("width,depth,heads", [(16, 1, 2), (64, 1, 4), (128, 3, 4)])
+def test_cached_head_logits_and_probs_equal_faithful(width, depth, heads):
+    head = _random_head(width, depth, heads)
+    masked = ~torch.ones(4, 4, dtype=torch.bool).tril()
+    for n in (1, 2, 3, 5, 8, 13, 40):
+        cond = torch.randn(n, 24)
+        ids = torch.randint(0, 256, (n, 3))
+        with torch.no_grad():
+            # teacher-forced: the cached token steps give the reference's logits exactly
+            ref = head.logits_from_ids(ids, cond)
+            pad = _gemm_pad(n)
+            caches = [[] for _ in head.blocks]
+            zeros = torch.zeros(n + pad, 2, 3 * width)
+            for t, (cb, mlm) in enumerate(head._codebooks()):
+                x = head.cond_proj(cond) if t == 0 else head._codebooks()[t - 1][0](ids[:, t - 1])
+                x = torch.cat([x, x[-1:].expand(pad, -1)]) if pad else x
+                h = head._token_step(x.unsqueeze(1), t, caches, pad, zeros, masked)
+                assert torch.equal(mlm(h[:n, 0], cb.weight), ref[:, t]), (n, t)
+            # sampling: same probabilities and pixels, with and without guidance (per-row cfg too)
+            for cfg in (1.0, 3.0, torch.linspace(1.5, 4.0, n)):
+                guided = not (isinstance(cfg, float) and cfg == 1.0)
+                cond_list = [torch.randn(2 * n if guided else n, 24)]
+                res = []
+                for use_cache in (False, True):
+                    torch.manual_seed(1)
+                    res.append(head.sample(cond_list, 1.1, cfg, 1e-3, draw=uniforms_from(n), return_probs=True,
+                                           use_cache=use_cache))
+                assert torch.equal(res[0][1], res[1][1])
+                assert torch.equal(res[0][0], res[1][0])
+
+
+def test_cached_head_known_channels():
+    head = _random_head(16, 1, 2)
+    n = 6
+    cond = [torch.randn(2 * n, 24)]
+    known = torch.randn(n, 3)
+    known_mask = torch.rand(n, 3) < 0.5
+    res = []
+    for use_cache in (False, True):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            res.append(head.sample(cond, 1.0, 2.0, 1e-4, known=known, known_mask=known_mask, use_cache=use_cache))
+    assert torch.equal(res[0], res[1])
+    assert torch.equal(res[1][known_mask], known[known_mask])
+
+
+def test_op_count_rule():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        c = count_ops(lambda: torch.softmax(lin(x), -1))
+    assert c["ops"] == 2  # aten::linear, aten::softmax (their inner addmm / _softmax are nested)
+    assert c["ops_all"] > c["ops"]
+
+
+def test_fast_path_dispatches_fewer_ops():
+    model = model_for("tiny_mar_gp")
+    labels = torch.tensor([1, 2])
+    res = {fast: count_generate_ops(model, labels, fast=fast, num_iter_list=iters(model), cfg=2.0)
+           for fast in (False, True)}
+    assert torch.equal(res[True]["images"], res[False]["images"])
+    assert res[True]["ops"] < 0.9 * res[False]["ops"], (res[True]["ops"], res[False]["ops"])
+    assert res[True]["ops_all"] < res[False]["ops_all"]
