@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
+from fractal_models.layers import attn_dropout, init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
 from fractal_models.pixelloss import _is_one
 
 
@@ -141,7 +141,7 @@ class Attention(nn.Module):
         xk = xk.view(bsz, seqlen, self.n_head, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_head, self.head_dim)
         cached = self.kv_cache is not None and input_pos is not None
-        if use_kernel(self.backend, self.training, self.attn_dropout_p):
+        if use_kernel(self.backend):
             if cached and getattr(self.kv_cache, "freqs_cis", None) is not None:
                 # decode kernel: the cache keeps un-rotated keys; RoPE (fp32) is applied on load, q cast to the
                 # cache's dtype (fp32, the reference's cache) first
@@ -158,7 +158,9 @@ class Attention(nn.Module):
                     out = tiny_attention_decode(xq.to(keys.dtype), keys, values, keys.shape[2],
                                                 backend=kernel_backend(self.backend))
                 else:
-                    out = tiny_attention(xq, xk, xv, causal=True, backend=kernel_backend(self.backend))
+                    out = tiny_attention(xq, xk, xv, causal=True,
+                                         dropout_p=attn_dropout(self.training, self.attn_dropout_p),
+                                         backend=kernel_backend(self.backend))
             return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.dim)))
         xq = apply_rotary_emb(xq, freqs_cis)
         xk = apply_rotary_emb(xk, freqs_cis)

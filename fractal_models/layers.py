@@ -24,10 +24,16 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-def use_kernel(backend: str, training: bool, dropout_p: float) -> bool:
-    """Whether an attention module runs ``fractal_kernels.tiny_attention``: any non-"torch" backend, unless
-    attention dropout is active (the kernels have no dropout yet; that call keeps the reference math)."""
-    return backend != "torch" and not (training and dropout_p > 0.0)
+def use_kernel(backend: str) -> bool:
+    """Whether an attention module runs ``fractal_kernels.tiny_attention`` (any non-"torch" backend). With
+    attention dropout in training the kernels draw their own Philox mask (same distribution as the
+    reference's ``torch.dropout``, another stream of random numbers)."""
+    return backend != "torch"
+
+
+def attn_dropout(module_training: bool, p: float) -> float:
+    """The dropout probability an attention call applies (0 in eval mode)."""
+    return p if module_training else 0.0
 
 
 def kernel_backend(backend: str):

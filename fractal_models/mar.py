@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import Mlp, init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
+from fractal_models.layers import (Mlp, attn_dropout, init_vit_weights, kernel_backend, patchify, unpatchify,
+                                   use_kernel)
 from fractal_models.pixelloss import PixelLoss, _is_one
 
 
@@ -39,9 +40,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, c = x.shape
-        if use_kernel(self.backend, self.training, self.attn_drop.p):
+        if use_kernel(self.backend):
             # the kernel reads q, k, v straight from the projection's [B, L, 3C] output (fp32 scores)
             o = tiny_attention_packed(self.qkv(x), self.num_heads, scale=self.scale,
+                                      dropout_p=attn_dropout(self.training, self.attn_drop.p),
                                       backend=kernel_backend(self.backend))
             return self.proj_drop(self.proj(o))
         qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
 from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
-from fractal_models.layers import Mlp, init_vit_weights, kernel_backend, use_kernel
+from fractal_models.layers import Mlp, attn_dropout, init_vit_weights, kernel_backend, use_kernel
 
 PIX_MEAN = (0.485, 0.456, 0.406)
 PIX_STD = (0.229, 0.224, 0.225)
@@ -46,9 +46,10 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, c = x.shape
-        if use_kernel(self.backend, self.training, self.attn_drop.p):
+        if use_kernel(self.backend):
             # fp32 scores in the kernel (the reference uses the input dtype here: identical in fp32)
             o = tiny_attention_packed(self.qkv(x), self.num_heads, causal=True, scale=self.scale,
+                                      dropout_p=attn_dropout(self.training, self.attn_drop.p),
                                       backend=kernel_backend(self.backend))
             return self.proj_drop(self.proj(o))
         qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -37,13 +37,14 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from fractal_kernels.dispatch import _cuda_ext, resolve, triton_interpreting, record
-from fractal_kernels.reference.attention import (attention_decode_reference, attention_reference,
-                                                 attention_varlen_reference)
+from fractal_kernels.dispatch import BackendUnavailable, _cuda_ext, record, resolve, triton_interpreting
+from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
+                                                 attention_reference, attention_varlen_reference)
 
 try:
     import triton
     import triton.language as tl
+    from fractal_kernels.ops.sample_logits import _philox_uniform  # the one Philox of every op
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
@@ -92,6 +93,14 @@ if HAS_TRITON:
         return tl.where(fin, x, 0.0), bad
 
     @triton.jit
+    def _dropout_keep(bh_rows, qpos, kpos, LQ, LK, p_drop, seed_lo, seed_hi, offset):
+        # Keep-scale (0 or 1/(1-p)) of probability (pair bh, query i, key j): Philox uniform at counter
+        # offset + (bh*LQ + i)*LK + j, the same function as the sampler's (reference: attention_dropout_keep)
+        ctr = offset + ((bh_rows.to(tl.uint64) * LQ + qpos.to(tl.uint64))[:, None] * LK + kpos.to(tl.uint64)[None, :])
+        u = _philox_uniform(seed_lo, seed_hi, ctr)
+        return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+    @triton.jit
     def _rope(x, partner, freqs_ptr, fpos, offs_d, m, HALF_STRIDE):
         # freqs laid out [P, D/2, 2] contiguous: cos at (p, i, 0), sin at (p, i, 1)
         fo = fpos[:, None] * HALF_STRIDE + (offs_d // 2)[None, :] * 2
@@ -102,11 +111,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lens_ptr, freqs_ptr,
-                         NH, H, LQ, LK, D, P, scale,
+                         NH, H, LQ, LK, D, P, scale, p_drop, seed_lo, seed_hi, drop_offset,
                          sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol,
                          CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, DECODE: tl.constexpr, ROPE: tl.constexpr,
                          DOT_F32: tl.constexpr, GROUPS: tl.constexpr, LPQ: tl.constexpr, LPK: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                         DROPOUT: tl.constexpr):
         # Packed (GROUPS > 1): rows = GROUPS pairs x LPQ queries, columns = GROUPS pairs x LPK keys,
         # block-diagonal, one key pass. Streaming (GROUPS == 1): one pair, BLOCK_M queries, keys in BLOCK_N
         # blocks with an online softmax.
@@ -177,6 +187,8 @@ if HAS_TRITON:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:  # dropout on the normalised probabilities: the denominator keeps every p
+                p = p * _dropout_keep(bh, qpos, kpos, LQ, LK, p_drop, seed_lo, seed_hi, drop_offset)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=PREC)
             m_i = m_new
         empty = l_i == 0.0  # padded query or a sequence of length 0: zeros out, lse 0
@@ -189,11 +201,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_packed_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lens_ptr,
-                                dq_ptr, dk_ptr, dv_ptr, NH, H, L, D, scale,
+                                dq_ptr, dk_ptr, dv_ptr, NH, H, L, D, scale, p_drop, seed_lo, seed_hi, drop_offset,
                                 sqn, sqh, sql, skn, skh, skl, svn, svh, svl, son, soh, sol, sdn, sdh, sdl,
                                 dqn, dqh, dql, dkn, dkh, dkl, dvn, dvh, dvl,
                                 CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, GROUPS: tl.constexpr,
-                                LP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                                LP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                                DROPOUT: tl.constexpr):
         # Whole sequences (L <= LP <= BLOCK), GROUPS pairs per tile: dq, dk, dv in one pass, fp32 math.
         pid = tl.program_id(0)
         g, pos, bh, n, h, pair_ok = _row_layout(pid, 0, NH, H, GROUPS, LP, BLOCK)
@@ -226,8 +239,13 @@ if HAS_TRITON:
         if CAUSAL:
             valid = valid & (pos[None, :] <= pos[:, None])
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if DROPOUT:
+            keep = _dropout_keep(bh, pos, pos, L, L, p_drop, seed_lo, seed_hi, drop_offset)
+            dv = tl.dot(tl.trans(p * keep), do, input_precision=PREC)
+            dp = dp * keep
+        else:
+            dv = tl.dot(tl.trans(p), do, input_precision=PREC)
         ds = tl.where(valid, p * (dp - delta[:, None]) * scale, 0.0)
         dq = tl.where(poison[:, None], float("nan"), tl.dot(ds, k, input_precision=PREC))
         dk = tl.where(poison[:, None], float("nan"), tl.dot(tl.trans(ds), q, input_precision=PREC))
@@ -242,10 +260,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dk_ptr, dv_ptr,
-                              H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
+                              H, L, D, scale, p_drop, seed_lo, seed_hi, drop_offset, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
                               dkn, dkh, dkl, dvn, dvh, dvl,
                               CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                              DROPOUT: tl.constexpr):
         # Long sequences: one program = one pair x BLOCK_N keys; queries streamed. fp32 math.
         bh = tl.program_id(0)
         nb = tl.program_id(1)
@@ -278,8 +297,13 @@ if HAS_TRITON:
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= qm[:, None])
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p), do, input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if DROPOUT:
+                keep = _dropout_keep(qm * 0 + bh, qm, offs_n, L, L, p_drop, seed_lo, seed_hi, drop_offset)
+                dv += tl.dot(tl.trans(p * keep), do, input_precision=PREC)
+                dp = dp * keep
+            else:
+                dv += tl.dot(tl.trans(p), do, input_precision=PREC)
             ds = p * (dp - delta[:, None]) * scale
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
         wmask = (offs_n < L)[:, None] & dmask[None, :]
@@ -290,10 +314,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dq_ptr,
-                            H, L, D, scale, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
+                            H, L, D, scale, p_drop, seed_lo, seed_hi, drop_offset, sqn, sqh, sql, skn, skh, skl, svn, svh, svl, sdn, sdh, sdl,
                             dqn, dqh, dql,
                             CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                            DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
         mb = tl.program_id(1)
         n = bh // H
@@ -325,6 +350,8 @@ if HAS_TRITON:
                 valid = valid & (kn[None, :] <= offs_m[:, None])
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if DROPOUT:
+                dp = dp * _dropout_keep(offs_m * 0 + bh, offs_m, kn, L, L, p_drop, seed_lo, seed_hi, drop_offset)
             ds = p * (dp - delta[:, None]) * scale
             dq += tl.dot(ds, k, input_precision=PREC)
         tl.store(dq_ptr + (n * dqn + h * dqh + offs_m * dql)[:, None] + offs_d[None, :],
@@ -358,7 +385,11 @@ def _out_like_heads_last(q: torch.Tensor, L: int) -> torch.Tensor:
     return torch.empty(N, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None):
+def _seed_words(seed: int) -> Tuple[int, int]:
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None, p_drop=0.0, seed=0):
     N, H, LQ, D = q.shape
     LK = k.shape[2]
     NH = N * H
@@ -377,13 +408,14 @@ def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None):
         bm, bn = (STREAM_BLOCK if LQ > 16 else 16), STREAM_BLOCK
         grid = (NH, triton.cdiv(LQ, bm))
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, lens_arg, freqs_arg, NH, H, LQ, LK, D, P, scale,
+        q, k, v, o, lse, lens_arg, freqs_arg, NH, H, LQ, LK, D, P, scale, p_drop, *_seed_words(seed), 0,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         CAUSAL=causal, HAS_LENS=lens is not None, DECODE=decode, ROPE=freqs is not None, DOT_F32=dot_f32,
-        GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_precision(q))
+        GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_precision(q),
+        DROPOUT=p_drop > 0)
 
 
-def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv):
+def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv, p_drop=0.0, seed=0):
     N, H, L, D = q.shape
     NH = N * H
     bd = _block_d(D)
@@ -391,56 +423,57 @@ def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv):
     if L <= PACK_MAX_L:
         groups, lp = _packed_layout(L)
         _attn_bwd_packed_kernel[(triton.cdiv(NH, groups),)](
-            q, k, v, o, do, lse, lens_arg, dq, dk, dv, NH, H, L, D, scale,
+            q, k, v, o, do, lse, lens_arg, dq, dk, dv, NH, H, L, D, scale, p_drop, *_seed_words(seed), 0,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dv),
             CAUSAL=causal, HAS_LENS=lens is not None, GROUPS=groups, LP=lp, BLOCK=groups * lp, BLOCK_D=bd,
-            PREC=_precision(q))
+            PREC=_precision(q), DROPOUT=p_drop > 0)
         return
     delta = (do.float() * o.float()).sum(-1).reshape(NH, L)  # [N*H, L]
-    args = (H, L, D, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    args = (H, L, D, scale, p_drop, *_seed_words(seed), 0, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     b = STREAM_BLOCK
     _attn_bwd_dkdv_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dk, dv, *args,
                                                    *_strides(dk), *_strides(dv), CAUSAL=causal,
                                                    HAS_LENS=lens is not None, BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd,
-                                                   PREC=_precision(q))
+                                                   PREC=_precision(q), DROPOUT=p_drop > 0)
     _attn_bwd_dq_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dq, *args, *_strides(dq),
                                                  CAUSAL=causal, HAS_LENS=lens is not None,
-                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd, PREC=_precision(q))
+                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd, PREC=_precision(q),
+                                                 DROPOUT=p_drop > 0)
 
 
-def _fwd_into(q, k, v, o, lse, lens, causal, scale, backend):
+def _fwd_into(q, k, v, o, lse, lens, causal, scale, backend, p_drop=0.0, seed=0):
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return
     if backend == "cuda":
         _cuda_ext().tiny_attention_fwd(q, k, v, o, lse, lens, causal, scale)
     else:
-        _triton_fwd(q, k, v, o, lse, lens, causal, scale)
+        _triton_fwd(q, k, v, o, lse, lens, causal, scale, p_drop=p_drop, seed=seed)
 
 
-def _bwd_into(do, q, k, v, o, lse, lens, causal, scale, backend, dq, dk, dv):
+def _bwd_into(do, q, k, v, o, lse, lens, causal, scale, backend, dq, dk, dv, p_drop=0.0, seed=0):
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return
     if backend == "cuda":
         _cuda_ext().tiny_attention_bwd(do, q, k, v, o, lse, dq, dk, dv, lens, causal, scale)
     else:
-        _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv)
+        _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv, p_drop=p_drop, seed=seed)
 
 
 # ---- custom ops: [N, H, L, D] entry -------------------------------------------------------------------
 
 @torch.library.custom_op("fractal_kernels::tiny_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: Optional[torch.Tensor], causal: bool,
-            scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+            scale: float, backend: str, dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     N, H, L, D = q.shape
     o = _out_like_heads_last(q, L)
     lse = torch.empty(N, H, L, dtype=torch.float32, device=q.device)
-    _fwd_into(q, k, v, o, lse, seqlens, causal, scale, backend)
+    _fwd_into(q, k, v, o, lse, seqlens, causal, scale, backend, dropout_p, seed)
     return o, lse
 
 
 @_fwd_op.register_fake
-def _(q, k, v, seqlens, causal, scale, backend):
+def _(q, k, v, seqlens, causal, scale, backend, dropout_p, seed):
     N, H, L, D = q.shape
     return _out_like_heads_last(q, L), q.new_empty(N, H, L, dtype=torch.float32)
 
@@ -448,30 +481,30 @@ def _(q, k, v, seqlens, causal, scale, backend):
 @torch.library.custom_op("fractal_kernels::tiny_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, seqlens: Optional[torch.Tensor], causal: bool, scale: float,
-            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            backend: str, dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    _bwd_into(do, q, k, v, o, lse, seqlens, causal, scale, backend, dq, dk, dv)
+    _bwd_into(do, q, k, v, o, lse, seqlens, causal, scale, backend, dq, dk, dv, dropout_p, seed)
     return dq, dk, dv
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seqlens, causal, scale, backend):
+def _(do, q, k, v, o, lse, seqlens, causal, scale, backend, dropout_p, seed):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, seqlens, causal, scale, backend = inputs
+    q, k, v, seqlens, causal, scale, backend, dropout_p, seed = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, seqlens)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.causal, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = causal, scale, backend, dropout_p, seed
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, do, dlse):
     q, k, v, o, lse, seqlens = ctx.saved_tensors
     do = do if do.stride(-1) == 1 else do.contiguous()  # autograd may hand in expanded (stride 0) grads
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seqlens, ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, seqlens, ctx.causal, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -487,53 +520,57 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int):
 
 @torch.library.custom_op("fractal_kernels::tiny_attention_packed_fwd", mutates_args=())
 def _packed_fwd_op(qkv: torch.Tensor, num_heads: int, seqlens: Optional[torch.Tensor], causal: bool,
-                   scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, backend: str, dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     N, L, three_hd = qkv.shape
     D = three_hd // (3 * num_heads)
     q, k, v = _split_qkv(qkv, num_heads)
     o = torch.empty(N, L, num_heads * D, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(N, num_heads, L, dtype=torch.float32, device=qkv.device)
-    _fwd_into(q, k, v, o.view(N, L, num_heads, D).transpose(1, 2), lse, seqlens, causal, scale, backend)
+    _fwd_into(q, k, v, o.view(N, L, num_heads, D).transpose(1, 2), lse, seqlens, causal, scale, backend,
+              dropout_p, seed)
     return o, lse
 
 
 @_packed_fwd_op.register_fake
-def _(qkv, num_heads, seqlens, causal, scale, backend):
+def _(qkv, num_heads, seqlens, causal, scale, backend, dropout_p, seed):
     N, L, three_hd = qkv.shape
     return qkv.new_empty(N, L, three_hd // 3), qkv.new_empty(N, num_heads, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("fractal_kernels::tiny_attention_packed_bwd", mutates_args=())
 def _packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                   seqlens: Optional[torch.Tensor], causal: bool, scale: float, backend: str) -> torch.Tensor:
+                   seqlens: Optional[torch.Tensor], causal: bool, scale: float, backend: str, dropout_p: float,
+                   seed: int) -> torch.Tensor:
     N, L, hd = o.shape
     D = hd // num_heads
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     q, k, v = _split_qkv(qkv, num_heads)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     heads = (lambda t: t.view(N, L, num_heads, D).transpose(1, 2))
-    _bwd_into(heads(do), q, k, v, heads(o), lse, seqlens, causal, scale, backend, dq, dk, dv)
+    _bwd_into(heads(do), q, k, v, heads(o), lse, seqlens, causal, scale, backend, dq, dk, dv, dropout_p, seed)
     return dqkv
 
 
 @_packed_bwd_op.register_fake
-def _(do, qkv, o, lse, num_heads, seqlens, causal, scale, backend):
+def _(do, qkv, o, lse, num_heads, seqlens, causal, scale, backend, dropout_p, seed):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _packed_setup(ctx, inputs, output):
-    qkv, num_heads, seqlens, causal, scale, backend = inputs
+    qkv, num_heads, seqlens, causal, scale, backend, dropout_p, seed = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, seqlens)
     ctx.num_heads, ctx.causal, ctx.scale, ctx.backend = num_heads, causal, scale, backend
+    ctx.dropout_p, ctx.seed = dropout_p, seed
     ctx.mark_non_differentiable(lse)
 
 
 def _packed_backward(ctx, do, dlse):
     qkv, o, lse, seqlens = ctx.saved_tensors
     do = do if do.stride(-1) == 1 else do.contiguous()
-    dqkv = _packed_bwd_op(do, qkv, o, lse, ctx.num_heads, seqlens, ctx.causal, ctx.scale, ctx.backend)
-    return dqkv, None, None, None, None, None
+    dqkv = _packed_bwd_op(do, qkv, o, lse, ctx.num_heads, seqlens, ctx.causal, ctx.scale, ctx.backend,
+                          ctx.dropout_p, ctx.seed)
+    return dqkv, None, None, None, None, None, None, None
 
 
 _packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
@@ -642,8 +679,39 @@ def _sdpa(q, k, v, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
+def _dropout_seed(dropout_p, dropout_seed) -> int:
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p: expected a number in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return 0
+    if dropout_seed is None:  # from torch's CPU generator, so torch.manual_seed makes a run reproducible
+        return int(torch.randint(0, 2 ** 62, (1,)))
+    return int(dropout_seed) & ((1 << 64) - 1)
+
+
+def _reference(q, k, v, lens, causal, scale, dropout_p, seed):
+    if dropout_p > 0:
+        n, h, length, _ = q.shape
+        keep = attention_dropout_scale(seed, n, h, length, length, dropout_p, q.device)
+        if lens is not None:
+            raise ValueError("dropout_p: not supported together with seqlens on the torch backend")
+        return attention_reference(q, k, v, causal=causal, scale=scale, dropout_scale=keep)
+    if lens is not None:
+        return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
+    return attention_reference(q, k, v, causal=causal, scale=scale)
+
+
+def _no_cuda_dropout(which: str, backend: Optional[str], dropout_p: float) -> str:
+    if dropout_p > 0 and which == "cuda":
+        if backend == "cuda":
+            raise BackendUnavailable("tiny_attention: the CUDA kernels have no dropout; use backend='triton' or None")
+        return record("tiny_attention", "triton")
+    return which
+
+
 def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                   dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                    backend: Optional[str] = None) -> torch.Tensor:
     """Softmax attention over many tiny sequences.
 
@@ -651,31 +719,33 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     ``stride(-1) == 1``. ``causal`` masks key j > query i. ``scale`` defaults to ``D ** -0.5``. ``seqlens``
     (``[N]`` integers in [0, L]) gives each sequence its own length: keys past it are ignored, outputs past it
     are zero. Returns ``[N, H, L, D]`` in the input dtype (a view of an ``[N, L, H, D]`` buffer). Autograd
-    flows to q, k, v. ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
+    flows to q, k, v. ``dropout_p`` drops attention probabilities (training) with a Philox mask keyed by
+    ``dropout_seed`` (None: drawn from torch's CPU generator), regenerated in the backward pass and identical
+    on the torch backend (:func:`fractal_kernels.reference.attention.attention_dropout_scale`).
+    ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
     """
     _check_qkv(q, k, v, scale)
     N, H, L, D = q.shape
     lens = _check_lens(seqlens, N, L, q.device)
     scale = float(scale) if scale is not None else D ** -0.5
-    which = _choose("tiny_attention", backend, q, L)
-    if which == "torch":
-        if lens is not None:
-            return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
-        return attention_reference(q, k, v, causal=causal, scale=scale)
+    seed = _dropout_seed(dropout_p, dropout_seed)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, q, L), backend, dropout_p)
+    if which == "torch" or (which == "sdpa" and (lens is not None or dropout_p > 0)):
+        return _reference(q, k, v, lens, causal, scale, dropout_p, seed)
     if which == "sdpa":
-        if lens is not None:
-            return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
         return _sdpa(q, k, v, causal, scale)
     _check_strides(which, q=q, k=k, v=v)
-    o, _ = _fwd_op(q, k, v, lens, causal, scale, which)
+    o, _ = _fwd_op(q, k, v, lens, causal, scale, which, float(dropout_p), seed)
     return o
 
 
 def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = False,
                           scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                          dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
                           backend: Optional[str] = None) -> torch.Tensor:
     """Attention straight from the qkv projection ``[N, L, 3*H*D]`` (q, k, v of each head in the reference's
-    ``reshape(N, L, 3, H, D)`` order) to ``[N, L, H*D]``; the kernels read and write through strides."""
+    ``reshape(N, L, 3, H, D)`` order) to ``[N, L, H*D]``; the kernels read and write through strides.
+    Other arguments as :func:`tiny_attention`."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         raise ValueError(f"qkv: expected a [N, L, 3*H*D] tensor, got {_shape(qkv)}")
     if not isinstance(num_heads, int) or num_heads < 1 or qkv.shape[-1] % (3 * num_heads) != 0:
@@ -689,12 +759,13 @@ def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = F
     _check_qkv(q, k, v, scale)
     lens = _check_lens(seqlens, N, L, qkv.device)
     scale = float(scale) if scale is not None else D ** -0.5
-    which = _choose("tiny_attention", backend, q, L)
+    seed = _dropout_seed(dropout_p, dropout_seed)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, q, L), backend, dropout_p)
     if which in ("torch", "sdpa"):
-        o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens,
+        o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens, dropout_p=dropout_p, dropout_seed=seed,
                            backend="torch" if which == "torch" else None)
         return o.transpose(1, 2).reshape(N, L, num_heads * D)
-    o, _ = _packed_fwd_op(qkv, num_heads, lens, causal, scale, which)
+    o, _ = _packed_fwd_op(qkv, num_heads, lens, causal, scale, which, float(dropout_p), seed)
     return o
 
 

@@ -31,13 +31,16 @@ def attention_reference(
     scores_fp32: bool = True,
     subtract_max: bool = False,
     dropout_p: float = 0.0,
+    dropout_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention exactly as the reference computes it.
 
     ``causal`` masks key j > query i (queries aligned to the *end* of the keys, so a single decode query
     sees every cached key). ``key_mask`` (bool, broadcastable to ``[N, H, Lq, Lk]``) keeps True entries.
     ``subtract_max`` reproduces the MAR level's explicit ``attn - max(attn)`` (a no-op in exact math,
-    kept so the op sequence matches). ``dropout_p`` applies dropout to the probabilities.
+    kept so the op sequence matches). ``dropout_p`` applies dropout to the probabilities with torch's RNG
+    (the reference); ``dropout_scale`` (``[N, H, Lq, Lk]``, 0 or ``1/(1-p)``, see
+    :func:`attention_dropout_scale`) applies a given mask instead (the kernels' dropout).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -61,7 +64,9 @@ def attention_reference(
     if subtract_max:
         scores = scores - scores.amax(dim=-1, keepdim=True)
     probs = torch.softmax(scores.to(acc), dim=-1)
-    if dropout_p > 0.0:
+    if dropout_scale is not None:
+        probs = probs * dropout_scale.to(probs.dtype)
+    elif dropout_p > 0.0:
         probs = torch.dropout(probs, dropout_p, train=True)
     return probs.to(v.dtype) @ v
 
@@ -109,3 +114,12 @@ def attention_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         k_cache = rope_reference(k_cache, freqs_cis, kpos.clamp(max=freqs_cis.shape[0] - 1))
     keep = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < kv_lens[:, None, None])
     return attention_reference(q, k_cache, v_cache, causal=False, scale=scale, key_mask=keep[:, None])
+
+
+def attention_dropout_scale(seed: int, n: int, h: int, lq: int, lk: int, p: float, device=None) -> torch.Tensor:
+    """The tiny-attention kernels' dropout mask as a scale ``[N, H, Lq, Lk]``: element (pair, i, j) is kept
+    (scale ``1/(1-p)``, else 0) when the Philox uniform of ``(seed, counter (pair*Lq + i)*Lk + j)`` is ``>= p``,
+    the same generator as the pixel sampler's (``fractal_kernels.reference.philox``)."""
+    from fractal_kernels.reference.philox import philox_uniform
+    u = philox_uniform(seed, 0, n * h * lq * lk, device=device).view(n, h, lq, lk)
+    return torch.where(u >= p, 1.0 / (1.0 - p), 0.0)

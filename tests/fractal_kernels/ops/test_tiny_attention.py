@@ -15,8 +15,8 @@ import torch
 import fractal_kernels.ops.tiny_attention as ta
 from fractal_kernels.dispatch import BackendUnavailable, last_backend
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode, tiny_attention_packed
-from fractal_kernels.reference.attention import (attention_decode_reference, attention_reference,
-                                                 attention_varlen_reference)
+from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
+                                                 attention_reference, attention_varlen_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
@@ -162,6 +162,44 @@ def test_decode_rope_matches_the_ar_levels_math():
         torch.testing.assert_close(out[:, :, 0], full[:, :, step], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [4, 21, 100])
+def test_dropout_matches_the_reference_with_the_same_mask(length, causal):
+    n, h, d, p, seed = 3, 2, 32, 0.3, 1234
+    q, k, v = (t.requires_grad_() for t in qkv(n, h, length, d, seed=length))
+    out = tiny_attention(q, k, v, causal=causal, dropout_p=p, dropout_seed=seed, backend="triton")
+    keep = attention_dropout_scale(seed, n, h, length, length, p, DEV).double()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(qd, kd, vd, causal=causal, dropout_scale=keep)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(DEV)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), go.float()), torch.autograd.grad(ref, (qd, kd, vd), go)):
+        torch.testing.assert_close(a.double(), r, **GRAD_TOL[torch.float32])
+    same = tiny_attention(q, k, v, causal=causal, dropout_p=p, dropout_seed=seed, backend="torch")
+    torch.testing.assert_close(same, out, **TOL[torch.float32])  # the torch backend draws the same mask
+
+
+def test_dropout_keeps_one_minus_p():
+    keep = attention_dropout_scale(99, 64, 8, 21, 21, 0.3)  # 225 792 draws: std of the mean 1e-3
+    assert abs(float((keep > 0).double().mean()) - 0.7) < 0.01
+    assert set(keep.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.7))}
+
+
+def test_dropout_seeds_and_packed_entry():
+    x = rand(2, 21, 3 * 2 * 16, seed=4)
+    torch.manual_seed(0)
+    a = tiny_attention_packed(x, 2, dropout_p=0.5, backend="triton")
+    torch.manual_seed(0)
+    b = tiny_attention_packed(x, 2, dropout_p=0.5, backend="triton")
+    c = tiny_attention_packed(x, 2, dropout_p=0.5, backend="triton")
+    assert torch.equal(a, b) and not torch.equal(a, c)  # seed from torch's RNG: reproducible, fresh per call
+    d = tiny_attention_packed(x, 2, dropout_p=0.5, dropout_seed=7, backend="torch")
+    torch.testing.assert_close(tiny_attention_packed(x, 2, dropout_p=0.5, dropout_seed=7, backend="triton"), d,
+                               **TOL[torch.float32])
+    with pytest.raises(ValueError, match=r"dropout_p: expected a number in \[0, 1\)"):
+        tiny_attention_packed(x, 2, dropout_p=1.0)
+
+
 def test_non_finite_inputs_stay_in_their_sequence():
     q, k, v = (t.requires_grad_() for t in qkv(6, 2, 4, 16, seed=4))
     with torch.no_grad():
@@ -205,9 +243,9 @@ def test_torch_compile_keeps_the_custom_op():
 
 def test_opcheck():
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 4, 16))
-    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_fwd.default, (q, k, v, None, True, 0.25, "triton"))
+    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_fwd.default, (q, k, v, None, True, 0.25, "triton", 0.0, 0))
     x = rand(2, 4, 3 * 2 * 16).requires_grad_()
-    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_packed_fwd.default, (x, 2, None, False, 0.25, "triton"))
+    torch.library.opcheck(torch.ops.fractal_kernels.tiny_attention_packed_fwd.default, (x, 2, None, False, 0.25, "triton", 0.0, 0))
 
 
 def test_dispatch_and_torch_backend():
