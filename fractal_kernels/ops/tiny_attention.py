@@ -29,6 +29,7 @@ on a GPU uses SDPA instead for lengths past the crossover measured by the benchm
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -617,8 +618,8 @@ def _check_qkv(q, k, v, scale, same_length: bool = True) -> None:
     if not same_length and (k.shape[:2] != q.shape[:2] or k.shape[3] != D or v.shape != k.shape):
         raise ValueError(f"k_cache, v_cache: expected [N={N}, H={H}, Lmax, D={D}], got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if D not in SUPPORTED_D and D > MAX_D:
-        raise ValueError(f"q: head dim D={D} unsupported (at most {MAX_D}; tuned for {SUPPORTED_D})")
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"q: head dim D={D} unsupported (1..{MAX_D}; tuned for {SUPPORTED_D})")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
 
@@ -635,14 +636,22 @@ def _check_lens(seqlens, N: int, L: int, device, name: str = "seqlens") -> Optio
     return seqlens.to(torch.int32).contiguous()
 
 
-def _measured_crossover(D: int, dtype: torch.dtype) -> Optional[int]:
-    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any)."""
+@functools.lru_cache(maxsize=None)
+def _crossover_table(device_name: str) -> dict:
+    """This device's entry of the measured crossover file, read once per process (the dispatch is hot)."""
     try:
         with open(_CROSSOVER_FILE) as f:
-            table = json.load(f)
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-        return int(table[name][str(dtype).replace("torch.", "")][str(D)])
-    except (OSError, ValueError, KeyError, TypeError):
+            return dict(json.load(f).get(device_name, {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _measured_crossover(D: int, dtype: torch.dtype) -> Optional[int]:
+    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    try:
+        return int(_crossover_table(name)[str(dtype).replace("torch.", "")][str(D)])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

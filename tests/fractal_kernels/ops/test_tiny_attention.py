@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fractal_kernels.ops.tiny_attention as ta
-from fractal_kernels.dispatch import BackendUnavailable, last_backend
+from fractal_kernels.dispatch import BackendUnavailable, last_backend, record
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode, tiny_attention_packed
 from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
                                                  attention_reference, attention_varlen_reference)
@@ -296,3 +296,23 @@ def test_unsupported_head_dim():
     q, k, v = qkv(1, 1, 4, 256)
     with pytest.raises(ValueError, match="q: head dim D=256 unsupported"):
         tiny_attention(q, k, v, backend="triton")
+
+
+def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp_path):
+    """auto uses SDPA from the length the benchmark measured as the crossover (file per device name)."""
+    table = tmp_path / "attention_crossover.json"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    table.write_text('{"%s": {"float32": {"16": 8}}}' % name)
+    monkeypatch.setattr(ta, "_CROSSOVER_FILE", str(table))
+    ta._crossover_table.cache_clear()
+    try:
+        assert ta._measured_crossover(16, torch.float32) == 8 and ta._measured_crossover(32, torch.float32) is None
+        monkeypatch.setattr(ta, "resolve", lambda op, backend, device: record(op, "triton"))  # auto on a GPU
+        q, k, v = qkv(2, 2, 9, 16)
+        out = tiny_attention(q, k, v)
+        assert last_backend("tiny_attention") == "sdpa"
+        torch.testing.assert_close(out, attention_reference(q, k, v), **TOL[torch.float32])
+        tiny_attention(*qkv(2, 2, 7, 16))  # below the crossover: the kernel
+        assert last_backend("tiny_attention") != "sdpa"
+    finally:
+        ta._crossover_table.cache_clear()
