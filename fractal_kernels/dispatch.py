@@ -33,10 +33,46 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this op here."""
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_JIT: Dict[str, object] = {}
+
+
+def cuda_sources(root: str = _REPO) -> List[str]:
+    """The extension's sources (every ``csrc/**/*.cu`` and ``*.cpp``), as ``setup.py`` and CMake build them."""
+    import glob
+    csrc = os.path.join(root, "csrc")
+    return sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
+                  + glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+
+
+def _jit_build():
+    """Compile the extension on first use with ``torch.utils.cpp_extension.load`` (``FRACTAL_KERNELS_JIT=1``):
+    the fallback when ``fractal_kernels._C`` was not built at install time. Needs a CUDA torch, nvcc and the
+    ``csrc/`` sources (a source checkout or editable install); minutes the first time, cached after."""
+    if "ext" not in _JIT:
+        _JIT["ext"] = None
+        sources = cuda_sources()
+        if not sources:
+            _JIT["why"] = "no csrc/ sources next to the package (JIT needs a source checkout)"
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            _JIT["ext"] = load(name="fractal_kernels_C", sources=sources,
+                               extra_include_paths=[os.path.join(_REPO, "csrc")], extra_cflags=["-O3"],
+                               extra_cuda_cflags=["-O3", "-lineinfo"],
+                               verbose=os.environ.get("FRACTAL_KERNELS_VERBOSE") == "1")
+        except Exception as e:  # a failed build degrades to Triton/PyTorch, and says why
+            _JIT["why"] = f"JIT build failed: {type(e).__name__}: {str(e)[:300]}"
+            print(f"fractal_kernels: CUDA extension {_JIT['why']}", file=sys.stderr)
+    return _JIT["ext"]
+
+
 def _cuda_ext():
     try:
         return importlib.import_module("fractal_kernels._C")
     except ImportError:
+        if os.environ.get("FRACTAL_KERNELS_JIT") == "1" and torch.cuda.is_available():
+            return _jit_build()
         return None
 
 
@@ -44,7 +80,10 @@ def _cuda_extension() -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device visible to torch"
     if _cuda_ext() is None:
-        return False, "CUDA extension not built; build with FRACTAL_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+        if "why" in _JIT:
+            return False, f"CUDA extension: {_JIT['why']}"
+        return False, ("CUDA extension not built; build with FRACTAL_KERNELS_BUILD_CUDA=1 pip install -e . "
+                       "--no-build-isolation, or set FRACTAL_KERNELS_JIT=1 to compile it on first use")
     return True, "compiled extension fractal_kernels._C"
 
 

@@ -48,3 +48,19 @@ def test_auto_prefers_cuda_only_when_verified(monkeypatch):
 def test_report_lists_every_backend():
     report = dispatch.backend_report()
     assert set(report) == {"cuda", "triton", "torch"} and report["torch"][0]
+
+
+def test_jit_fallback_sources_and_cpu_behaviour(monkeypatch):
+    """FRACTAL_KERNELS_JIT=1 compiles csrc/ on first use where CUDA exists; here it must stay a clean no."""
+    import glob
+    import os
+    srcs = dispatch.cuda_sources()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert set(glob.glob(os.path.join(root, "csrc", "**", "*.cu"), recursive=True)) <= set(srcs)
+    assert any(p.endswith("bindings.cpp") for p in srcs)
+    monkeypatch.setenv("FRACTAL_KERNELS_JIT", "1")
+    if not torch.cuda.is_available():
+        assert dispatch._cuda_ext() is None  # no CUDA: no build attempted
+        ok, why = dispatch.backend_report()["cuda"]
+        assert not ok and "no CUDA device" in why
+    assert dispatch.cuda_sources(root="/nonexistent") == []
