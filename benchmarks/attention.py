@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Row, summarize, time_fn
-from benchmarks.kernels import copy_bandwidth
+from benchmarks.kernels import copy_bandwidth, matmul_peak
 from fractal_kernels.dispatch import BackendUnavailable, backend_report, triton_interpreting
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
@@ -93,6 +93,13 @@ def sizes(mode_name: str, shape: AttnShape, cuda: bool) -> List[int]:
     if mode_name == "quick":
         return [64, 512] if small else [4, 16]
     return [64, 512, 4096] if small else [4, 16, 64]
+
+
+def flops(n: int, shape: AttnShape, bwd: bool) -> float:
+    """Useful matmul FLOPs: forward QK^T and PV, 2·L²·D each per (sequence, head), halved when causal; the
+    backward adds 5 GEMMs of that size (recomputed S, dV, dP, dQ, dK), so fwd+bwd = 3.5x the forward."""
+    f = 4.0 * n * shape.H * shape.L * shape.L * shape.D * (0.5 if shape.causal else 1.0)
+    return f * (3.5 if bwd else 1.0)
 
 
 def bytes_moved(n: int, shape: AttnShape, elem: int, bwd: bool) -> int:
@@ -284,6 +291,7 @@ def attention_rows(shape: AttnShape, n: int, bwd: bool, device: torch.device, re
     if cuda:
         repeats = max(repeats, 10)
     bw = copy_bandwidth(device)
+    peak = matmul_peak(device)
 
     g = torch.Generator(device=device).manual_seed(1000 * shape.L + n)
     qkv = torch.randn(n, L, 3, H, D, generator=g, device=device, dtype=torch.float32).to(dtype)
@@ -351,8 +359,10 @@ def attention_rows(shape: AttnShape, n: int, bwd: bool, device: torch.device, re
         err = _max_err(to_bhld(c, outs), exp, step)
         del outs
         timing = summarize(time_fn(run, device, warmup=warmup, repeats=repeats, flush_l2=cuda))
+        fl = flops(n, shape, bwd)
         metrics = {"GB_per_s": nbytes / timing["median_s"] / 1e9, "pct_copy_bw": 100 * nbytes / timing["median_s"] / bw,
-                   "bytes_min": nbytes, "max_err": err}
+                   "bytes_min": nbytes, "max_err": err, "TFLOP_per_s": fl / timing["median_s"] / 1e12,
+                   "pct_matmul_peak": 100 * fl / timing["median_s"] / peak}
         if c.label == "tiny_attention_packed[auto]":
             from fractal_kernels import dispatch
             last = getattr(dispatch, "last_backend", lambda op: None)("tiny_attention")

@@ -35,6 +35,22 @@ def copy_bandwidth(device: torch.device) -> float:
     return _COPY_BW[device.type]
 
 
+_MM_PEAK: dict = {}
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Dense matmul throughput in FLOP/s measured once per run: bf16 8192^3 on a GPU (the tensor-core yardstick
+    for "% of peak"), fp32 1024^3 on a CPU."""
+    if device.type in _MM_PEAK:
+        return _MM_PEAK[device.type]
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = summarize(time_fn(lambda: a @ b, device, warmup=2, repeats=5))["median_s"]
+    _MM_PEAK[device.type] = 2 * n ** 3 / t
+    return _MM_PEAK[device.type]
+
+
 def _logits(n: int, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, V, generator=g) * 3).to(dtype).to(device)
