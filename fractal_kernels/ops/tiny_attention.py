@@ -74,7 +74,8 @@ if HAS_TRITON:
         bh = pid * GROUPS + grp
         ok = bh < NH
         bh = tl.where(ok, bh, 0)
-        return grp, pos, bh, bh // H, bh % H, ok
+        # int64 sequence index: n * stride overflows int32 past 2^31 elements (e.g. packed qkv of 10^6 pixels)
+        return grp, pos, bh, (bh // H).to(tl.int64), bh % H, ok
 
     @triton.jit
     def _load_rows(ptr, n, h, pos, rmask, sn, sh, sl, offs_d, dmask, DOT_F32: tl.constexpr):
@@ -269,7 +270,7 @@ if HAS_TRITON:
         # Long sequences: one program = one pair x BLOCK_N keys; queries streamed. fp32 math.
         bh = tl.program_id(0)
         nb = tl.program_id(1)
-        n = bh // H
+        n = (bh // H).to(tl.int64)
         h = bh % H
         klen = L
         if HAS_LENS:
@@ -322,7 +323,7 @@ if HAS_TRITON:
                             DROPOUT: tl.constexpr):
         bh = tl.program_id(0)
         mb = tl.program_id(1)
-        n = bh // H
+        n = (bh // H).to(tl.int64)
         h = bh % H
         klen = L
         if HAS_LENS:
