@@ -2,6 +2,7 @@
 
     fractalgen info [--config NAME]
     fractalgen sample --config fractalmar_in64 [--checkpoint ckpt.pth] --labels 1,2,3 --cfg 4 --output grid.png
+    torchrun --nproc-per-node 8 -m fractal_models.cli sample --config ... --num-images 50000 --output-dir out/fid
     fractalgen nll --config fractalmar_in64 --checkpoint ckpt.pth --images val.npz
     fractalgen train --demo --max-steps 300 --output-dir out/demo      (see fractalgen train --help)
     fractalgen eval --config tiny_mar --checkpoint out/demo/checkpoint-best.pth --demo
@@ -89,13 +90,28 @@ def _labels(text: str) -> torch.Tensor:
 def cmd_sample(args: argparse.Namespace) -> int:
     from fractal_models.imageio import make_grid, write_png
     from fractal_models.sampling import generate
+    torch.manual_seed(args.seed)  # random-init weights (no --checkpoint) are then the same on every rank and run
+    num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
+    settings = dict(num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                    filter_threshold=args.filter_threshold, top_p=args.top_p, fast=args.fast)
+    if args.num_images is not None:
+        from fractal_models.bulk import generate_many, rank_and_world
+        if not args.output_dir:
+            raise ValueError("--num-images needs --output-dir (PNGs and samples.npz go there)")
+        rank, world = rank_and_world()
+        if world > 1 and args.device == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        model, _ = _model_from_args(args)
+        t0 = time.perf_counter()
+        res = generate_many(model, args.num_images, args.output_dir, batch_size=args.batch_size, seed=args.seed,
+                            rank=rank, world=world, progress=not args.quiet, **settings)
+        print(f"rank {rank}/{world}: generated {res['generated']} batches, {res['skipped']} already done, "
+              f"{time.perf_counter() - t0:.1f} s" + (f"; wrote {res['npz']}" if res["npz"] else ""))
+        return 0
     model, _ = _model_from_args(args)
     labels = _labels(args.labels)
-    num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
     t0 = time.perf_counter()
-    images = generate(model, labels, num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                      temperature=args.temperature, filter_threshold=args.filter_threshold, top_p=args.top_p,
-                      seed=args.seed, progress=not args.quiet)
+    images = generate(model, labels, seed=args.seed, progress=not args.quiet, **settings)
     dt = time.perf_counter() - t0
     write_png(args.output, make_grid(images, nrow=args.nrow), scale=args.scale)
     source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
@@ -186,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=8)
     s.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the PNG")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--fast", action="store_true", help="the fast generation path (same images in fp32)")
+    s.add_argument("--num-images", type=int, default=None,
+                   help="bulk mode: images 0..N-1 (class i %% num_classes) as PNGs + samples.npz in --output-dir; "
+                        "shards over torchrun ranks, resumable")
+    s.add_argument("--output-dir", default=None)
+    s.add_argument("--batch-size", type=int, default=64, help="bulk mode: images per generate call")
     s.set_defaults(fn=cmd_sample)
 
     n = sub.add_parser("nll", help="unconditional NLL in bits/dim of a set of images")
