@@ -227,9 +227,10 @@ class AR(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int, device=None, dtype=torch.float32) -> None:
         """Attach an empty KV cache to every block (the reference keeps fp32 caches)."""
         head_dim = self.config.dim // self.config.n_head
+        freqs_cis = self.freqs_cis.to(device)  # one copy shared by every block's cache
         for b in self.blocks:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head, head_dim, device, dtype,
-                                           freqs_cis=self.freqs_cis.to(device))
+                                           freqs_cis=freqs_cis)
 
     def clear_caches(self) -> None:
         for b in self.blocks:

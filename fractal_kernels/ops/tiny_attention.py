@@ -87,6 +87,20 @@ if HAS_TRITON:
         return t
 
     @triton.jit
+    def _load_rope_rows(ptr, n, h, pos, rmask, sn, sh, sl, offs_d, dmask, freqs_ptr, fpos, D,
+                        DOT_F32: tl.constexpr):
+        # _load_rows with the AR level's RoPE applied on load at table rows ``fpos``, rounded to the input
+        # dtype like the reference's ``type_as``
+        m = rmask[:, None] & dmask[None, :]
+        base = (n * sn + h * sh + pos * sl)[:, None]
+        x = tl.load(ptr + base + offs_d[None, :], mask=m, other=0.0)
+        partner = tl.load(ptr + base + (offs_d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
+        t = _rope(x, partner, freqs_ptr, fpos, offs_d, m, 2 * (D // 2)).to(x.dtype)
+        if DOT_F32:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
     def _sanitize_rows(x):
         # Packed tiles hold several sequences, and 0 * NaN in a dot would carry one sequence's NaN/inf into
         # its neighbours: non-finite entries become 0 and the rows that held them are reported instead.
@@ -97,7 +111,7 @@ if HAS_TRITON:
     @triton.jit
     def _dropout_keep(bh_rows, qpos, kpos, LQ, LK, p_drop, seed_lo, seed_hi, offset):
         # Keep-scale (0 or 1/(1-p)) of probability (pair bh, query i, key j): Philox uniform at counter
-        # offset + (bh*LQ + i)*LK + j, the same function as the sampler's (reference: attention_dropout_keep)
+        # offset + (bh*LQ + i)*LK + j, the same function as the sampler's (reference: attention_dropout_scale)
         ctr = offset + ((bh_rows.to(tl.uint64) * LQ + qpos.to(tl.uint64))[:, None] * LK + kpos.to(tl.uint64)[None, :])
         u = _philox_uniform(seed_lo, seed_hi, ctr)
         return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
@@ -138,14 +152,8 @@ if HAS_TRITON:
             shift = klen * 0
             q_ok = pair_ok & (qpos < LQ) & (qpos < klen)
         if ROPE:
-            qm = q_ok[:, None] & dmask[None, :]
-            qbase = (n * sqn + h * sqh + qpos * sql)[:, None]
-            qx = tl.load(q_ptr + qbase + offs_d[None, :], mask=qm, other=0.0)
-            qp = tl.load(q_ptr + qbase + (offs_d ^ 1)[None, :], mask=qm, other=0.0).to(tl.float32)
-            fpos = tl.minimum(tl.maximum(qpos + shift, 0), P - 1)
-            q = _rope(qx, qp, freqs_ptr, fpos, offs_d, qm, 2 * (D // 2)).to(qx.dtype)
-            if DOT_F32:
-                q = q.to(tl.float32)
+            q = _load_rope_rows(q_ptr, n, h, qpos, q_ok, sqn, sqh, sql, offs_d, dmask, freqs_ptr,
+                                tl.minimum(tl.maximum(qpos + shift, 0), P - 1), D, DOT_F32)
         else:
             q = _load_rows(q_ptr, n, h, qpos, q_ok, sqn, sqh, sql, offs_d, dmask, DOT_F32)
         poison = q_ok & False
@@ -158,20 +166,13 @@ if HAS_TRITON:
         hi = LK
         if CAUSAL and not DECODE and GROUPS == 1:
             hi = tl.minimum(LK, (mb + 1) * BLOCK_M)
-        c = tl.arange(0, BLOCK_N)
+        kg, kpos0, kbh, kn, kh, kpair_ok = _row_layout(pid, 0, NH, H, GROUPS, LPK, BLOCK_N)
         for start in range(0, hi, BLOCK_N):
-            kg, kpos0, kbh, kn, kh, kpair_ok = _row_layout(pid, 0, NH, H, GROUPS, LPK, BLOCK_N)
             kpos = start + kpos0
             k_ok = kpair_ok & (kpos < LK)
             if ROPE:
-                km = k_ok[:, None] & dmask[None, :]
-                kbase = (kn * skn + kh * skh + kpos * skl)[:, None]
-                kx = tl.load(k_ptr + kbase + offs_d[None, :], mask=km, other=0.0)
-                kp = tl.load(k_ptr + kbase + (offs_d ^ 1)[None, :], mask=km, other=0.0).to(tl.float32)
-                kfpos = tl.minimum(kpos, P - 1)
-                k = _rope(kx, kp, freqs_ptr, kfpos, offs_d, km, 2 * (D // 2)).to(kx.dtype)
-                if DOT_F32:
-                    k = k.to(tl.float32)
+                k = _load_rope_rows(k_ptr, kn, kh, kpos, k_ok, skn, skh, skl, offs_d, dmask, freqs_ptr,
+                                    tl.minimum(kpos, P - 1), D, DOT_F32)
             else:
                 k = _load_rows(k_ptr, kn, kh, kpos, k_ok, skn, skh, skl, offs_d, dmask, DOT_F32)
             v = _load_rows(v_ptr, kn, kh, kpos, k_ok, svn, svh, svl, offs_d, dmask, DOT_F32)
