@@ -43,24 +43,49 @@ def _iters(model, mode: Mode) -> List[int]:
     return default_num_iter_list(model) if mode.full_iters else [2] * len(model.levels()[:-1])
 
 
-def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = "torch") -> Row:
-    torch.manual_seed(0)  # same random weights for every backend's row
-    model = build_model(config).to(device).eval().set_backend(backend)
-    bsz = mode.batch
+# The issue's GPU rows: published configs, random weights, at the reference's evaluation settings
+BIG_GENERATE = {"fractalmar_in64": dict(batch=256, num_iter_list=[64, 16]),
+                "fractalmar_large_in256": dict(batch=64, num_iter_list=[64, 16, 16])}
+# Published seconds per 256x256 image on one H100, for readers to compare (not measured here): the paper's
+# FractalMAR-H figure (batch 1024) and the authors' ~7 min for 512 FractalMAR-L images.
+PAPER_S_PER_IMAGE = {"fractalmar_huge_in256 (paper, H100, batch 1024)": 1.29,
+                     "fractalmar_large_in256 (authors, H100, 512 images in ~7 min)": 0.82}
+
+
+def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = "torch", fast: bool = False,
+                  batch: Optional[int] = None, num_iter_list: Optional[List[int]] = None,
+                  baseline: Optional[Row] = None) -> Row:
+    """``generate`` images/s: ``fast=False`` is the reference's loop (the faithful baseline), ``fast=True`` the
+    fast engine on ``backend``. With ``baseline`` (the faithful row of the same config, batch and weights) the
+    row adds its speed-up; fast rows on the torch backend must reproduce the faithful images exactly."""
+    torch.manual_seed(0)  # same random weights for every row of a config
+    model = build_model(config).to(device).eval().set_backend("torch")
+    bsz = batch or mode.batch
     labels = torch.arange(bsz, device=device) % model.num_classes
-    iters = _iters(model, mode)
+    iters = num_iter_list or _iters(model, mode)
     cfg = 2.0
-    shape = dict(config=config, batch=bsz, num_iter_list=iters, cfg=cfg)
+    shape = dict(config=config, batch=bsz, num_iter_list=iters, cfg=cfg, fast=fast)
     outs = []
+    big = batch is not None
 
     def run():
-        outs.append(generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0))
-    times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
+        outs.append(generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0, backend=backend, fast=fast))
+    times = time_fn(run, device, warmup=0 if big else mode.warmup, repeats=1 if big else mode.repeats)
     same = all(torch.equal(outs[0], o) for o in outs[1:]) if len(outs) > 1 else None
+    check = {True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same]
     timing = summarize(times)
-    return Row("e2e", "generate", backend, shape, timing,
-               metrics={"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz},
-               check={True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same])
+    metrics = {"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz}
+    if baseline is not None and baseline.timing:
+        metrics["speedup_vs_faithful"] = baseline.timing["median_s"] / timing["median_s"]
+        if backend == "torch" and baseline.__dict__.get("_images") is not None:
+            equal = torch.equal(baseline.__dict__["_images"], outs[0])
+            check += "; images identical to faithful" if equal else "; IMAGES DIFFER FROM FAITHFUL"
+    if big and "256" in config:
+        metrics["published_s_per_image"] = PAPER_S_PER_IMAGE
+    row = Row("e2e", "generate[fast]" if fast else "generate[faithful]", backend, shape, timing, metrics=metrics,
+              check=check)
+    row.__dict__["_images"] = outs[0]  # for the fast rows' comparison; not serialised
+    return row
 
 
 def train_step_row(config: str, mode: Mode, device: torch.device, backend: str = "torch") -> Row:
@@ -108,27 +133,35 @@ def nll_row(config: str, mode: Mode, device: torch.device) -> Row:
                check="finite" if ok else "NON-FINITE")
 
 
-def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], Row]]:
+def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
     """The rows of a run, as thunks (so the CLI can show progress and skip cleanly)."""
     fused = [b for b in ("triton", "cuda") if device.type == "cuda" and backend_report()[b][0]]
     for config in TINY:
-        yield lambda c=config: generate_rows(c, mode, device)
+        yield lambda c=config: _generate_group(c, mode, device, ["torch"] + fused)
         yield lambda c=config: train_step_row(c, mode, device)
         yield lambda c=config: nll_row(c, mode, device)
         for b in fused:
-            yield lambda c=config, b=b: generate_rows(c, mode, device, b)
             yield lambda c=config, b=b: train_step_row(c, mode, device, b)
         if device.type != "cuda":
-            for name in ("generate", "train_step"):
+            for name in ("generate[fast]", "train_step"):
                 yield lambda c=config, n=name: Row("e2e", n, "triton|cuda", dict(config=c), skipped=(
                     "GPU-only row: on CPU the fused backends run through the Triton interpreter (not timed)"))
     if mode.big:
         for config in BIG:
             if device.type != "cuda":
                 reason = "GPU-only row: published config at full size, minutes per image on CPU"
-                for name in ("generate", "train_step"):
+                for name in ("generate[faithful]", "generate[fast]", "train_step"):
                     yield lambda c=config, n=name, r=reason: Row("e2e", n, "torch", dict(config=c), skipped=r)
                 continue
+            yield lambda c=config: _generate_group(c, mode, device, ["torch"] + fused, **BIG_GENERATE[c])
             for b in ["torch"] + fused:
-                yield lambda c=config, b=b: generate_rows(c, mode, device, b)
                 yield lambda c=config, b=b: train_step_row(c, mode, device, b)
+
+
+def _generate_group(config: str, mode: Mode, device: torch.device, backends: List[str], **kw) -> List[Row]:
+    """The faithful row, then the fast engine on each backend against it (same weights, batch, seed)."""
+    base = generate_rows(config, mode, device, "torch", fast=False, **kw)
+    rows = [base] + [generate_rows(config, mode, device, b, fast=True, baseline=base, **kw) for b in backends]
+    for r in rows:
+        r.__dict__.pop("_images", None)
+    return rows

@@ -167,8 +167,9 @@ def markdown_table(doc: Dict[str, Any]) -> str:
             continue
         t = r["timing"]
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
-        lines.append(f"| {r['suite']} | {r['name']} | {r['backend']} | {shape} | {_ms(t['median_s'])} | "
-                     f"{_ms(t['iqr_s'])} | {metrics} | {r['check'] or ''} |")
+        median, iqr = (_ms(t["median_s"]), _ms(t["iqr_s"])) if t else ("not timed", "")
+        lines.append(f"| {r['suite']} | {r['name']} | {r['backend']} | {shape} | {median} | "
+                     f"{iqr} | {metrics} | {r['check'] or ''} |")
     return "\n".join(lines) + "\n"
 
 

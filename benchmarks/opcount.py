@@ -20,6 +20,7 @@ the same rule, on the same seeded inputs; the fast row also checks that its imag
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -65,62 +66,97 @@ def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
 
 
 def count_generate_ops(model, labels: torch.Tensor, *, fast: bool, num_iter_list: Sequence[int], cfg: float,
-                       seed: int = 0, **kwargs) -> Dict[str, object]:
-    """Operator counts of one ``generate`` batch (``fast`` or the faithful path); also returns the images."""
+                       seed: int = 0, backend: str = "torch", **kwargs) -> Dict[str, object]:
+    """Operator counts of one ``generate`` batch (``fast`` or the faithful path, on ``backend``); also returns
+    the images."""
     out: List[torch.Tensor] = []
 
     def run():
         out.append(generate(model, labels, num_iter_list=list(num_iter_list), cfg=cfg, seed=seed, fast=fast,
-                            **kwargs))
+                            backend=backend, **kwargs))
     counts = count_ops(run)
     return {**counts, "images": out[0]}
 
 
-def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]], device: torch.device,
-                 repeats: int = 1, cfg: float = 2.0, time_it: bool = True) -> List[Row]:
-    """Two rows (faithful, fast) for one tiny config: operator counts per batch and images/s.
+def kernel_row_available(device: torch.device) -> bool:
+    """The fused-kernel row runs where Triton does: a GPU, or the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    from fractal_kernels.dispatch import _triton
+    return _triton()[0] and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
-    Random weights (seed 0), ``backend="torch"`` on both sides; ``num_iter_list`` None = the reference's
-    defaults. Each row is timed (``repeats`` unprofiled runs after the profiled one) when ``time_it``."""
+
+def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]], device: torch.device,
+                 repeats: int = 1, cfg: float = 2.0, time_it: bool = True, kernels: Optional[bool] = None) -> List[Row]:
+    """Rows for one tiny config: operator counts per batch (and images/s) of
+
+    * ``generate[faithful]`` -- the reference's loop (``fast=False``, ``backend="torch"``), the baseline;
+    * ``generate[fast]`` -- the fast engine on the reference math (``backend="torch"``; what ``generate`` runs
+      by default on a CPU); its images must equal the faithful ones;
+    * ``generate[fast,kernels]`` -- the fast engine as dispatched on a GPU (``backend="triton"``: fused pixel
+      head, attention and decode kernels, one custom op per launch). On a CPU it runs through the Triton
+      interpreter: the *count* is the GPU's dispatch count, the time is meaningless and not reported. Other
+      random stream than the torch rows (one Philox seed per pixel-head call), so its images are not compared
+      here; ``tests/models/test_kernel_backends.py`` checks them against the torch path with shared uniforms.
+
+    Random weights (seed 0); ``num_iter_list`` None = the reference's defaults; ``kernels`` None = when
+    :func:`kernel_row_available`. Timed rows run ``repeats`` unprofiled times after the profiled one."""
     torch.manual_seed(0)
     model = build_model(config).to(device).eval()
     model.set_backend("torch")
     iters = list(num_iter_list) if num_iter_list is not None else default_num_iter_list(model)
     labels = torch.arange(batch, device=device) % model.num_classes
     shape = dict(config=config, batch=batch, num_iter_list=iters, cfg=cfg)
-    res = {fast: count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg) for fast in (False, True)}
+    variants = [("generate[faithful]", False, "torch"), ("generate[fast]", True, "torch")]
+    if kernels if kernels is not None else kernel_row_available(device):
+        variants.append(("generate[fast,kernels]", True, "triton"))
+    res = {name: count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg, backend=backend)
+           for name, fast, backend in variants}
+    base = res["generate[faithful]"]
     rows = []
-    for fast in (False, True):
-        r = res[fast]
+    for name, fast, backend in variants:
+        r = res[name]
         metrics: Dict[str, object] = {"ops": r["ops"], "ops_all": r["ops_all"], "ops_per_image": r["ops"] / batch}
         if fast:
-            metrics["ops_ratio_faithful_over_fast"] = res[False]["ops"] / max(1, r["ops"])
-            metrics["ops_all_ratio_faithful_over_fast"] = res[False]["ops_all"] / max(1, r["ops_all"])
-            same = res[False]["images"] == r["images"]
+            metrics["ops_ratio_faithful_over_fast"] = base["ops"] / max(1, r["ops"])
+            metrics["ops_all_ratio_faithful_over_fast"] = base["ops_all"] / max(1, r["ops_all"])
+        if backend == "triton":
+            check = "other random stream (seeded draws); equivalence with shared uniforms is a unit test"
+        elif fast:
+            same = base["images"] == r["images"]
             check = ("images identical to faithful" if bool(same.all()) else
                      f"{float(same.float().mean()):.4%} of sub-pixels identical to faithful")
         else:
             check = "baseline"
-        if time_it:
-            timing = summarize(time_fn(lambda f=fast: generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0,
-                                                                fast=f), device, warmup=0, repeats=repeats))
+        timed = time_it and not (backend == "triton" and device.type != "cuda")
+        if timed:
+            timing = summarize(time_fn(lambda f=fast, b=backend: generate(model, labels, num_iter_list=iters, cfg=cfg,
+                                                                           seed=0, fast=f, backend=b),
+                                       device, warmup=0, repeats=repeats))
             metrics["images_per_s"] = batch / timing["median_s"]
         else:
-            timing = {"median_s": 0.0, "iqr_s": 0.0, "min_s": 0.0, "max_s": 0.0, "repeats": 0}
-        rows.append(Row("opcount", "generate[fast]" if fast else "generate[faithful]", "torch", shape, timing,
-                        metrics=metrics, check=check))
+            timing = None  # counted, not timed (the interpreter's time means nothing)
+        rows.append(Row("opcount", name, backend, shape, timing, metrics=metrics, check=check))
+    if time_it and "images_per_s" in rows[1].metrics and "images_per_s" in rows[0].metrics:
+        rows[1].metrics["speedup_images_per_s"] = rows[1].metrics["images_per_s"] / rows[0].metrics["images_per_s"]
     return rows
 
 
 def plan(mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
     """Rows of suite "opcount" for ``fractal-bench``: batch 8, cfg 2 and the reference's iterations (16, 16 /
     16, 16 / 16, 16, 4: ``default_num_iter_list``) in quick/full mode; batch 2 and 2 iterations per level in
-    smoke mode."""
+    smoke mode. The fused-kernel row needs a GPU, or ``TRITON_INTERPRET=1`` on a CPU (count only; smoke mode
+    skips it there, the interpreter being slow)."""
     for config in TINY:
+        kernels = kernel_row_available(device) and (mode.full_iters or device.type == "cuda")
         if mode.full_iters:
-            yield lambda c=config: opcount_rows(c, mode.batch, None, device, repeats=min(mode.repeats, 3))
+            yield lambda c=config, k=kernels: opcount_rows(c, mode.batch, None, device, repeats=min(mode.repeats, 3),
+                                                          kernels=k)
         else:
-            yield lambda c=config: opcount_rows(c, mode.batch, [2] * _num_levels(c), device, repeats=1)
+            yield lambda c=config, k=kernels: opcount_rows(c, mode.batch, [2] * _num_levels(c), device, repeats=1,
+                                                          kernels=k)
+        if not kernels:
+            yield lambda c=config: [Row("opcount", "generate[fast,kernels]", "triton", dict(config=c),
+                                        skipped="needs a GPU (or TRITON_INTERPRET=1 on a CPU, quick/full mode: "
+                                                "counts the GPU's dispatches through the interpreter)")]
 
 
 def _num_levels(config: str) -> int:

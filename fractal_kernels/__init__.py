@@ -3,6 +3,8 @@
 Ops (each dispatches CUDA extension -> Triton -> PyTorch; ``backend=`` forces one):
 
 * :func:`sample_logits` -- the pixel head's fused CFG + filter + temperature + top-k/top-p sampler;
+* :func:`pixel_head_sample` -- the whole pixel head (condition -> R, G, B ids: transformer, logits and sampler
+  for all three channels) in one Triton launch;
 * :func:`pixel_cross_entropy` / :func:`pixel_log_probs` -- fused logits + cross-entropy / log-probabilities;
 * :func:`tiny_attention`, :func:`tiny_attention_packed`, :func:`tiny_attention_decode` -- attention over many
   tiny sequences (forward/backward, packed qkv, KV-cache decode with fused RoPE);
@@ -12,11 +14,12 @@ Ops (each dispatches CUDA extension -> Triton -> PyTorch; ``backend=`` forces on
 """
 from fractal_kernels.dispatch import available_backends, backend_report, last_backend
 from fractal_kernels.ops.pixel_cross_entropy import pixel_cross_entropy, pixel_log_probs
+from fractal_kernels.ops.pixel_head import pixel_head_sample
 from fractal_kernels.ops.sample_logits import sample_logits
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode, tiny_attention_packed
 from fractal_kernels.modules import swap_attention
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "backend_report", "last_backend", "pixel_cross_entropy", "pixel_log_probs",
-           "sample_logits", "swap_attention", "tiny_attention", "tiny_attention_decode", "tiny_attention_packed",
-           "__version__"]
+__all__ = ["available_backends", "backend_report", "last_backend", "pixel_cross_entropy", "pixel_head_sample",
+           "pixel_log_probs", "sample_logits", "swap_attention", "tiny_attention", "tiny_attention_decode",
+           "tiny_attention_packed", "__version__"]

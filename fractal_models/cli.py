@@ -93,7 +93,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # random-init weights (no --checkpoint) are then the same on every rank and run
     num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
     settings = dict(num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                    filter_threshold=args.filter_threshold, top_p=args.top_p, fast=args.fast)
+                    filter_threshold=args.filter_threshold, top_p=args.top_p, fast=not args.faithful,
+                    backend=args.backend, compile=args.compile, cuda_graphs=args.cuda_graphs)
     if args.num_images is not None:
         from fractal_models.bulk import generate_many, rank_and_world
         if not args.output_dir:
@@ -202,7 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=8)
     s.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling of the PNG")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--fast", action="store_true", help="the fast generation path (same images in fp32)")
+    s.add_argument("--faithful", action="store_true",
+                   help="run the reference's sampling loop literally (default: the fast engine, reference-exact with "
+                        "--backend torch in fp32)")
+    s.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # the default since the fast engine landed
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="kernels: auto = fused kernels on a GPU, reference math on a CPU; torch = reference math")
+    s.add_argument("--compile", action="store_true", help="torch.compile the tiny levels' transformer stacks")
+    s.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for those stacks (CUDA only; implies --compile)")
     s.add_argument("--num-images", type=int, default=None,
                    help="bulk mode: images 0..N-1 (class i %% num_classes) as PNGs + samples.npz in --output-dir; "
                         "shards over torchrun ranks, resumable")

@@ -140,8 +140,9 @@ class FractalGen(nn.Module):
         """Reference sampling entry: normalised images ``[B, 3, S, S]`` from conditions (``[cond; uncond]``
         rows when ``cfg != 1``). ``extra`` (``top_p``, ``draw``, ``known``, ``known_mask``, ``fast``) are this
         library's additions; ``known``/``known_mask`` apply to this level only, the rest to every level.
-        ``fast=True`` samples every pixel head (and guiding-pixel head) with its KV cache
-        (:meth:`PixelLoss.sample_cached`): same pixels as the reference loop in fp32."""
+        ``fast=True`` runs the fast engine at every level (host-sync-free MAR loops, lean KV-cached AR steps,
+        KV-cached or fused pixel heads; see :func:`fractal_models.sampling.generate`): on the torch backend the
+        same pixels as the reference loop in fp32."""
         fast = bool(extra.pop("fast", False))
         passdown = {k: v for k, v in extra.items() if k in ("top_p", "draw")}
         if fractal_level < self.num_fractal_levels - 2:
@@ -153,7 +154,7 @@ class FractalGen(nn.Module):
             if fast:
                 passdown["use_cache"] = True
             next_fn = partial(self.next_fractal.sample, **passdown)
-        if fast and getattr(self.generator, "guiding_pixel", False):
+        if fast:
             extra["fast"] = True
         return self.generator.sample(cond_list, num_iter_list[fractal_level], cfg, cfg_schedule, temperature,
                                      filter_threshold, next_fn, visualize, **extra)

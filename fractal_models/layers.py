@@ -1,6 +1,8 @@
 """Small building blocks shared by the levels (ViT MLP, weight init)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -24,11 +26,17 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-def use_kernel(backend: str) -> bool:
-    """Whether an attention module runs ``fractal_kernels.tiny_attention`` (any non-"torch" backend). With
-    attention dropout in training the kernels draw their own Philox mask (same distribution as the
-    reference's ``torch.dropout``, another stream of random numbers)."""
-    return backend != "torch"
+def use_kernel(backend: str, device: Optional[torch.device] = None) -> bool:
+    """Whether a module runs the ``fractal_kernels`` ops instead of its reference math: any backend but
+    "torch", except "auto" on a non-CUDA device, where the ops would pick their PyTorch reference anyway and
+    the module's own reference math (fewer ops, reference-exact) is used instead. With attention dropout in
+    training the kernels draw their own Philox mask (same distribution as the reference's ``torch.dropout``,
+    another stream of random numbers)."""
+    if backend == "torch":
+        return False
+    if backend == "auto" and device is not None and device.type != "cuda":
+        return False
+    return True
 
 
 def attn_dropout(module_training: bool, p: float) -> float:

@@ -46,7 +46,7 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, c = x.shape
-        if use_kernel(self.backend):
+        if use_kernel(self.backend, x.device):
             # fp32 scores in the kernel (the reference uses the input dtype here: identical in fp32)
             o = tiny_attention_packed(self.qkv(x), self.num_heads, causal=True, scale=self.scale,
                                       dropout_p=attn_dropout(self.training, self.attn_drop.p),
@@ -173,7 +173,7 @@ class PixelLoss(nn.Module):
 
     def forward(self, target: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
         """Training loss (R weighted by ``r_weight``) in train mode; mean CE over R, G, B in eval mode."""
-        if self.backend != "torch":
+        if use_kernel(self.backend, target.device):
             return self._forward_fused(target, cond_list)
         logits, target = self.predict(target, cond_list)
         loss_r = self.criterion(logits[:, 0], target[:, 0])
@@ -236,7 +236,7 @@ class PixelLoss(nn.Module):
         if known is not None:
             known = known.reshape(bsz, 3).to(device=device, dtype=pixel_values.dtype)
             known_mask = known_mask.reshape(bsz, 3).to(device=device, dtype=torch.bool)
-        fused = self.backend != "torch" and (draw is multinomial_draw or hasattr(draw, "uniforms"))
+        fused = use_kernel(self.backend, device) and (draw is multinomial_draw or hasattr(draw, "uniforms"))
         all_probs = []
         for i in range(3):
             inp = pixel_values if not guided else torch.cat([pixel_values, pixel_values], dim=0)
@@ -292,11 +292,14 @@ class PixelLoss(nn.Module):
         bsz = rows // 2 if guided else rows
         device = cond.device
         draw = draw or multinomial_draw
+        if (use_kernel(self.backend, device) and known is None and not return_probs
+                and (draw is multinomial_draw or hasattr(draw, "uniforms"))):
+            return self._sample_fused_head(cond, bsz, guided, temperature, cfg, filter_threshold, top_p, draw)
         mean, std = self._channel_stats(device)
         if known is not None:
             known = known.reshape(bsz, 3).to(device=device, dtype=torch.float32)
             known_mask = known_mask.reshape(bsz, 3).to(device=device, dtype=torch.bool)
-        fused = self.backend != "torch" and (draw is multinomial_draw or hasattr(draw, "uniforms"))
+        fused = use_kernel(self.backend, device) and (draw is multinomial_draw or hasattr(draw, "uniforms"))
         pad = _gemm_pad(rows)
         width = self.ln.normalized_shape[0]
         # per call, not per channel and block: the zero qkv rows past the token and the causal mask
@@ -311,6 +314,11 @@ class PixelLoss(nn.Module):
             noise = torch.randn(rows, 3, device=device, dtype=torch.float32)
             if i == 0:
                 x = self.cond_proj(cond)
+                # the reference concatenates this token with codebook embeddings: under autocast the bf16
+                # projection is promoted to the tables' dtype before the LayerNorm; do the same
+                token_dtype = torch.promote_types(x.dtype, codebooks[0][0].weight.dtype)
+                if x.dtype != token_dtype:
+                    x = x.to(token_dtype)
             else:
                 if known is not None:  # the reference's rounding of the previous channel, row by row
                     col = torch.cat([values[-1], values[-1]]) if guided else values[-1]
@@ -329,25 +337,78 @@ class PixelLoss(nn.Module):
                              w if w.dtype == torch.float32 else w.float())
             sampled_ids, probs = self._draw_channel(logits, i, bsz, guided, fused, temperature, cfg, filter_threshold,
                                                     top_p, draw, return_probs)
-            value = (sampled_ids.float() / 255 - mean[i]) / std[i]
             if known is not None:
-                value = torch.where(known_mask[:, i], known[:, i], value)
-            elif i < 2:
-                ids = torch.cat([sampled_ids, sampled_ids]) if guided else sampled_ids
-            values.append(value)
+                value = (sampled_ids.float() / 255 - mean[i]) / std[i]
+                values.append(torch.where(known_mask[:, i], known[:, i], value))
+            else:
+                values.append(sampled_ids)  # mapped to pixel values below, all channels in one go
+                if i < 2:
+                    ids = torch.cat([sampled_ids, sampled_ids]) if guided else sampled_ids
             all_probs.append(probs)
-        pixel_values = torch.stack(values, dim=1)
+        if known is not None:
+            pixel_values = torch.stack(values, dim=1)
+        else:
+            pixel_values = self._ids_to_values(torch.stack(values, dim=1))
         if return_probs:
             return pixel_values, torch.stack(all_probs)
         return pixel_values
 
-    def _channel_stats(self, device: torch.device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Per-channel 0-d mean/std tensors on ``device`` (the values of :meth:`_stats`), made once per device."""
+    def _sample_fused_head(self, cond: torch.Tensor, bsz: int, guided: bool, temperature: float, cfg: CfgLike,
+                           filter_threshold: float, top_p: float, draw: PixelDraw) -> torch.Tensor:
+        """The whole pixel (3 channels, both CFG halves, the sampler) in one :func:`fractal_kernels.pixel_head_sample`
+        call: one launch on a GPU instead of ~150 ops. Draws: Philox from one seed per call, or ``draw.uniforms``
+        (the equivalence mode), in which case the reference's rounding-noise draws are made too, so the global
+        RNG stream (and the random orders of the levels above) stays the reference's."""
+        from fractal_kernels.ops.pixel_head import pixel_head_sample
+        device = cond.device
+        uniforms = None
+        if hasattr(draw, "uniforms"):
+            uniforms = torch.stack([draw.uniforms(bsz, c).to(device) for c in range(3)])
+            for _ in range(3):
+                torch.randn(cond.size(0), 3, device=device)
+        cfg_arg = cfg
+        if isinstance(cfg, torch.Tensor):
+            cfg_arg = cfg.reshape(-1).to(device) if cfg.numel() > 1 else float(cfg)
+        ids = pixel_head_sample(cond, self._packed_weights(), self.blocks[0].attn.num_heads if self.blocks else 1,
+                                guided=guided, cfg=cfg_arg, temperature=1.0 / temperature,
+                                filter_threshold=filter_threshold, top_p=top_p, uniforms=uniforms,
+                                # no CUDA-extension version of this op: a "cuda" model runs its Triton kernel
+                                backend="triton" if self.backend == "cuda" else self._op_backend())
+        return self._ids_to_values(ids)
+
+    def _ids_to_values(self, ids: torch.Tensor) -> torch.Tensor:
+        """Pixel ids ``[B, 3]`` -> normalised values ``[B, 3]`` by table lookup: one op instead of four, the
+        table holding exactly ``(id / 255 - mean) / std`` in float32 (the reference's math). Id -1 (a row
+        without a finite logit, see :func:`fractal_kernels.pixel_head_sample`) maps to NaN."""
+        cache = self.__dict__.setdefault("_value_table_cache", {})
+        if ids.device not in cache:
+            mean, std = self._stats(ids.device)
+            table = (torch.arange(256, device=ids.device, dtype=torch.float32) / 255 - mean[:, None]) / std[:, None]
+            table = torch.cat([table, table.new_full((3, 1), float("nan"))], dim=1)  # [3, 257]; column -1 = NaN
+            cache[ids.device] = (table, torch.arange(3, device=ids.device).view(1, 3))
+        table, channel = cache[ids.device]
+        return table[channel, ids]
+
+    def _packed_weights(self):
+        """This head's weights packed for :func:`pixel_head_sample`, re-packed only when a parameter changed
+        (in place or replaced: keyed on storage pointers and version counters)."""
+        from fractal_kernels.reference.pixel_head import pack_pixel_head_weights
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = self.__dict__.get("_packed_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, pack_pixel_head_weights(self))
+            self.__dict__["_packed_cache"] = cached
+        return cached[1]
+
+    def _channel_stats(self, device: torch.device, vectors: bool = False):
+        """Per-channel 0-d mean/std tensors on ``device`` (the values of :meth:`_stats`), made once per device;
+        ``vectors=True``: the ``[3]`` mean and std instead."""
         cache = self.__dict__.setdefault("_channel_stats_cache", {})
         if device not in cache:
             mean, std = self._stats(device)
-            cache[device] = (list(mean.unbind(0)), list(std.unbind(0)))
-        return cache[device]
+            cache[device] = (list(mean.unbind(0)), list(std.unbind(0)), mean, std)
+        return cache[device][2:] if vectors else cache[device][:2]
 
     def _token_step(self, x: torch.Tensor, pos: int, caches: List[List[torch.Tensor]], pad: int,
                     zeros: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -384,7 +445,7 @@ class PixelLoss(nn.Module):
                 with torch.autocast(device_type=x.device.type, enabled=False):
                     scores = (q @ k.transpose(-2, -1)) * attn.scale  # input dtype, as the reference
                 scores = scores.masked_fill(masked, float("-inf"))
-                acc = torch.promote_types(q.dtype, torch.float32)
+                acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # promote_types(q, fp32)
                 probs = torch.softmax(scores if scores.dtype == acc else scores.to(acc), dim=-1)
                 o = (probs if probs.dtype == v.dtype else probs.to(v.dtype)) @ v
                 o = o.transpose(1, 2)[:, pos:pos + 1].reshape(m, 1, c)

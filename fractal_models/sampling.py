@@ -107,8 +107,10 @@ def generate(
     draw: Optional[PixelDraw] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
-    backend: Optional[str] = None,
-    fast: bool = False,
+    backend: Optional[str] = "auto",
+    fast: bool = True,
+    compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
     """Generate class-conditional images; returns uint8 ``[B, 3, S, S]`` on the model's device.
 
@@ -119,10 +121,21 @@ def generate(
     the caller's RNG state. ``known`` uint8 ``[B, 3, S, S]`` + ``known_mask`` bool (``[B, 3|1, S, S]`` or
     ``[B, S, S]``): keep those pixels exactly and sample the rest. ``draw`` replaces the multinomial draw
     (see :func:`uniform_draw`). ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs under autocast.
-    ``backend`` ("torch" = the faithful reference path, "auto", "triton", "cuda") overrides the model's
-    kernel backend for this call. ``fast=True`` is the fast generation engine: the pixel heads sample with
-    a KV cache (one new token per channel instead of the whole 4-token sequence); in fp32 its images equal
-    the faithful path's for the same seed and draws (see :meth:`PixelLoss.sample_cached`).
+
+    The switchboard (safe defaults; the same seed gives the same images for the same settings and device):
+
+    * ``backend`` -- the kernels for this call: ``"auto"`` (default: the fused Triton/CUDA kernels on a GPU,
+      the reference math on a CPU), ``"torch"`` (the faithful reference math everywhere), ``"triton"``,
+      ``"cuda"``, or ``None`` to keep the model's own backend.
+    * ``fast`` -- the fast generation engine (default): KV caches in the pixel heads and the AR levels, the
+      MAR/AR step loops without host syncs (the schedule is computed on the host up front), conditions
+      embedded once per call, predicted patches gathered/scattered in one op. With ``backend="torch"`` it
+      is reference-exact: the tests check its images equal the reference loop's bit for bit in fp32 for the
+      same seed. ``fast=False`` runs the reference's loop literally (the baseline of the benchmarks).
+    * ``compile`` -- ``torch.compile`` the tiny levels' transformer math (needs ``fast``; the first call
+      compiles for a while; rounding may differ from eager in the last bits).
+    * ``cuda_graphs`` -- on a CUDA device, capture those compiled pieces as CUDA graphs
+      (``mode="reduce-overhead"``, batch rows bucketed to powers of two); implies ``compile``.
     """
     if not isinstance(model, FractalGen) or model.fractal_level != 0:
         raise TypeError("model: expected a top-level FractalGen")
@@ -152,6 +165,13 @@ def generate(
     num_iter_list = [int(n) for n in num_iter_list]
     if len(num_iter_list) != len(gens) or any(n < 1 for n in num_iter_list):
         raise ValueError(f"num_iter_list: expected {len(gens)} positive integers (one per level), got {num_iter_list}")
+    if backend is not None and backend not in ("torch", "auto", "triton", "cuda"):
+        raise ValueError(f"backend: expected 'auto', 'torch', 'triton', 'cuda' or None (keep the model's), got {backend!r}")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs: needs the model on a CUDA device, it is on {device.type}")
+    compile = bool(compile or cuda_graphs)
+    if compile and not fast:
+        raise ValueError("compile/cuda_graphs: only the fast engine is compiled; pass fast=True (the default)")
     bsz, size = labels.shape[0], model.img_size
     known, known_mask = _check_known(known, known_mask, bsz, size, device)
     if bsz == 0:
@@ -181,8 +201,12 @@ def generate(
     model.eval()
     amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    compiled = contextlib.nullcontext()
+    if compile:
+        from fractal_models.engine import compiled_levels
+        compiled = compiled_levels(model, cuda_graphs=cuda_graphs)
     try:
-        with _seeded(seed, device), torch.no_grad(), amp:
+        with _seeded(seed, device), torch.no_grad(), amp, compiled:
             class_embedding = model.class_emb(labels)
             if cfg != 1.0:
                 class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)], dim=0)

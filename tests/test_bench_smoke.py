@@ -19,14 +19,20 @@ def test_smoke_run_writes_documented_schema(tmp_path, capsys):
     assert doc["rows"], "no rows measured"
     for row in doc["rows"]:
         assert set(row) == ROW_KEYS
-        if row["skipped"] is None:
+        if row["skipped"] is None and row["timing"] is None:  # counted, not timed (opcount rows via the interpreter)
+            assert row["suite"] == "opcount" and row["metrics"]["ops"] > 0
+        elif row["skipped"] is None:
             assert set(row["timing"]) == TIMING_KEYS and row["timing"]["median_s"] > 0
             assert row["check"] and not row["check"].isupper()
         else:
             assert not row["skipped"].startswith("error"), row
     assert (tmp_path / "smoke.md").read_text().startswith("# fractal-bench results (smoke)")
     out = capsys.readouterr().out
-    assert "| e2e | generate | torch |" in out
+    assert "| e2e | generate[faithful] | torch |" in out and "| e2e | generate[fast] | torch |" in out
+    fast = [r for r in doc["rows"] if r["suite"] == "e2e" and r["name"] == "generate[fast]" and not r["skipped"]]
+    assert fast and all("images identical to faithful" in r["check"] for r in fast)
+    counts = {r["name"]: r for r in doc["rows"] if r["suite"] == "opcount" and r["shape"].get("config") == "tiny_mar"}
+    assert counts["generate[fast]"]["metrics"]["ops"] < counts["generate[faithful]"]["metrics"]["ops"]
     if not torch.cuda.is_available():
         assert "No GPU here" in out
 

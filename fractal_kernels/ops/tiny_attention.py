@@ -638,6 +638,13 @@ def _check_lens(seqlens, N: int, L: int, device, name: str = "seqlens") -> Optio
     return seqlens.to(torch.int32).contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _uniform_lens(n: int, length: int, device: torch.device) -> torch.Tensor:
+    """``[n]`` int32 lengths all equal to ``length``, made once: a decode step would otherwise spend an op
+    (a launch on a GPU) building it. The kernels only read it."""
+    return torch.full((n,), length, dtype=torch.int32, device=device)
+
+
 @functools.lru_cache(maxsize=None)
 def _crossover_table(device_name: str) -> dict:
     """This device's entry of the measured crossover file, read once per process (the dispatch is hot)."""
@@ -657,22 +664,22 @@ def _measured_crossover(D: int, dtype: torch.dtype) -> Optional[int]:
         return None
 
 
-def _choose(op: str, backend: Optional[str], q: torch.Tensor, L: int) -> str:
+def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int) -> str:
     """The backend for this call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
-    if q.dtype == torch.float64:
+    if dtype == torch.float64:
         if backend not in (None, "auto", "torch"):
             raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
-        return resolve(op, "torch", q.device)
+        return resolve(op, "torch", device)
     forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
     if L > MAX_L:
         if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
             raise ValueError(f"q: sequence length L={L} over the kernels' limit {MAX_L}; use backend=None "
                              f"(SDPA) or 'torch'")
         if not forced:
-            return record(op, "sdpa" if q.device.type == "cuda" else "torch")
-    which = resolve(op, backend, q.device)
+            return record(op, "sdpa" if device.type == "cuda" else "torch")
+    which = resolve(op, backend, device)
     if not forced and which != "torch":
-        cross = _measured_crossover(q.shape[-1], q.dtype)
+        cross = _measured_crossover(D, dtype)
         if cross is not None and L >= cross:
             return record(op, "sdpa")
     return which
@@ -740,7 +747,7 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     lens = _check_lens(seqlens, N, L, q.device)
     scale = float(scale) if scale is not None else D ** -0.5
     seed = _dropout_seed(dropout_p, dropout_seed)
-    which = _no_cuda_dropout(_choose("tiny_attention", backend, q, L), backend, dropout_p)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, q.dtype, q.device, q.shape[-1], L), backend, dropout_p)
     if which == "torch" or (which == "sdpa" and (lens is not None or dropout_p > 0)):
         return _reference(q, k, v, lens, causal, scale, dropout_p, seed)
     if which == "sdpa":
@@ -766,13 +773,19 @@ def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = F
     D = three_hd // (3 * num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    q, k, v = _split_qkv(qkv, num_heads)
-    _check_qkv(q, k, v, scale)
+    # validated on qkv itself: the q/k/v views are made only where needed (each is an op on the hot path)
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"qkv: expected float32, float16 or bfloat16 (float64: torch backend), got {qkv.dtype}")
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"qkv: head dim D={D} unsupported (1..{MAX_D}; tuned for {SUPPORTED_D})")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
     lens = _check_lens(seqlens, N, L, qkv.device)
     scale = float(scale) if scale is not None else D ** -0.5
     seed = _dropout_seed(dropout_p, dropout_seed)
-    which = _no_cuda_dropout(_choose("tiny_attention", backend, q, L), backend, dropout_p)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, qkv.dtype, qkv.device, D, L), backend, dropout_p)
     if which in ("torch", "sdpa"):
+        q, k, v = _split_qkv(qkv, num_heads)
         o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens, dropout_p=dropout_p, dropout_seed=seed,
                            backend="torch" if which == "torch" else None)
         return o.transpose(1, 2).reshape(N, L, num_heads * D)
@@ -798,7 +811,7 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if isinstance(kv_lens, int):
         if not LQ <= kv_lens <= lmax:
             raise ValueError(f"kv_lens: expected Lq={LQ} <= kv_lens <= Lmax={lmax}, got {kv_lens}")
-        lens = torch.full((N,), kv_lens, dtype=torch.int32, device=q.device)
+        lens = _uniform_lens(N, kv_lens, q.device)
     else:
         lens = _check_lens(kv_lens, N, lmax, q.device, "kv_lens")
         if lens.numel() and int(lens.min()) < LQ:
@@ -807,7 +820,8 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         if freqs_cis.dim() != 3 or freqs_cis.shape[1:] != (D // 2, 2) or freqs_cis.shape[0] < lmax or D % 2:
             raise ValueError(f"freqs_cis: expected [P >= {lmax}, D/2={D // 2}, 2] for an even D, got "
                              f"{_shape(freqs_cis)}")
-        freqs_cis = freqs_cis.to(device=q.device, dtype=torch.float32).contiguous()
+        if freqs_cis.device != q.device or freqs_cis.dtype != torch.float32 or not freqs_cis.is_contiguous():
+            freqs_cis = freqs_cis.to(device=q.device, dtype=torch.float32).contiguous()  # (an op per call otherwise)
     scale = float(scale) if scale is not None else D ** -0.5
     which = resolve("tiny_attention_decode", backend, q.device) if q.dtype != torch.float64 else \
         resolve("tiny_attention_decode", "torch", q.device)

@@ -88,7 +88,8 @@ def pixel_probs_reference(
     guided: bool,
 ) -> torch.Tensor:
     """The probabilities the reference samples one channel from. ``logits`` ``[2B or B, V]`` -> ``[B, V]``."""
-    logits = logits * temperature
+    if temperature != 1.0:  # x * 1.0 == x exactly: skipping it saves an op per channel on the hot path
+        logits = logits * temperature
     if guided:
         bsz = logits.shape[0] // 2
         logits = cfg_filter_mix_reference(logits[:bsz], logits[bsz:], cfg, filter_threshold)

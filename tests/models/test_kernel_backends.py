@@ -151,3 +151,43 @@ def test_training_with_attention_dropout_runs_on_the_kernels():
     with torch.no_grad():
         torch.testing.assert_close(model.levels()[-1](data["pixel.target"], list(data["pixel.cond_list"])),
                                    data["pixel.loss_eval"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0, "per_row"])
+def test_fused_pixel_head_in_the_fast_engine(cfg):
+    """PixelLoss.sample(use_cache=True) on a kernel backend runs the whole pixel as one fractal_kernels op;
+    with shared uniforms its pixels equal the torch path's (fp32, ids exact), and it consumes the global RNG
+    like the reference (the rounding-noise draws), so the levels above keep their random orders."""
+    from fractal_models.pixelloss import PixelLoss
+    torch.manual_seed(0)
+    head = PixelLoss(c_channels=24, width=32, depth=2, num_heads=2).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    n = 7
+    cfg_arg = torch.linspace(1.5, 4.0, n) if cfg == "per_row" else cfg
+    guided = cfg != 1.0
+    cond = [torch.randn(2 * n if guided else n, 24)]
+    out, state = {}, {}
+    for backend in ("torch", "triton"):
+        head.backend = backend
+        g = torch.Generator().manual_seed(5)
+        draw = uniform_draw(lambda rows, c: torch.rand(rows, generator=g, dtype=torch.float64))
+        torch.manual_seed(9)
+        with torch.no_grad():
+            out[backend] = head.sample(cond, 1.3, cfg_arg, 1e-3, draw=draw, use_cache=True)
+        state[backend] = torch.rand(4)  # where the global RNG stream stands afterwards
+    assert last_backend("pixel_head_sample") == "triton"
+    torch.testing.assert_close(out["triton"], out["torch"], rtol=0, atol=0)
+    assert torch.equal(state["triton"], state["torch"])
+
+
+def test_fused_pixel_head_weights_follow_parameter_updates():
+    from fractal_models.pixelloss import PixelLoss
+    head = PixelLoss(c_channels=8, width=16, depth=1, num_heads=2).eval()
+    first = head._packed_weights()
+    assert head._packed_weights() is first  # cached between calls
+    with torch.no_grad():
+        head.r_codebook.weight.add_(1.0)  # an optimizer step, in place
+    again = head._packed_weights()
+    assert again is not first and torch.equal(again.codebooks[0], head.r_codebook.weight)
