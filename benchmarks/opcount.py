@@ -162,3 +162,34 @@ def plan(mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
 def _num_levels(config: str) -> int:
     """Generator levels above the pixel head."""
     return len(config_kwargs(config)["img_size_list"]) - 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m benchmarks.opcount``: the opcount rows of the three tiny configs (batch 8, cfg 2, reference
+    iterations), kernel-dispatch row included (on a CPU run it under ``TRITON_INTERPRET=1``), written to
+    ``benchmarks/results/<device>/opcount.{json,md,png}``."""
+    import argparse
+
+    from benchmarks.harness import device_slug, markdown_table, results_document, write_results
+    p = argparse.ArgumentParser(prog="python -m benchmarks.opcount", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if not kernel_row_available(device):
+        print("note: no GPU and TRITON_INTERPRET is not 1: the generate[fast,kernels] rows are skipped")
+    rows: List[Row] = []
+    for config in TINY:
+        rows += opcount_rows(config, args.batch, None, device, repeats=args.repeats)
+    doc = results_document(rows, device, "opcount")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(device))
+    doc["files"] = write_results(doc, out_dir, "opcount")
+    print(markdown_table(doc))
+    print("wrote " + ", ".join(doc["files"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
