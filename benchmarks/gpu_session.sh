@@ -19,7 +19,11 @@ timeout 240 python -m pytest -q -x -p no:cacheprovider tests/fractal_kernels tes
     > "$LOG/gpu-tests.txt" 2>&1
 echo "gpu tests rc=$? ($(tail -1 "$LOG/gpu-tests.txt"))" | tee -a "$LOG/versions.txt"
 python -m benchmarks.verify_cuda 2>&1 | tee "$LOG/verify_cuda.txt"
-# 3. benchmarks (JSON + markdown + plot under benchmarks/results/<device>/)
+# 3. fast generation engine: operator counts and images/s, faithful vs fast vs fused kernels (tiny configs)
+timeout 180 python -m benchmarks.opcount > "$LOG/opcount.txt" 2>&1
+echo "opcount rc=$?" | tee -a "$LOG/versions.txt"
+# 4. benchmarks (JSON + markdown + plot under benchmarks/results/<device>/; --full adds the published configs'
+#    generate rows: fractalmar_in64 batch 256 and fractalmar_large_in256 batch 64, faithful vs fast)
 timeout 300 python -m benchmarks.cli "--$MODE" --no-progress > "$LOG/bench.txt" 2>&1
 echo "bench rc=$?" | tee -a "$LOG/versions.txt"
 cp -r benchmarks/results "$LOG/results" 2>/dev/null || true
