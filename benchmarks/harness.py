@@ -222,9 +222,12 @@ def plot_results(doc: Dict[str, Any], path: str) -> Optional[str]:
         return None
     done = [r for r in doc["rows"] if not r["skipped"] and r["timing"]]
     e2e = [r for r in done if "images_per_s" in r["metrics"]]
+    if any(r["suite"] == "e2e" for r in e2e):  # the opcount suite times the same cases: plot them once
+        e2e = [r for r in e2e if r["suite"] == "e2e"]
     bw_rows = [r for r in done if "GB_per_s" in r["metrics"] and "N" in r["shape"]]
     sp_rows = [r for r in done if "speedup_vs_reference" in r["metrics"] and "N" in r["shape"]]
-    if not e2e and not bw_rows and not sp_rows:
+    oc_rows = [r for r in doc["rows"] if not r["skipped"] and "ops" in r["metrics"]]  # counted, maybe untimed
+    if not e2e and not bw_rows and not sp_rows and not oc_rows:
         return None
 
     families: Dict[str, Dict[str, List[Any]]] = {}
@@ -238,7 +241,7 @@ def plot_results(doc: Dict[str, Any], path: str) -> Optional[str]:
 
     ncols = 4
     nfam_rows = -(-len(families) // ncols)
-    heights = [3.0] * nfam_rows + ([3.6] if sp_rows else []) + ([3.2] if e2e else [])
+    heights = [3.0] * nfam_rows + ([3.6] if sp_rows else []) + ([3.2] if e2e else []) + ([3.2] if oc_rows else [])
     fig = plt.figure(figsize=(20, sum(heights) + 1.6))
     gs = GridSpec(len(heights), ncols, figure=fig, height_ratios=heights, hspace=0.75, wspace=0.25)
     m = doc["machine"]
@@ -322,6 +325,27 @@ def plot_results(doc: Dict[str, Any], path: str) -> Optional[str]:
         ax.set_yscale("log")
         ax.set_ylabel("images / s", fontsize=8)
         ax.set_title(f"end-to-end images/s (batch per row: see table) - {m['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+
+    if oc_rows:  # operator calls per generate batch, one bar per variant (fewer is better)
+        row += 1 if e2e else 0
+        ax = fig.add_subplot(gs[row, :])
+        configs = sorted({r["shape"].get("config", "?") for r in oc_rows})
+        cases = list(dict.fromkeys(r["name"] for r in oc_rows))
+        width = 0.8 / max(1, len(cases))
+        for j, c in enumerate(cases):
+            rs = [r for r in oc_rows if r["name"] == c]
+            xs = [configs.index(r["shape"].get("config", "?")) + (j - (len(cases) - 1) / 2) * width for r in rs]
+            bars = ax.bar(xs, [r["metrics"]["ops"] for r in rs], width=width, label=c, color=plt.get_cmap("Set1")(j))
+            ax.bar_label(bars, fontsize=6, labels=[
+                f"{r['metrics']['ops']}" + (f" ({r['metrics']['ops_ratio_faithful_over_fast']:.3g}x fewer)"
+                                            if "ops_ratio_faithful_over_fast" in r["metrics"] else "") for r in rs])
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("operator calls / batch", fontsize=8)
+        ax.set_title("generate: top-level aten/fractal_kernels operator calls per batch (torch.profiler)", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(True, axis="y", which="both", alpha=0.3)
 
