@@ -15,7 +15,7 @@ Kernel design:
   ``[R, H, Dh]`` views (elementwise products + ``tl.sum``), no dot needed;
 * Linear layers are ``tl.dot`` of the ``[R, W]`` tile with ``[W, N]`` weight tiles in fp32 ("ieee"), the MLP
   hidden dim in chunks of ``HC`` columns, the logits one ``[R, W] x [W, 256]`` dot per channel;
-* the sampler is ``_sample_logits_kernel``'s math inline (its ``_sanitize``, ``_bisect_threshold``,
+* the sampler is ``_sample_logits_kernel``'s math inline (its ``_sanitize``, ``_filter_cfg_mix``, ``_bisect_threshold``,
   ``_philox_uniform``); the cond / uncond halves are split with a permute + ``tl.split``.
 
 Numerics: weights and conditions of any float dtype are upcast on load; all math in fp32. The torch backend is
@@ -39,7 +39,7 @@ from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights, pixel_
 try:
     import triton
     import triton.language as tl
-    from fractal_kernels.ops.sample_logits import _bisect_threshold, _philox_uniform, _sanitize
+    from fractal_kernels.ops.sample_logits import _bisect_threshold, _filter_cfg_mix, _philox_uniform, _sanitize
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
@@ -174,17 +174,11 @@ if HAS_TRITON:
             x_s = _sanitize(xc * inv_temp)
             if GUIDED:
                 u = _sanitize(xu * inv_temp)
-                cmax = tl.max(x_s, axis=1)
-                e = tl.exp(x_s - cmax[:, None])
-                pc = e / tl.sum(e, axis=1)[:, None]
-                umax = tl.max(u, axis=1)
-                lifted = tl.maximum(u, x_s - cmax[:, None] + umax[:, None])
-                u = tl.where(pc < filter_threshold, lifted, u)
                 if CFG_PER_ROW:
                     wcfg = tl.load(cfg_ptr + pix, mask=pmask, other=1.0).to(tl.float32)[:, None]
                 else:
                     wcfg = cfg_scalar
-                x_s = _sanitize(u + wcfg * (x_s - u))
+                x_s = _filter_cfg_mix(x_s, u, wcfg, filter_threshold)
             xmax = tl.max(x_s, axis=1)
             valid = xmax > float("-inf")
             shift = tl.where(valid, xmax, 0.0)

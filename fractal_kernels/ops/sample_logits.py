@@ -80,6 +80,18 @@ if HAS_TRITON:
         return lo.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _filter_cfg_mix(x, u, w, filter_threshold):
+        # [R, V] sanitised cond / uncond logits -> the reference's filter (where the conditional probability
+        # is tiny, lift the unconditional logit), then the CFG mix with weight w (scalar or [R, 1])
+        cmax = tl.max(x, axis=1)
+        e = tl.exp(x - cmax[:, None])
+        pc = e / tl.sum(e, axis=1)[:, None]
+        umax = tl.max(u, axis=1)
+        lifted = tl.maximum(u, x - cmax[:, None] + umax[:, None])
+        u = tl.where(pc < filter_threshold, lifted, u)
+        return _sanitize(u + w * (x - u))
+
+    @triton.jit
     def _sample_logits_kernel(
         cond_ptr, uncond_ptr, cfg_ptr, u_ptr, ids_ptr, probs_ptr,
         n_rows, V, stride_c, stride_uc, stride_p,
@@ -102,18 +114,11 @@ if HAS_TRITON:
         if HAS_UNCOND:
             u = tl.load(uncond_ptr + r64[:, None] * stride_uc + cols[None, :], mask=m2, other=float("-inf"))
             u = _sanitize(u.to(tl.float32) * inv_temp)
-            # the reference's filter: where the conditional probability is tiny, lift the unconditional logit
-            cmax = tl.max(x, axis=1)
-            e = tl.exp(x - cmax[:, None])
-            pc = e / tl.sum(e, axis=1)[:, None]
-            umax = tl.max(u, axis=1)
-            lifted = tl.maximum(u, x - cmax[:, None] + umax[:, None])
-            u = tl.where(pc < filter_threshold, lifted, u)
             if CFG_PER_ROW:
                 w = tl.load(cfg_ptr + rows, mask=rmask, other=1.0).to(tl.float32)[:, None]
             else:
                 w = cfg_scalar
-            x = _sanitize(u + w * (x - u))
+            x = _filter_cfg_mix(x, u, w, filter_threshold)
 
         xmax = tl.max(x, axis=1)
         valid = xmax > float("-inf")
