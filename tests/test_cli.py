@@ -46,6 +46,18 @@ def test_sample_from_checkpoint_is_deterministic(tmp_path):
     assert outs[0] == outs[1]
 
 
+def test_sample_fast_default_equals_faithful(tmp_path):
+    """The CLI samples with the fast engine by default; on a CPU (reference math) it writes the same PNG as the
+    reference loop (--faithful), bit for bit."""
+    outs = []
+    for extra in ([], ["--faithful"], ["--backend", "torch"]):
+        out = tmp_path / f"g{len(outs)}.png"
+        assert main(["sample", "--config", "tiny_mar_gp", "--labels", "1,4", "--cfg", "3", "--seed", "2",
+                     "--num-iter-list", "2,2,2", "--output", str(out), "--quiet", *extra]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_nll(tmp_path, capsys):
     imgs = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "val.npz", imgs)
@@ -58,6 +70,7 @@ def test_nll(tmp_path, capsys):
     (["sample", "--config", "nope"], "unknown config 'nope'"),
     (["sample", "--config", "tiny_mar", "--temperature", "0"], "temperature"),
     (["sample", "--config", "tiny_mar", "--labels", "42"], "labels"),
+    (["sample", "--config", "tiny_mar", "--cuda-graphs", "--device", "cpu"], "cuda_graphs"),
     (["nll", "--config", "tiny_mar", "--images", "/nonexistent.npz"], "file not found"),
 ])
 def test_errors_are_one_line(argv, match, capsys):
