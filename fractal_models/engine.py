@@ -4,8 +4,12 @@ What is compiled: every MAR level's transformer stack (:meth:`MAR.blocks_eval`, 
 operators). The random draws, the schedule and the gathers stay eager, so a compiled run consumes the RNG
 exactly like an eager one. With ``cuda_graphs`` the stacks are compiled with ``mode="reduce-overhead"``
 (CUDA graphs) and their batch rows padded to the next power of two, so a handful of graphs serve every
-step's varying number of rows instead of one capture per size. AR levels stay eager: their KV-cache
-updates are in-place writes into Python-held tensors, which graphs would freeze.
+step's varying number of rows instead of one capture per size (dynamo recompiles once per bucket; past
+its ``cache_size_limit`` it runs that shape eagerly, with a warning). AR levels stay eager: their KV-cache
+updates are in-place writes into Python-held tensors, which graphs would freeze. The pixel heads need no
+graph on a GPU: on a kernel backend each call is one fused launch already.
+
+Status: ``compile=True`` is tested on a CPU (inductor); the ``cuda_graphs`` path has not run on a GPU yet.
 """
 from __future__ import annotations
 

@@ -132,10 +132,12 @@ def generate(
       embedded once per call, predicted patches gathered/scattered in one op. With ``backend="torch"`` it
       is reference-exact: the tests check its images equal the reference loop's bit for bit in fp32 for the
       same seed. ``fast=False`` runs the reference's loop literally (the baseline of the benchmarks).
-    * ``compile`` -- ``torch.compile`` the tiny levels' transformer math (needs ``fast``; the first call
-      compiles for a while; rounding may differ from eager in the last bits).
-    * ``cuda_graphs`` -- on a CUDA device, capture those compiled pieces as CUDA graphs
-      (``mode="reduce-overhead"``, batch rows bucketed to powers of two); implies ``compile``.
+    * ``compile`` -- ``torch.compile`` the MAR levels' transformer stacks (needs ``fast``; the first call
+      compiles for a while; fused ops may round differently from eager in the last bits; the random draws
+      stay eager, so the RNG is consumed as without it). See :mod:`fractal_models.engine`.
+    * ``cuda_graphs`` -- on a CUDA device, capture those stacks as CUDA graphs (``mode="reduce-overhead"``,
+      batch rows padded to powers of two so a few graphs serve every step); implies ``compile``. Not yet
+      run on a GPU.
     """
     if not isinstance(model, FractalGen) or model.fractal_level != 0:
         raise TypeError("model: expected a top-level FractalGen")
