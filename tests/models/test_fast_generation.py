@@ -227,3 +227,18 @@ def test_ids_to_values_table_is_the_reference_math():
     assert torch.equal(head._ids_to_values(ids), (ids.float() / 255 - mean) / std)  # bit for bit
     out = head._ids_to_values(torch.tensor([[-1, 0, 255]]))  # -1: a row without a finite logit
     assert torch.isnan(out[0, 0]) and torch.isfinite(out[0, 1:]).all()
+
+
+def test_cuda_graph_row_bucketing_keeps_rows():
+    """The CUDA-graph wrapper pads rows to a power of two and returns the real rows (run here with an eager
+    function: rows are independent in the MAR stacks, so padding cannot change them)."""
+    from fractal_models.engine import _bucket, _padded
+    assert [_bucket(n) for n in (1, 2, 3, 5, 8, 9, 1000)] == [1, 2, 4, 8, 8, 16, 1024]
+    seen = []
+
+    def stack(x):
+        seen.append(x.shape[0])
+        return torch.layer_norm(x, x.shape[-1:]) * 2
+    x = torch.randn(5, 21, 16)
+    out = _padded(stack)(x)
+    assert seen == [8] and torch.equal(out, torch.layer_norm(x, x.shape[-1:]) * 2)
