@@ -7,6 +7,7 @@ noise on targets, the temperature that *multiplies* logits.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -293,8 +294,17 @@ class PixelLoss(nn.Module):
         device = cond.device
         draw = draw or multinomial_draw
         if (use_kernel(self.backend, device) and known is None and not return_probs
-                and (draw is multinomial_draw or hasattr(draw, "uniforms"))):
-            return self._sample_fused_head(cond, bsz, guided, temperature, cfg, filter_threshold, top_p, draw)
+                and (draw is multinomial_draw or hasattr(draw, "uniforms"))
+                and not self.__dict__.get("_fused_head_failed")):
+            try:
+                return self._sample_fused_head(cond, bsz, guided, temperature, cfg, filter_threshold, top_p, draw)
+            except Exception as e:  # noqa: BLE001 - auto dispatch degrades, a forced backend does not
+                if self.backend != "auto":
+                    raise
+                warnings.warn(f"fractal_kernels: the fused pixel head failed on {device} ({type(e).__name__}: "
+                              f"{str(e)[:200]}); backend 'auto' falls back to the KV-cached PyTorch path for this "
+                              f"head", RuntimeWarning)
+                self.__dict__["_fused_head_failed"] = True
         mean, std = self._channel_stats(device)
         if known is not None:
             known = known.reshape(bsz, 3).to(device=device, dtype=torch.float32)

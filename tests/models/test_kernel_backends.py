@@ -191,3 +191,32 @@ def test_fused_pixel_head_weights_follow_parameter_updates():
         head.r_codebook.weight.add_(1.0)  # an optimizer step, in place
     again = head._packed_weights()
     assert again is not first and torch.equal(again.codebooks[0], head.r_codebook.weight)
+
+
+def test_fused_pixel_head_failure_degrades_on_auto(monkeypatch):
+    """On "auto" a fused pixel head that fails on the device (say, a Triton compile error on an untested GPU)
+    warns once and falls back to the KV-cached PyTorch path; a forced backend raises instead."""
+    import fractal_kernels.ops.pixel_head as ph_op
+    import fractal_models.pixelloss as pl
+    from fractal_models.pixelloss import PixelLoss
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources")
+    monkeypatch.setattr(ph_op, "pixel_head_sample", broken)
+    monkeypatch.setattr(pl, "use_kernel", lambda backend, device=None: backend != "torch")  # as on a GPU
+    torch.manual_seed(0)
+    head = PixelLoss(c_channels=8, width=16, depth=1, num_heads=2).eval()
+    cond = [torch.randn(6, 8)]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = head.sample(cond, 1.0, 2.0, 1e-4, use_cache=True)  # torch backend
+    head.backend = "triton"
+    with pytest.raises(RuntimeError, match="out of resources"), torch.no_grad():
+        head.sample(cond, 1.0, 2.0, 1e-4, use_cache=True)
+    head.backend = "auto"
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="falls back"), torch.no_grad():
+        out = head.sample(cond, 1.0, 2.0, 1e-4, use_cache=True)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    with torch.no_grad():  # no second warning: the head remembers
+        head.sample(cond, 1.0, 2.0, 1e-4, use_cache=True)
