@@ -317,16 +317,16 @@ class MAR(nn.Module):
     def _sample_fast(self, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_schedule: str,
                      temperature: float, filter_threshold: float, next_level_sample_function: Callable,
                      visualize=False, *, top_p: float = 1.0, draw=None) -> torch.Tensor:
-        """:meth:`sample` without host syncs and with a third of the operators; the same samples.
+        """:meth:`sample` without host syncs and with far fewer operators; the same samples.
 
         Without known patches every row masks the same number of patches at every step, so the whole
         schedule (how many patches each step predicts, the linear CFG value) is known on the host up front:
-        no ``nonzero``/``.item()`` in the loop. The predicted positions of a step are a slice of the random
-        order (sorted, to keep the reference's row order), the five neighbour conditions of exactly those
-        positions are gathered in one indexing op, the condition tokens are embedded once per call instead of
-        once per step, and the results are scattered back in place. Same RNG draws in the same order (the
-        guiding pixel, then the CPU orders), same math op for op on every value the reference keeps; the
-        tests check the images are equal in fp32.
+        no ``nonzero``/``.item()`` in the loop. Every step's predicted positions come from one stable sort made
+        before the loop (ascending within a step: the reference's row order), the five neighbour conditions of
+        exactly those positions are gathered in one indexing op, the condition tokens are embedded once per
+        call instead of once per step, and the results are scattered back in place. Same RNG draws in the same
+        order (the guiding pixel, then the CPU orders), same math op for op on every value the reference keeps;
+        the tests check the images are equal in fp32.
         """
         guided = not _is_one(cfg)
         rows = cond_list[0].size(0)
