@@ -226,6 +226,10 @@ class MAR(nn.Module):
         if fast and known is None and not isinstance(cfg, torch.Tensor):
             return self._sample_fast(cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
                                      next_level_sample_function, visualize, top_p=top_p, draw=draw)
+        if fast and known is not None:
+            return self._sample_fast_known(cond_list, num_iter, cfg, cfg_schedule, temperature, filter_threshold,
+                                           next_level_sample_function, visualize, known=known,
+                                           known_mask=known_mask, top_p=top_p, draw=draw)
 
         if self.guiding_pixel:
             sampled_pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold,
@@ -399,6 +403,89 @@ class MAR(nn.Module):
                 patches.scatter_(1, scatter_index[step],
                                  sampled if sampled.dtype == patches.dtype else sampled.to(patches.dtype))
             masked = n_next
+            if visualize:
+                visualize(self.unpatchify(patches))
+        return self.unpatchify(patches)
+
+    def _sample_fast_known(self, cond_list: List[torch.Tensor], num_iter: int, cfg, cfg_schedule: str,
+                           temperature: float, filter_threshold: float, next_level_sample_function: Callable,
+                           visualize=False, *, known: torch.Tensor, known_mask: torch.Tensor, top_p: float = 1.0,
+                           draw=None) -> torch.Tensor:
+        """:meth:`sample` with known pixels, planned on the host: one device-to-host copy per call (which
+        patches are fully known, needed for the CPU-drawn orders anyway) instead of several syncs per step.
+
+        Every row has its own schedule here, so the plan (each step's mask, the predicted (row, patch) pairs
+        in the reference's ``nonzero`` order, the per-row CFG values) is computed on CPU tensors with the
+        reference's arithmetic, moved to the device once, and the loop only indexes. Same samples as the
+        reference loop (the tests check equal images in fp32)."""
+        guided = not _is_one(cfg)
+        rows = cond_list[0].size(0)
+        bsz = rows // 2 if guided else rows
+        device = cond_list[0].device
+        seq_len, p = self.seq_len, self.patch_size
+        if self.guiding_pixel:
+            sampled_pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold,
+                                                            top_p=top_p, draw=draw, use_cache=True)
+            if guided:
+                sampled_pixels = torch.cat([sampled_pixels, sampled_pixels], dim=0)
+            cond_list = list(cond_list) + [sampled_pixels]
+
+        patches = torch.zeros(bsz, seq_len, 3 * p ** 2, device=device)
+        known_p = self.patchify(known.to(device=device, dtype=patches.dtype))
+        known_mask_p = self.patchify(known_mask.to(device=device, dtype=torch.float32)).bool()
+        full = known_mask_p.all(dim=-1)  # [B, L] patches needing no generation
+        # contiguous: results are written through a flat [B*L, D] view of it
+        patches = torch.where(full.unsqueeze(-1), known_p, patches).contiguous()
+        full_cpu = full.cpu()  # the one sync of the call
+        rand = torch.rand(bsz, seq_len) + 2.0 * full_cpu.float()  # CPU RNG; known patches go last
+        orders = torch.argsort(rand, dim=1)
+        num_iter = min(seq_len, num_iter)
+
+        # The plan, on CPU tensors, with the reference loop's arithmetic.
+        mask = (~full_cpu).float()
+        n_unknown = mask.sum(dim=-1, keepdim=True)  # [B, 1]
+        n_unknown_rows = torch.cat([n_unknown, n_unknown], dim=0) if guided else n_unknown
+        masks, picks, cfgs = [], [], []
+        for step in range(num_iter):
+            mask_rows = torch.cat([mask, mask], dim=0) if guided else mask
+            masks.append(mask_rows)
+            mask_ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+            mask_len = torch.floor(n_unknown_rows.double() * mask_ratio).float()
+            mask_len = torch.maximum(torch.ones(()), torch.minimum(mask_rows.sum(dim=-1, keepdim=True) - 1, mask_len))
+            mask_len = torch.minimum(mask_len, n_unknown_rows)
+            mask_next = mask_by_order(mask_len[:bsz, 0], orders, seq_len)
+            pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next.bool())
+            picks.append(pred.reshape(-1).nonzero()[:, 0])  # flat b * L + pos, the reference's nonzero order
+            if cfg_schedule == "linear":
+                progress = (n_unknown[:, 0] - mask_len[:bsz, 0]) / n_unknown[:, 0].clamp(min=1)
+                cfgs.append(progress)
+            mask = mask_next
+        masks = torch.stack(masks).to(device)  # [S, rows, L]
+        sizes = [int(t.numel()) for t in picks]
+        picks_dev = torch.cat(picks).to(device).split(sizes)
+        progress_dev = torch.stack(cfgs).to(device) if cfgs else None  # [S, B]
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [B, L, X] -> [B*L, X]
+
+        for step in range(num_iter):
+            patch_rows = torch.cat([patches, patches], dim=0) if guided else patches
+            conds = self.predict(patch_rows, masks[step], cond_list)
+            n_pred = sizes[step]
+            if n_pred > 0:
+                pick = picks_dev[step]
+                sel = torch.cat([pick, pick + bsz * seq_len]) if guided else pick
+                cond_list_next = [flat(c)[sel] for c in conds]
+                row_of_pick = pick // seq_len
+                # per row as in the reference loop, then the rows of this step's picks
+                cfg_iter = cfg
+                if progress_dev is not None:
+                    c = cfg.reshape(-1).to(device) if isinstance(cfg, torch.Tensor) else cfg
+                    cfg_iter = 1 + (c - 1) * progress_dev[step]
+                if isinstance(cfg_iter, torch.Tensor) and cfg_iter.numel() > 1:
+                    cfg_iter = cfg_iter.reshape(-1).to(device)[row_of_pick]
+                sampled = next_level_sample_function(
+                    cond_list=cond_list_next, cfg=cfg_iter, temperature=temperature, filter_threshold=filter_threshold,
+                    known=flat(known_p)[pick].reshape(-1, 3, p, p), known_mask=flat(known_mask_p)[pick].reshape(-1, 3, p, p))
+                patches.view(-1, patches.shape[-1])[pick] = sampled.reshape(n_pred, -1).to(patches.dtype)
             if visualize:
                 visualize(self.unpatchify(patches))
         return self.unpatchify(patches)
