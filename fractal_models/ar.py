@@ -307,6 +307,10 @@ class AR(nn.Module):
             known_p = self.patchify(known.to(device=device, dtype=patches.dtype))
             known_mask_p = self.patchify(known_mask.to(device=device, dtype=torch.float32)).bool()
             full = known_mask_p.all(dim=-1)
+            if fast:  # plan on the host: one device read per call instead of a sync per step
+                todo_cpu = [(~full_cpu_col).nonzero()[:, 0] for full_cpu_col in full.cpu().unbind(1)]
+                todo_sizes = [int(t.numel()) for t in todo_cpu]
+                todo_dev = torch.cat(todo_cpu).to(device).split(todo_sizes)  # rows to generate, per step
         if use_cache:
             self.setup_caches(rows, self.seq_len, device=device)
         try:
@@ -326,10 +330,11 @@ class AR(nn.Module):
                                                          filter_threshold=filter_threshold)
                     cur_patches[:, step] = sampled.reshape(sampled.size(0), -1).to(cur_patches.dtype)
                 else:
-                    todo = ~full[:, step]  # rows whose patch still needs generating
+                    # rows whose patch still needs generating: host-planned indices (fast) or a bool mask
+                    todo = todo_dev[step] if fast else ~full[:, step]
                     cur_patches[:, step] = torch.where(full[:, step, None], known_p[:, step], cur_patches[:, step])
-                    if bool(todo.any()):
-                        rows_sel = todo.repeat(2) if guided else todo
+                    if (todo_sizes[step] > 0) if fast else bool(todo.any()):
+                        rows_sel = (torch.cat([todo, todo + bsz]) if fast else todo.repeat(2)) if guided else todo
                         if isinstance(cfg_iter, torch.Tensor) and cfg_iter.numel() > 1:
                             cfg_iter = cfg_iter.reshape(-1)[todo]
                         p = self.patch_size

@@ -273,3 +273,10 @@ def test_fast_engine_has_no_host_syncs_in_its_loops(name):
                                                  backend="torch", fast=False))
     if name != "tiny_ar":  # the reference's MAR loop syncs every step
         assert faithful.count("aten::item") + faithful.count("aten::nonzero") > 2 * sum(iters_)
+    # with known pixels: no scalar reads per step either (the nonzero calls left run on the host plan's CPU tensors)
+    g = torch.Generator().manual_seed(3)
+    known = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    mask = torch.rand(2, 3, 16, 16, generator=g) < 0.4
+    names = _top_level_names(lambda: generate(model, labels, num_iter_list=iters_, cfg=2.0, seed=1, backend="torch",
+                                              known=known, known_mask=mask))
+    assert names.count("aten::item") == 2 and names.count("aten::_local_scalar_dense") == 0
