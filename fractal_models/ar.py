@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import attn_dropout, init_vit_weights, kernel_backend, patchify, unpatchify, use_kernel
+from fractal_models.layers import (attn_dropout, init_vit_weights, kernel_backend, known_patches, patchify,
+                                   unpatchify, use_kernel)
 from fractal_models.pixelloss import _is_one
 
 
@@ -304,9 +305,7 @@ class AR(nn.Module):
                                      next_level_sample_function, visualize)
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=device)
         if known is not None:
-            known_p = self.patchify(known.to(device=device, dtype=patches.dtype))
-            known_mask_p = self.patchify(known_mask.to(device=device, dtype=torch.float32)).bool()
-            full = known_mask_p.all(dim=-1)
+            known_p, known_mask_p, full = known_patches(known, known_mask, self.patch_size, patches.dtype, device)
             if fast:  # plan on the host: one device read per call instead of a sync per step
                 todo_cpu = [(~full_cpu_col).nonzero()[:, 0] for full_cpu_col in full.cpu().unbind(1)]
                 todo_sizes = [int(t.numel()) for t in todo_cpu]

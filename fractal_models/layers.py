@@ -76,3 +76,11 @@ def unpatchify(x: torch.Tensor, p: int, grid: int) -> torch.Tensor:
     x = x.reshape(bsz, grid, grid, 3, p, p)
     x = torch.einsum("nhwcpq->nchpwq", x)
     return x.reshape(bsz, 3, grid * p, grid * p)
+
+
+def known_patches(known: torch.Tensor, known_mask: torch.Tensor, p: int, dtype: torch.dtype, device) -> tuple:
+    """Known pixels ``[B, 3, H, W]`` (normalised) and their bool mask -> (patches ``[B, L, 3 p p]``, mask
+    patches ``[B, L, 3 p p]`` bool, fully known patches ``[B, L]`` bool) for a level with patch size ``p``."""
+    known_p = patchify(known.to(device=device, dtype=dtype), p)
+    known_mask_p = patchify(known_mask.to(device=device, dtype=torch.float32), p).bool()
+    return known_p, known_mask_p, known_mask_p.all(dim=-1)

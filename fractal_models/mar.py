@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import (Mlp, attn_dropout, init_vit_weights, kernel_backend, patchify, unpatchify,
-                                   use_kernel)
+from fractal_models.layers import (Mlp, attn_dropout, init_vit_weights, kernel_backend, known_patches, patchify,
+                                   unpatchify, use_kernel)
 from fractal_models.pixelloss import PixelLoss, _is_one
 
 
@@ -232,17 +232,12 @@ class MAR(nn.Module):
                                            known_mask=known_mask, top_p=top_p, draw=draw)
 
         if self.guiding_pixel:
-            sampled_pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold,
-                                                            top_p=top_p, draw=draw, use_cache=fast)
-            if guided:
-                sampled_pixels = torch.cat([sampled_pixels, sampled_pixels], dim=0)
-            cond_list.append(sampled_pixels)
+            cond_list.append(self._sample_guiding_pixel(cond_list, guided, temperature, cfg, filter_threshold,
+                                                        top_p, draw, use_cache=fast))
 
         patches = torch.zeros(bsz, self.seq_len, 3 * self.patch_size ** 2, device=device)
         if known is not None:
-            known_p = self.patchify(known.to(device=device, dtype=patches.dtype))
-            known_mask_p = self.patchify(known_mask.to(device=device, dtype=torch.float32)).bool()
-            full = known_mask_p.all(dim=-1)  # [B, L] patches needing no generation
+            known_p, known_mask_p, full = known_patches(known, known_mask, self.patch_size, patches.dtype, device)
             patches = torch.where(full.unsqueeze(-1), known_p, patches)
             mask = (~full).float()
         else:
@@ -318,6 +313,14 @@ class MAR(nn.Module):
         return self.unpatchify(patches)
 
     # ------------------------------------------------------------------ fast path
+    def _sample_guiding_pixel(self, cond_list: List[torch.Tensor], guided: bool, temperature: float, cfg,
+                              filter_threshold: float, top_p: float, draw, use_cache: bool) -> torch.Tensor:
+        """The guiding pixel of every row ``[rows, 3]`` (doubled for the CFG halves), the extra condition of
+        this level's tokens."""
+        pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold, top_p=top_p,
+                                                draw=draw, use_cache=use_cache)
+        return torch.cat([pixels, pixels], dim=0) if guided else pixels
+
     def _sample_fast(self, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_schedule: str,
                      temperature: float, filter_threshold: float, next_level_sample_function: Callable,
                      visualize=False, *, top_p: float = 1.0, draw=None) -> torch.Tensor:
@@ -338,11 +341,8 @@ class MAR(nn.Module):
         device = cond_list[0].device
         seq_len = self.seq_len
         if self.guiding_pixel:
-            sampled_pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold,
-                                                            top_p=top_p, draw=draw, use_cache=True)
-            if guided:
-                sampled_pixels = torch.cat([sampled_pixels, sampled_pixels], dim=0)
-            cond_list = list(cond_list) + [sampled_pixels]
+            cond_list = list(cond_list) + [self._sample_guiding_pixel(cond_list, guided, temperature, cfg,
+                                                                      filter_threshold, top_p, draw, use_cache=True)]
 
         dim = 3 * self.patch_size ** 2
         patches = torch.zeros(bsz, seq_len, dim, device=device)
@@ -424,16 +424,11 @@ class MAR(nn.Module):
         device = cond_list[0].device
         seq_len, p = self.seq_len, self.patch_size
         if self.guiding_pixel:
-            sampled_pixels = self.guiding_pixel_loss.sample(cond_list, temperature, cfg, filter_threshold,
-                                                            top_p=top_p, draw=draw, use_cache=True)
-            if guided:
-                sampled_pixels = torch.cat([sampled_pixels, sampled_pixels], dim=0)
-            cond_list = list(cond_list) + [sampled_pixels]
+            cond_list = list(cond_list) + [self._sample_guiding_pixel(cond_list, guided, temperature, cfg,
+                                                                      filter_threshold, top_p, draw, use_cache=True)]
 
         patches = torch.zeros(bsz, seq_len, 3 * p ** 2, device=device)
-        known_p = self.patchify(known.to(device=device, dtype=patches.dtype))
-        known_mask_p = self.patchify(known_mask.to(device=device, dtype=torch.float32)).bool()
-        full = known_mask_p.all(dim=-1)  # [B, L] patches needing no generation
+        known_p, known_mask_p, full = known_patches(known, known_mask, p, patches.dtype, device)
         # contiguous: results are written through a flat [B*L, D] view of it
         patches = torch.where(full.unsqueeze(-1), known_p, patches).contiguous()
         full_cpu = full.cpu()  # the one sync of the call
