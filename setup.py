@@ -55,6 +55,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["fractal_kernels", "fractal_kernels.*", "fractal_models", "fractal_models.*",
                                     "benchmarks", "benchmarks.*"]),
+    # the C++ source of the CPU kernels is built on first use (fractal_kernels/cpu): ship it with the package
+    package_data={"fractal_kernels": ["cpu/*.cpp"]},
     # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={

@@ -2,11 +2,13 @@
 
 ``resolve(op, backend, device)`` returns the backend that will run:
 
-* ``"torch"``, ``"triton"``, ``"cuda"`` force one (an unavailable forced backend is an error that says why);
+* ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` force one (an unavailable forced backend is an error that
+  says why);
 * ``None``/``"auto"`` (or the ``FRACTAL_KERNELS_BACKEND`` environment variable) picks: on a CUDA tensor the
   CUDA extension if it is built *and* the op is listed as verified on a real GPU
-  (``benchmarks/results/cuda_verified.json``), else Triton, else PyTorch; on a CPU tensor PyTorch (the
-  Triton interpreter, ``TRITON_INTERPRET=1``, is for testing and must be forced).
+  (``benchmarks/results/cuda_verified.json``), else Triton, else PyTorch; on a CPU tensor the compiled C++
+  CPU kernel for the ops that have one (``CPU_OPS``, see :mod:`fractal_kernels.cpu`) when it builds here,
+  else PyTorch (the Triton interpreter, ``TRITON_INTERPRET=1``, is for testing and must be forced).
 
 ``last_backend(op)`` tells which backend ran last for an op; ``FRACTAL_KERNELS_VERBOSE=1`` prints each choice.
 """
@@ -20,7 +22,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+# ops with a compiled C++ CPU kernel (fractal_kernels/cpu): where PyTorch's per-op dispatch dominates on a CPU
+CPU_OPS = ("pixel_head_sample",)
 # op name -> the function of fractal_kernels._C that implements its CUDA path
 CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows",
                 "tiny_attention": "tiny_attention_fwd"}
@@ -87,6 +91,11 @@ def _cuda_extension() -> Tuple[bool, str]:
     return True, "compiled extension fractal_kernels._C"
 
 
+def _cpu_kernels() -> Tuple[bool, str]:
+    from fractal_kernels import cpu
+    return cpu.status()
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -105,7 +114,8 @@ def _triton() -> Tuple[bool, str]:
 
 def backend_report() -> Dict[str, Tuple[bool, str]]:
     """``{backend: (available, reason)}`` for this process."""
-    return {"cuda": _cuda_extension(), "triton": _triton(), "torch": (True, f"torch {torch.__version__}")}
+    return {"cuda": _cuda_extension(), "triton": _triton(), "cpu": _cpu_kernels(),
+            "torch": (True, f"torch {torch.__version__}")}
 
 
 def available_backends() -> List[str]:
@@ -126,7 +136,7 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` (see module docstring); records it for ``last_backend``."""
     choice = backend or os.environ.get("FRACTAL_KERNELS_BACKEND") or "auto"
     if choice not in BACKENDS + ("auto",):
-        raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'torch', got {choice!r}")
+        raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'cpu', 'torch', got {choice!r}")
     if choice == "cuda":
         ext = _cuda_ext()
         if device.type != "cuda":
@@ -139,9 +149,20 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
             raise BackendUnavailable(f"{op}: backend 'triton' unavailable: {why}")
         if device.type != "cuda" and not triton_interpreting():
             raise BackendUnavailable(f"{op}: backend 'triton' on {device.type} tensors needs TRITON_INTERPRET=1")
+    elif choice == "cpu":
+        if op not in CPU_OPS:
+            raise BackendUnavailable(f"{op}: backend 'cpu' has no kernel for this op (compiled CPU kernels: "
+                                     f"{', '.join(CPU_OPS)}); use 'torch' or None")
+        if device.type != "cpu":
+            raise BackendUnavailable(f"{op}: backend 'cpu' needs CPU tensors, got {device.type} tensors")
+        ok, why = _cpu_kernels()
+        if not ok:
+            raise BackendUnavailable(f"{op}: backend 'cpu' unavailable: {why}")
     elif choice == "auto":
         choice = "torch"
-        if device.type == "cuda":
+        if device.type == "cpu" and op in CPU_OPS and _cpu_kernels()[0]:
+            choice = "cpu"
+        elif device.type == "cuda":
             ext = _cuda_ext()
             if ext is not None and hasattr(ext, CUDA_SYMBOLS.get(op, op)) and op in cuda_verified_ops():
                 choice = "cuda"

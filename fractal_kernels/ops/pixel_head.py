@@ -26,6 +26,7 @@ Randomness: explicit ``uniforms [3, B]`` (channel-major), or Philox4x32-10 keyed
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from typing import List, Optional, Union
@@ -74,10 +75,11 @@ if HAS_TRITON:
     def _pixel_head_kernel(
         cond_ptr, cond_w, cond_b, cb_ptr, mlm_b, ln_w, ln_b,
         n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, nf_w, nf_b,
-        cfg_ptr, u_ptr, ids_ptr, kv_ptr, logits_ptr,
+        cfg_ptr, u_ptr, e_ptr, ids_ptr, kv_ptr, logits_ptr,
         B, C, n_rows, stride_cond,
         scale, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        GUIDED: tl.constexpr, CFG_PER_ROW: tl.constexpr, HAS_UNIFORMS: tl.constexpr, DO_TOP_P: tl.constexpr,
+        GUIDED: tl.constexpr, CFG_PER_ROW: tl.constexpr, HAS_UNIFORMS: tl.constexpr, HAS_EXP: tl.constexpr,
+        DO_TOP_P: tl.constexpr,
         GREEDY: tl.constexpr, WRITE_LOGITS: tl.constexpr,
         W: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, DEPTH: tl.constexpr, HID: tl.constexpr,
         HC: tl.constexpr, BK: tl.constexpr, BLOCK_B: tl.constexpr, V: tl.constexpr,
@@ -191,6 +193,10 @@ if HAS_TRITON:
                 pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
             if GREEDY:
                 idx = tl.argmax(x_s, axis=1)
+            elif HAS_EXP:
+                # exponential race, torch.multinomial's algorithm: argmax of p / e, e ~ Exp(1) given
+                ev = tl.load(e_ptr + (c * B + p64)[:, None] * V + vcols[None, :], mask=vm2, other=1.0)
+                idx = tl.argmax(pr / ev.to(tl.float32), axis=1)
             else:
                 if HAS_UNIFORMS:
                     uni = tl.load(u_ptr + c * B + pix, mask=pmask, other=0.5).to(tl.float64)
@@ -222,7 +228,8 @@ def _block_b(bsz: int, device: torch.device) -> int:
 
 
 def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
-                   top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, block_b=None) -> None:
+                   top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, block_b=None,
+                   exponentials=None) -> None:
     """Run the kernel: ``ids`` ``[B, 3]`` int64 out; ``logits`` (debug) ``[3, rows, 256]`` fp32 raw logits out."""
     w = PixelHeadWeights(*(t.contiguous() for t in weights))
     rows, c_in = cond.shape
@@ -238,11 +245,13 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     grid = (triton.cdiv(bsz, block_b),)
     _pixel_head_kernel[grid](
         cond, *w,
-        cfg_t if cfg_t is not None else dummy, uniforms if uniforms is not None else dummy, ids, kv,
+        cfg_t if cfg_t is not None else dummy, uniforms if uniforms is not None else dummy,
+        exponentials if exponentials is not None else dummy, ids, kv,
         logits if logits is not None else dummy,
         bsz, c_in, n_rows, cond.stride(0),
         head_dim ** -0.5, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        GUIDED=guided, CFG_PER_ROW=cfg_t is not None, HAS_UNIFORMS=uniforms is not None, DO_TOP_P=top_p < 1.0,
+        GUIDED=guided, CFG_PER_ROW=cfg_t is not None, HAS_UNIFORMS=uniforms is not None,
+        HAS_EXP=exponentials is not None, DO_TOP_P=top_p < 1.0,
         GREEDY=greedy, WRITE_LOGITS=logits is not None,
         W=width, H=num_heads, DH=head_dim, DEPTH=depth, HID=hidden,
         HC=min(HIDDEN_CHUNK, max(16, triton.next_power_of_2(hidden))),
@@ -251,23 +260,70 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     )
 
 
+_TRANSPOSED: List[tuple] = []  # (source tensors, their versions, transposed copies), most recent first
+
+
+def _transposed_cpu(w: List[torch.Tensor]) -> List[torch.Tensor]:
+    """cond_w, codebooks, qkv_w, proj_w, fc1_w, fc2_w transposed to ``[..., K, N]`` for the CPU kernel, cached
+    for the last few weight sets. An entry holds its source tensors, so a hit (same tensor objects, same version
+    counters) cannot be a new tensor that reuses freed memory."""
+    src = (w[0], w[2], w[8], w[10], w[14], w[16])
+    versions = tuple(t._version for t in src)
+    for entry in _TRANSPOSED:
+        if all(a is b for a, b in zip(entry[0], src)) and entry[1] == versions:
+            return entry[2]
+    out = [t.transpose(-2, -1).contiguous() for t in src]
+    _TRANSPOSED.insert(0, (src, versions, out))
+    del _TRANSPOSED[4:]
+    return out
+
+
+def _launch_cpu(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
+                top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, exponentials=None) -> None:
+    """Run the compiled C++ kernel (``fractal_kernels/cpu/pixel_head_cpu.cpp``) on CPU tensors; same arguments
+    as :func:`_launch_triton`. Every buffer it reads is made contiguous fp32 (uniforms fp64) here, and kept
+    alive by this frame for the duration of the call."""
+    from fractal_kernels import cpu
+    lib = cpu.library()
+    if lib is None:
+        raise BackendUnavailable(f"pixel_head_sample: backend 'cpu' unavailable: {cpu.status()[1]}")
+    w = [t.float().contiguous() for t in weights]
+    w += _transposed_cpu(w)
+    ptrs = (ctypes.c_void_p * len(w))(*[t.data_ptr() for t in w])
+    cond = cond.float().contiguous()
+    rows, c_in = cond.shape
+    width, depth, hidden = w[4].shape[0], w[8].shape[0], w[14].shape[1]
+    cfg_c = cfg_t.float().contiguous() if cfg_t is not None else None
+    uni = uniforms.double().contiguous() if uniforms is not None else None
+    exp = exponentials.float().contiguous() if exponentials is not None else None
+    draw = 3 if greedy else 2 if exp is not None else 0 if uni is not None else 1
+    ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+    rc = lib.fk_pixel_head_sample_f32(
+        cond.data_ptr(), rows, c_in, ptrs, width, depth, hidden, num_heads, int(guided), ptr(cfg_c),
+        float(cfg_scalar), float(inv_temp), float(filter_threshold), float(top_p), draw, ptr(uni), ptr(exp),
+        (seed_hi << 32) | seed_lo, offset & ((1 << 64) - 1), ids.data_ptr(), ptr(logits))
+    if rc != 0:
+        raise RuntimeError(f"pixel_head_sample: the CPU kernel rejected its arguments (code {rc})")
+
+
 # ---- custom op: one op in a profiler / torch.compile graph ------------------------------------------------
 
 @torch.library.custom_op("fractal_kernels::pixel_head_sample", mutates_args=())
 def _pixel_head_op(cond: torch.Tensor, weights: List[torch.Tensor], num_heads: int, guided: bool,
                    cfg: Optional[torch.Tensor], cfg_scalar: float, inv_temp: float, filter_threshold: float,
                    top_p: float, greedy: bool, uniforms: Optional[torch.Tensor], seed_lo: int, seed_hi: int,
-                   offset: int) -> torch.Tensor:
+                   offset: int, exponentials: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
     bsz = cond.shape[0] // 2 if guided else cond.shape[0]
     ids = torch.empty(bsz, 3, dtype=torch.int64, device=cond.device)
-    _launch_triton(cond, PixelHeadWeights(*weights), num_heads, guided, cfg, cfg_scalar, inv_temp, filter_threshold,
-                   top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids)
+    launch = _launch_cpu if kernel == "cpu" else _launch_triton
+    launch(cond, PixelHeadWeights(*weights), num_heads, guided, cfg, cfg_scalar, inv_temp, filter_threshold,
+           top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, exponentials=exponentials)
     return ids
 
 
 @_pixel_head_op.register_fake
 def _(cond, weights, num_heads, guided, cfg, cfg_scalar, inv_temp, filter_threshold, top_p, greedy, uniforms,
-      seed_lo, seed_hi, offset):
+      seed_lo, seed_hi, offset, exponentials, kernel):
     bsz = cond.shape[0] // 2 if guided else cond.shape[0]
     return cond.new_empty(bsz, 3, dtype=torch.int64)
 
@@ -315,7 +371,8 @@ def _kernel_supports(width: int) -> bool:
     return MIN_W <= width <= MAX_W and width & (width - 1) == 0
 
 
-def _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms, offset):
+def _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms, offset,
+           exponentials=None):
     if not isinstance(cond, torch.Tensor) or cond.dim() != 2:
         raise ValueError(f"cond: expected a [rows, C] tensor, got {_shape(cond)}")
     if not cond.is_floating_point():
@@ -354,6 +411,15 @@ def _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold,
                              f"{_shape(uniforms) if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__}")
         if uniforms.device != cond.device:
             raise ValueError(f"uniforms: on {uniforms.device}, cond on {cond.device}")
+    if exponentials is not None:
+        if uniforms is not None:
+            raise ValueError("exponentials: give uniforms or exponentials, not both")
+        if (not isinstance(exponentials, torch.Tensor) or tuple(exponentials.shape) != (3, bsz, VOCAB)
+                or not exponentials.is_floating_point()):
+            raise ValueError(f"exponentials: expected a float tensor of shape (3, {bsz}, {VOCAB}) of Exp(1) noise, got "
+                             f"{_shape(exponentials) if isinstance(exponentials, torch.Tensor) else type(exponentials).__name__}")
+        if exponentials.device != cond.device:
+            raise ValueError(f"exponentials: on {exponentials.device}, cond on {cond.device}")
     if not (isinstance(offset, int) and 0 <= offset < 2 ** 63):
         raise ValueError(f"offset: expected an int in [0, 2^63), got {offset!r}")
     return w, guided, bsz
@@ -389,6 +455,7 @@ def pixel_head_sample(
     offset: int = 0,
     generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
+    exponentials: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample whole pixels with FractalGen's pixel head; returns int64 ids ``[B, 3]`` (R, G, B in 0..255).
 
@@ -404,14 +471,20 @@ def pixel_head_sample(
     Note: ``PixelLoss.sample``'s temperature *multiplies* the logits; pass ``1 / t`` here.
 
     Randomness: ``uniforms`` ``[3, B]`` (channel-major) if given, else Philox ``(seed, offset + channel * B +
-    pixel)`` (``seed=None`` draws one from ``generator`` or the global RNG); identical on both backends.
+    pixel)`` (``seed=None`` draws one from ``generator`` or the global RNG); identical on every backend. Or
+    ``exponentials`` ``[3, B, 256]`` of Exp(1) noise: channel ``c`` takes ``argmax(probs / exponentials[c])``,
+    ``torch.multinomial``'s algorithm, so passing the noise it would draw (``torch.empty(B, 256).exponential_()``
+    per channel) picks what ``torch.multinomial(probs, 1)`` picks (``PixelLoss`` uses this to keep the
+    reference's random stream on a CPU).
     A pixel whose channel-``c`` logits have no finite value (NaN condition or weights) gets -1 for channel
-    ``c`` and every later channel. ``backend``: None/"auto" (Triton on CUDA tensors, else PyTorch), "torch",
-    "triton"; there is no "cuda" kernel (forcing it raises ``BackendUnavailable``). The Triton kernel takes
-    widths that are powers of two in 16..128; auto dispatch runs other widths on the torch backend.
+    ``c`` and every later channel. ``backend``: None/"auto" (Triton on CUDA tensors, the compiled C++ kernel
+    on CPU tensors when it builds, else PyTorch), "torch", "triton", "cpu"; there is no "cuda" kernel (forcing
+    it raises ``BackendUnavailable``). The Triton kernel takes widths that are powers of two in 16..128; auto
+    dispatch runs other widths on the torch backend. The CPU kernel takes any width; its logits agree with the
+    torch backend's to ~1e-6 (another summation order), so ids can differ where two candidates nearly tie.
     """
     w, guided, bsz = _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms,
-                            offset)
+                            offset, exponentials)
     which = _choose(backend, cond.device, w.ln_w.shape[0])
     if bsz == 0:
         return torch.empty(0, 3, dtype=torch.int64, device=cond.device)
@@ -422,20 +495,21 @@ def pixel_head_sample(
     if guided and not isinstance(cfg, torch.Tensor) and float(cfg) == 1.0:
         # cfg = 1 is the conditional distribution (as in sample_logits): the uncond rows never matter
         guided, cond = False, cond[:bsz]
-    if uniforms is None and not greedy and seed is None:
+    if uniforms is None and exponentials is None and not greedy and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     seed = int(seed or 0) & ((1 << 64) - 1)
 
     if which == "torch":
         u = uniforms
-        if u is None and not greedy:
+        if u is None and not greedy and exponentials is None:
             u = philox_uniform(seed, offset, 3 * bsz, cond.device).reshape(3, bsz)
         return pixel_head_sample_reference(cond, w, num_heads, guided=guided, cfg=cfg, inv_temperature=inv_temp,
                                            filter_threshold=float(filter_threshold), top_p=float(top_p), uniforms=u,
-                                           greedy=greedy)
+                                           greedy=greedy, exponentials=exponentials)
     cfg_t = cfg.reshape(-1).float().contiguous() if isinstance(cfg, torch.Tensor) else None
     cfg_scalar = 1.0 if cfg_t is not None else float(cfg)
     uni = uniforms.contiguous() if uniforms is not None else None  # fp64 uniforms stay fp64, as in sample_logits
+    exp = exponentials.contiguous() if exponentials is not None and not greedy else None
     return _pixel_head_op(cond if cond.stride(1) == 1 else cond.contiguous(), list(w), num_heads, guided, cfg_t,
                           cfg_scalar, inv_temp, float(filter_threshold), float(top_p), greedy, uni,
-                          seed & 0xFFFFFFFF, seed >> 32, int(offset))
+                          seed & 0xFFFFFFFF, seed >> 32, int(offset), exp, which)

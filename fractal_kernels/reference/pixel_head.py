@@ -132,6 +132,7 @@ def pixel_head_sample_reference(
     uniforms: Optional[torch.Tensor],
     greedy: bool = False,
     return_logits: bool = False,
+    exponentials: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Sample R, G, B ids ``[B, 3]`` (int64) for conditions ``cond`` (``[2B, C]`` cond rows then uncond rows
     when ``guided``, else ``[B, C]``).
@@ -141,6 +142,9 @@ def pixel_head_sample_reference(
     both row ``b`` and row ``B + b``. A pixel whose channel-``c`` logits have no finite value (e.g. a NaN
     condition) gets id -1 for channel ``c`` and every later channel (they would condition on it).
     ``return_logits`` also returns the raw logits ``[3, rows, 256]`` (before temperature / CFG).
+    ``exponentials`` ``[3, B, 256]`` (Exp(1) noise, instead of ``uniforms``): channel ``c`` draws
+    ``argmax(probs / exponentials[c])``, the algorithm of ``torch.multinomial(probs, 1)``, which with the noise
+    it would draw (``torch.empty_like(probs).exponential_()``) picks exactly the same index.
     """
     w = PixelHeadWeights(*(t.float() for t in weights))
     rows = cond.shape[0]
@@ -154,10 +158,14 @@ def pixel_head_sample_reference(
         h = pixel_head_hidden_reference(torch.stack(tokens, dim=1), w, num_heads)[:, c]  # [rows, W]
         logits = h @ w.codebooks[c].t() + w.mlm_bias[c]  # [rows, 256]
         all_logits.append(logits)
-        drawn, _ = sample_logits_reference(
+        race = exponentials is not None and not greedy
+        drawn, probs = sample_logits_reference(
             logits[:bsz], logits[bsz:] if guided else None, cfg=cfg, inv_temperature=inv_temperature,
             filter_threshold=filter_threshold, top_p=top_p, top_k=0,
-            uniforms=None if uniforms is None else uniforms[c], greedy=greedy)
+            uniforms=torch.zeros(bsz, device=device) if race else None if uniforms is None else uniforms[c],
+            greedy=greedy)
+        if race:  # the inverse-CDF draw above only told which rows are valid
+            drawn = torch.where(drawn >= 0, (probs / exponentials[c].float()).argmax(dim=-1), drawn)
         drawn = torch.where(dead, torch.full_like(drawn, -1), drawn)
         dead = dead | (drawn < 0)
         ids[:, c] = drawn

@@ -47,7 +47,25 @@ def test_auto_prefers_cuda_only_when_verified(monkeypatch):
 
 def test_report_lists_every_backend():
     report = dispatch.backend_report()
-    assert set(report) == {"cuda", "triton", "torch"} and report["torch"][0]
+    assert set(report) == {"cuda", "triton", "cpu", "torch"} and report["torch"][0]
+
+
+def test_cpu_backend_only_for_ops_with_a_cpu_kernel(monkeypatch):
+    """auto on a CPU tensor: the compiled CPU kernel for the ops in CPU_OPS when it builds, PyTorch for the rest;
+    a forced "cpu" elsewhere (another op, a CUDA tensor, no compiler) is an error that says why."""
+    cpu_dev = torch.device("cpu")
+    assert dispatch.CPU_OPS == ("pixel_head_sample",)
+    monkeypatch.setattr(dispatch, "_cpu_kernels", lambda: (True, "compiled C++"))
+    assert resolve("pixel_head_sample", None, cpu_dev) == "cpu"
+    assert resolve("sample_logits", None, cpu_dev) == "torch"
+    with pytest.raises(BackendUnavailable, match="sample_logits: backend 'cpu' has no kernel"):
+        resolve("sample_logits", "cpu", cpu_dev)
+    with pytest.raises(BackendUnavailable, match="needs CPU tensors"):
+        resolve("pixel_head_sample", "cpu", torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "_cpu_kernels", lambda: (False, "no C++ compiler found"))
+    assert resolve("pixel_head_sample", None, cpu_dev) == "torch"
+    with pytest.raises(BackendUnavailable, match="no C\\+\\+ compiler"):
+        resolve("pixel_head_sample", "cpu", cpu_dev)
 
 
 def test_jit_fallback_sources_and_cpu_behaviour(monkeypatch):

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fractal_kernels import pixel_head_sample
+from fractal_kernels import cpu, pixel_head_sample
 from fractal_kernels.dispatch import BackendUnavailable, last_backend
 from fractal_kernels.ops.pixel_head import _launch_triton
 from fractal_kernels.reference.philox import philox_uniform
@@ -263,7 +263,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="offset"):
         pixel_head_sample(cond, w, 2, cfg=2.0, seed=1, offset=-1)
     with pytest.raises(ValueError, match="backend"):
-        pixel_head_sample(cond, w, 2, cfg=2.0, backend="cpu")
+        pixel_head_sample(cond, w, 2, cfg=2.0, backend="gpu")
     with pytest.raises(BackendUnavailable, match="pixel_head_sample.*CUDA"):
         pixel_head_sample(cond, w, 2, cfg=2.0, backend="cuda")
 
@@ -274,8 +274,8 @@ def test_unsupported_width_runs_on_torch_only():
     cond, u = conds(3, False), unis(3)
     with pytest.raises(ValueError, match="W=48"):
         pixel_head_sample(cond, w, 2, uniforms=u, backend="triton")
-    ids = pixel_head_sample(cond, w, 2, uniforms=u)  # auto: the torch backend on CPU
-    assert ids.shape == (3, 3) and last_backend("pixel_head_sample") == "torch"
+    ids = pixel_head_sample(cond, w, 2, uniforms=u)  # auto on CPU: the compiled CPU kernel (any width) or torch
+    assert ids.shape == (3, 3) and last_backend("pixel_head_sample") == ("cpu" if cpu.status()[0] else "torch")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the NaN row's math
