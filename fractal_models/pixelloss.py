@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
+from fractal_kernels.reference.pixel_head import VOCAB
 from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
 from fractal_models.layers import Mlp, attn_dropout, init_vit_weights, kernel_backend, use_kernel
 
@@ -293,11 +294,13 @@ class PixelLoss(nn.Module):
         bsz = rows // 2 if guided else rows
         device = cond.device
         draw = draw or multinomial_draw
-        if (use_kernel(self.backend, device) and known is None and not return_probs
+        head_backend = self._fused_head_backend(device)
+        if (head_backend is not None and known is None and not return_probs
                 and (draw is multinomial_draw or hasattr(draw, "uniforms"))
                 and not self.__dict__.get("_fused_head_failed")):
             try:
-                return self._sample_fused_head(cond, bsz, guided, temperature, cfg, filter_threshold, top_p, draw)
+                return self._sample_fused_head(cond, bsz, guided, temperature, cfg, filter_threshold, top_p, draw,
+                                               head_backend)
             except Exception as e:  # noqa: BLE001 - auto dispatch degrades, a forced backend does not
                 if self.backend != "auto":
                     raise
@@ -363,27 +366,54 @@ class PixelLoss(nn.Module):
             return pixel_values, torch.stack(all_probs)
         return pixel_values
 
+    def _fused_head_backend(self, device: torch.device) -> Optional[str]:
+        """The ``pixel_head_sample`` backend :meth:`sample_cached` runs the whole pixel with, or None for the
+        KV-cached PyTorch path: the model's kernel backend on a GPU; on a CPU with ``backend="auto"``, the
+        compiled C++ kernel when it builds here (fp32 weights, no autocast: it computes in fp32 only, so a bf16
+        run keeps the PyTorch path whose rounding matches the reference's)."""
+        if use_kernel(self.backend, device):
+            return "triton" if self.backend == "cuda" else self.backend  # no CUDA-extension version of this op
+        if (self.backend == "auto" and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and self.cond_proj.weight.dtype == torch.float32):
+            from fractal_kernels import cpu
+            if cpu.library() is not None:
+                return "cpu"
+        return None
+
     def _sample_fused_head(self, cond: torch.Tensor, bsz: int, guided: bool, temperature: float, cfg: CfgLike,
-                           filter_threshold: float, top_p: float, draw: PixelDraw) -> torch.Tensor:
+                           filter_threshold: float, top_p: float, draw: PixelDraw,
+                           backend: Optional[str] = None) -> torch.Tensor:
         """The whole pixel (3 channels, both CFG halves, the sampler) in one :func:`fractal_kernels.pixel_head_sample`
-        call: one launch on a GPU instead of ~150 ops. Draws: Philox from one seed per call, or ``draw.uniforms``
-        (the equivalence mode), in which case the reference's rounding-noise draws are made too, so the global
-        RNG stream (and the random orders of the levels above) stays the reference's."""
+        call: one launch on a GPU (one C++ call on a CPU) instead of ~100 ops.
+
+        Draws: with ``draw.uniforms`` (the equivalence mode) those uniforms; on the CPU kernel with the reference's
+        ``torch.multinomial`` draw, the Exp(1) noise ``torch.multinomial`` would draw, made here in the reference's
+        order, so the op picks the reference's ids (up to near-ties of the logits' last bits); else Philox from
+        one seed per call. In the first two modes the reference's rounding-noise draws are made too, so the
+        global RNG stream (and the random orders of the levels above) stays the reference's."""
         from fractal_kernels.ops.pixel_head import pixel_head_sample
         device = cond.device
-        uniforms = None
+        uniforms = exponentials = None
         if hasattr(draw, "uniforms"):
             uniforms = torch.stack([draw.uniforms(bsz, c).to(device) for c in range(3)])
             for _ in range(3):
                 torch.randn(cond.size(0), 3, device=device)
+        elif backend == "cpu":
+            # per channel the reference draws randn(rows, 3) (rounding noise), then multinomial's Exp(1) noise
+            exponentials = torch.empty(3, bsz, VOCAB, device=device)
+            for c in range(3):
+                torch.randn(cond.size(0), 3, device=device)
+                exponentials[c].exponential_()
         cfg_arg = cfg
-        if isinstance(cfg, torch.Tensor):
+        if not guided:  # e.g. per-row cfg values that are all 1 (known pixels at cfg 1): unguided rows only
+            cfg_arg = 1.0
+        elif isinstance(cfg, torch.Tensor):
             cfg_arg = cfg.reshape(-1).to(device) if cfg.numel() > 1 else float(cfg)
         ids = pixel_head_sample(cond, self._packed_weights(), self.blocks[0].attn.num_heads if self.blocks else 1,
                                 guided=guided, cfg=cfg_arg, temperature=1.0 / temperature,
                                 filter_threshold=filter_threshold, top_p=top_p, uniforms=uniforms,
-                                # no CUDA-extension version of this op: a "cuda" model runs its Triton kernel
-                                backend="triton" if self.backend == "cuda" else self._op_backend())
+                                exponentials=exponentials,
+                                backend=backend or self._fused_head_backend(device))
         return self._ids_to_values(ids)
 
     def _ids_to_values(self, ids: torch.Tensor) -> torch.Tensor:
@@ -403,7 +433,13 @@ class PixelLoss(nn.Module):
         """This head's weights packed for :func:`pixel_head_sample`, re-packed only when a parameter changed
         (in place or replaced: keyed on storage pointers and version counters)."""
         from fractal_kernels.reference.pixel_head import pack_pixel_head_weights
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        # the submodules are listed once (walking the module tree each call costs more than the fused CPU head);
+        # their parameter dicts are read every call, so a replaced parameter is seen
+        modules = self.__dict__.get("_module_list")
+        if modules is None:
+            modules = self.__dict__["_module_list"] = list(self.modules())
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                    for m in modules for p in m._parameters.values() if p is not None)
         cached = self.__dict__.get("_packed_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
