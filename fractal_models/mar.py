@@ -544,6 +544,31 @@ def _neighbour_table(grid: int, device) -> torch.Tensor:
 
 def _block_fast(block: Block, x: torch.Tensor) -> torch.Tensor:
     """:class:`Block` in eval mode without the no-op dropout calls (same math, op for op)."""
-    x = x + block.attn.project(block.norm1(x))
+    attn = block.attn
+    if (x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+            and not use_kernel(attn.backend, x.device)):
+        return _block_fp32(block, x)
+    x = x + attn.project(block.norm1(x))
     mlp = block.mlp
     return x + mlp.fc2(mlp.act(mlp.fc1(block.norm2(x))))
+
+
+def _ln(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _block_fp32(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode block on fp32 without autocast, on the reference math with fewer dispatches: functional
+    calls instead of module calls, and no no-op casts, autocast context or explicit ``scores - max(scores)``.
+    Bit-identical to the reference: in fp32 the casts are no-ops, and softmax subtracts the row maximum itself
+    (``(s - m) - 0`` rounds exactly like ``s - m``), so the exponentials see the same fp32 values (the fast-engine
+    tests compare images bit for bit)."""
+    attn, mlp = block.attn, block.mlp
+    bsz, seq, c = x.shape
+    qkv = F.linear(_ln(block.norm1, x), attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.reshape(bsz, seq, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = torch.softmax((q @ k.transpose(-2, -1)) * attn.scale, dim=-1)
+    o = (probs @ v).transpose(1, 2).reshape(bsz, seq, c)
+    x = x + F.linear(o, attn.proj.weight, attn.proj.bias)
+    h = F.gelu(F.linear(_ln(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias))
+    return x + F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
