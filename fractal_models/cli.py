@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--backend torch in fp32)")
     s.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # the default since the fast engine landed
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
-                   help="kernels: auto = fused kernels on a GPU, reference math on a CPU; torch = reference math")
+                   help="kernels: auto = fused kernels on a GPU, reference math + the compiled C++ pixel head on a "
+                        "CPU; torch = reference math (bit-exact)")
     s.add_argument("--compile", action="store_true", help="torch.compile the tiny levels' transformer stacks")
     s.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for those stacks (CUDA only; implies --compile)")
     s.add_argument("--num-images", type=int, default=None,

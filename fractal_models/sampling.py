@@ -124,8 +124,10 @@ def generate(
 
     The switchboard (safe defaults; the same seed gives the same images for the same settings and device):
 
-    * ``backend`` -- the kernels for this call: ``"auto"`` (default: the fused Triton/CUDA kernels on a GPU,
-      the reference math on a CPU), ``"torch"`` (the faithful reference math everywhere), ``"triton"``,
+    * ``backend`` -- the kernels for this call: ``"auto"`` (default: the fused Triton/CUDA kernels on a GPU;
+      on a CPU the reference math plus the compiled C++ pixel head, one call per pixel batch, fed the
+      reference's own random draws: the same pixels unless a draw lands within ~1e-6 of a tie, see
+      :mod:`fractal_kernels.cpu`), ``"torch"`` (the faithful reference math everywhere, bit-exact), ``"triton"``,
       ``"cuda"``, or ``None`` to keep the model's own backend.
     * ``fast`` -- the fast generation engine (default): KV caches in the pixel heads and the AR levels, the
       MAR/AR step loops without host syncs (the schedule is computed on the host up front), conditions

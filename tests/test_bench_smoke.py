@@ -30,9 +30,16 @@ def test_smoke_run_writes_documented_schema(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| e2e | generate[faithful] | torch |" in out and "| e2e | generate[fast] | torch |" in out
     fast = [r for r in doc["rows"] if r["suite"] == "e2e" and r["name"] == "generate[fast]" and not r["skipped"]]
-    assert fast and all("images identical to faithful" in r["check"] for r in fast)
+    assert fast and all("images identical to faithful" in r["check"] for r in fast if r["backend"] == "torch")
+    from fractal_kernels import cpu
+    auto = [r for r in fast if r["backend"] == "auto"]
+    assert len(auto) == (3 if cpu.status()[0] and not torch.cuda.is_available() else 0)
+    assert all(r["metrics"]["identical_subpixels"] >= 0.99 for r in auto)  # the compiled CPU pixel head
     counts = {r["name"]: r for r in doc["rows"] if r["suite"] == "opcount" and r["shape"].get("config") == "tiny_mar"}
     assert counts["generate[fast]"]["metrics"]["ops"] < counts["generate[faithful]"]["metrics"]["ops"]
+    if "generate[fast,auto]" in counts:
+        assert counts["generate[fast,auto]"]["metrics"]["ops"] < counts["generate[fast]"]["metrics"]["ops"]
+        assert counts["generate[fast,auto]"]["metrics"]["identical_subpixels"] >= 0.99
     if not torch.cuda.is_available():
         assert "No GPU here" in out
 

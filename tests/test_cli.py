@@ -47,15 +47,19 @@ def test_sample_from_checkpoint_is_deterministic(tmp_path):
 
 
 def test_sample_fast_default_equals_faithful(tmp_path):
-    """The CLI samples with the fast engine by default; on a CPU (reference math) it writes the same PNG as the
-    reference loop (--faithful), bit for bit."""
+    """The CLI samples with the fast engine by default. With --backend torch it writes the same PNG as the
+    reference loop (--faithful), bit for bit; the default (on a CPU: + the compiled C++ pixel head, fed the
+    reference's draws) the same pixels up to near-ties of the draws (measured identical; bound 99 %)."""
+    from PIL import Image
     outs = []
     for extra in ([], ["--faithful"], ["--backend", "torch"]):
         out = tmp_path / f"g{len(outs)}.png"
         assert main(["sample", "--config", "tiny_mar_gp", "--labels", "1,4", "--cfg", "3", "--seed", "2",
                      "--num-iter-list", "2,2,2", "--output", str(out), "--quiet", *extra]) == 0
-        outs.append(out.read_bytes())
-    assert outs[0] == outs[1] == outs[2]
+        outs.append(out)
+    assert outs[1].read_bytes() == outs[2].read_bytes()
+    default, faithful = (np.asarray(Image.open(p)) for p in outs[:2])
+    assert default.shape == faithful.shape and (default == faithful).mean() >= 0.99
 
 
 def test_nll(tmp_path, capsys):
