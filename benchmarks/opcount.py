@@ -121,7 +121,8 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
       here; ``tests/models/test_kernel_backends.py`` checks them against the torch path with shared uniforms.
 
     Random weights (seed 0); ``num_iter_list`` None = the reference's defaults; ``kernels`` None = when
-    :func:`kernel_row_available`. Timed rows run ``repeats`` unprofiled times after the profiled one."""
+    :func:`kernel_row_available`. Timed rows: after the profiled calls, one untimed round of every timed variant,
+    then ``repeats`` rounds of one call each, the variants interleaved (the median per variant is reported)."""
     torch.manual_seed(0)
     model = build_model(config).to(device).eval()
     model.set_backend("torch")
@@ -136,6 +137,18 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
     res = {name: count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg, backend=backend)
            for name, fast, backend in variants}
     base = res["generate[faithful]"]
+    # Timing, round-robin: one untimed call of each variant, then `repeats` rounds of one call each, so slow
+    # drifts of the process (allocator growth, the profiler's leftovers, a busy neighbour) hit every variant
+    # alike and the speed-ups compare like with like.
+    timed_variants = [(name, fast, backend) for name, fast, backend in variants
+                      if time_it and not (backend == "triton" and device.type != "cuda")]
+    times: Dict[str, List[float]] = {name: [] for name, _, _ in timed_variants}
+    for rnd in range(repeats + 1):
+        for name, fast, backend in timed_variants:
+            t = time_fn(lambda f=fast, b=backend: generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0,
+                                                           fast=f, backend=b), device, warmup=0, repeats=1)
+            if rnd:
+                times[name] += t
     rows = []
     for name, fast, backend in variants:
         r = res[name]
@@ -155,11 +168,8 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
                      f"{float(same.float().mean()):.4%} of sub-pixels identical to faithful")
         else:
             check = "baseline"
-        timed = time_it and not (backend == "triton" and device.type != "cuda")
-        if timed:
-            timing = summarize(time_fn(lambda f=fast, b=backend: generate(model, labels, num_iter_list=iters, cfg=cfg,
-                                                                           seed=0, fast=f, backend=b),
-                                       device, warmup=0, repeats=repeats))
+        if name in times:
+            timing = summarize(times[name])
             metrics["images_per_s"] = batch / timing["median_s"]
         else:
             timing = None  # counted, not timed (the interpreter's time means nothing)
@@ -204,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.opcount", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)

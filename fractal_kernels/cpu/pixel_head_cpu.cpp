@@ -2,8 +2,9 @@
 //
 // The CPU twin of the Triton kernel in fractal_kernels/ops/pixel_head.py, for the same reason: done with
 // PyTorch ops a pixel-head call is ~100 dispatches of tensors far too small to amortise them (a pixel is a
-// few thousand FLOPs). Here each pixel's rows go through the 4-token causal transformer with a KV cache
-// (channel c runs token c only) in plain loops, then the sampler, then the next token.
+// few thousand FLOPs). Here a tile of 16 pixels (their cond and uncond rows) goes through the 4-token causal
+// transformer with a KV cache (channel c runs token c only), each weight matrix read once per tile, then each
+// pixel's sampler, then the next token.
 //
 // Plain C ABI, no torch headers: the library builds with one compiler call in about a second and is loaded
 // with ctypes (fractal_kernels/cpu/__init__.py). The caller validates shapes, dtypes and contiguity; all
@@ -18,7 +19,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace {

@@ -16,7 +16,7 @@ import torch
 
 from fractal_kernels import cpu, pixel_head_sample
 from fractal_kernels.dispatch import BackendUnavailable, last_backend
-from fractal_kernels.ops.pixel_head import _launch_triton
+from fractal_kernels.ops.pixel_head import _launch_cpu, _launch_triton
 from fractal_kernels.reference.philox import philox_uniform
 from fractal_kernels.reference.pixel_head import pack_pixel_head_weights, pixel_head_sample_reference
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelLoss
@@ -128,9 +128,13 @@ def test_triton_matches_torch_grid(case, bsz, config):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "cpu"])
 @pytest.mark.parametrize("guided", [False, True])
-def test_kernel_logits_and_several_programs(guided):
-    """The debug path: the kernel's raw logits of every channel and row, with 3 programs of 16 pixels."""
+def test_kernel_logits_and_several_programs(guided, kernel):
+    """The debug path: the kernel's raw logits of every channel and row, with 3 programs (Triton) / tiles (the
+    compiled CPU kernel) of 16 pixels."""
+    if kernel == "cpu" and not cpu.status()[0]:
+        pytest.skip(f"compiled CPU kernels unavailable: {cpu.status()[1]}")
     heads = CONFIGS[2][2]
     m = head(*CONFIGS[2])
     w = pack_pixel_head_weights(m)
@@ -141,8 +145,8 @@ def test_kernel_logits_and_several_programs(guided):
                                                       uniforms=u, return_logits=True)
     ids = torch.empty(bsz, 3, dtype=torch.int64)
     logits = torch.full((3, cond.shape[0], 256), float("nan"))
-    _launch_triton(cond, w, heads, guided, None, 2.0 if guided else 1.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids,
-                   logits=logits, block_b=16)
+    launch = functools.partial(_launch_triton, block_b=16) if kernel == "triton" else _launch_cpu
+    launch(cond, w, heads, guided, None, 2.0 if guided else 1.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids, logits=logits)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(ids, ref_ids)
 
