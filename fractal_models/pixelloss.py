@@ -438,8 +438,8 @@ class PixelLoss(nn.Module):
         modules = self.__dict__.get("_module_list")
         if modules is None:
             modules = self.__dict__["_module_list"] = list(self.modules())
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device)
-                    for m in modules for p in m._parameters.values() if p is not None)
+        # a dtype or device change makes new storage, so the pointer and version counter cover it
+        key = tuple((p.data_ptr(), p._version) for m in modules for p in m._parameters.values() if p is not None)
         cached = self.__dict__.get("_packed_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -287,7 +287,7 @@ def _launch_cpu(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_s
     lib = cpu.library()
     if lib is None:
         raise BackendUnavailable(f"pixel_head_sample: backend 'cpu' unavailable: {cpu.status()[1]}")
-    w = [t.float().contiguous() for t in weights]
+    w = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in weights]
     w += _transposed_cpu(w)
     ptrs = (ctypes.c_void_p * len(w))(*[t.data_ptr() for t in w])
     cond = cond.float().contiguous()
