@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from typing import Optional, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -91,6 +92,10 @@ def library() -> Optional[ctypes.CDLL]:
         with _LOCK:
             if "lib" not in _STATE:
                 _STATE["lib"], _STATE["why"] = _load()
+                if _STATE["lib"] is None and os.environ.get("FRACTAL_KERNELS_CPU", "1") != "0":
+                    # auto dispatch then quietly runs the slower PyTorch path: say so once
+                    warnings.warn(f"fractal_kernels: compiled CPU kernels unavailable ({_STATE['why']}); CPU ops run "
+                                  f"on PyTorch (FRACTAL_KERNELS_CPU=0 silences this)", RuntimeWarning, stacklevel=2)
     return _STATE["lib"]
 
 

@@ -179,3 +179,16 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert os.path.dirname(path) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(path)]
     mtime = os.path.getmtime(path)
     assert cpu._build(cpu._compiler()) == path and os.path.getmtime(path) == mtime
+
+
+def test_a_failed_build_warns_once_and_auto_falls_back(monkeypatch):
+    """No working compiler: one RuntimeWarning naming the reason, status() says why, auto runs torch."""
+    monkeypatch.setattr(cpu, "_STATE", {})
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.delenv("FRACTAL_KERNELS_CPU", raising=False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert cpu.library() is None
+    assert cpu.status() == (False, "no C++ compiler found (set CXX, or install g++/clang++)")
+    w = pack_pixel_head_weights(head(16, 1, 2))
+    pixel_head_sample(conds(2, False), w, 2, seed=1)
+    assert last_backend("pixel_head_sample") == "torch"
