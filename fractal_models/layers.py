@@ -39,6 +39,15 @@ def use_kernel(backend: str, device: Optional[torch.device] = None) -> bool:
     return True
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` (torch >= 2.4 takes the device; older ones have per-device
+    functions)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def attn_dropout(module_training: bool, p: float) -> float:
     """The dropout probability an attention call applies (0 in eval mode)."""
     return p if module_training else 0.0

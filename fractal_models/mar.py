@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import (Mlp, attn_dropout, init_vit_weights, kernel_backend, known_patches, patchify,
-                                   unpatchify, use_kernel)
+from fractal_models.layers import (Mlp, attn_dropout, autocast_on, init_vit_weights, kernel_backend, known_patches,
+                                   patchify, unpatchify, use_kernel)
 from fractal_models.pixelloss import PixelLoss, _is_one
 
 
@@ -545,7 +545,7 @@ def _neighbour_table(grid: int, device) -> torch.Tensor:
 def _block_fast(block: Block, x: torch.Tensor) -> torch.Tensor:
     """:class:`Block` in eval mode without the no-op dropout calls (same math, op for op)."""
     attn = block.attn
-    if (x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    if (x.dtype == torch.float32 and not autocast_on(x.device.type)
             and not use_kernel(attn.backend, x.device)):
         return _block_fp32(block, x)
     x = x + attn.project(block.norm1(x))

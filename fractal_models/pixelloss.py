@@ -17,7 +17,7 @@ from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
 from fractal_kernels.reference.pixel_head import VOCAB
 from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
-from fractal_models.layers import Mlp, attn_dropout, init_vit_weights, kernel_backend, use_kernel
+from fractal_models.layers import Mlp, attn_dropout, autocast_on, init_vit_weights, kernel_backend, use_kernel
 
 PIX_MEAN = (0.485, 0.456, 0.406)
 PIX_STD = (0.229, 0.224, 0.225)
@@ -373,7 +373,7 @@ class PixelLoss(nn.Module):
         run keeps the PyTorch path whose rounding matches the reference's)."""
         if use_kernel(self.backend, device):
             return "triton" if self.backend == "cuda" else self.backend  # no CUDA-extension version of this op
-        if (self.backend == "auto" and device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if (self.backend == "auto" and device.type == "cpu" and not autocast_on("cpu")
                 and self.cond_proj.weight.dtype == torch.float32):
             from fractal_kernels import cpu
             if cpu.library() is not None:
