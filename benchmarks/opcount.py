@@ -61,8 +61,8 @@ def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
     # The calling thread: the profiler numbers threads itself, so take the thread of the earliest operator
     # (fn runs on this thread; workers only ever run operators inside one of its operators).
     main = min(events, key=lambda e: e.start_ns()).start_thread_id()
-    spans = sorted(((e.start_ns(), e.end_ns()) for e in events if e.start_thread_id() == main),
-                   key=lambda s: (s[0], -s[1]))
+    mine = [e for e in events if e.start_thread_id() == main]
+    spans = sorted(((e.start_ns(), e.end_ns()) for e in mine), key=lambda s: (s[0], -s[1]))
     top = 0
     cur = None  # (start, end) of the current top-level operator
     for start, end in spans:
@@ -72,7 +72,6 @@ def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
         cur = (start, end)
     # every operator event except those inside a custom op (one kernel launch on a GPU; on a CPU run through
     # the Triton interpreter, what is inside is the interpreter's own tensor work)
-    mine = [e for e in events if e.start_thread_id() == main]
     custom = sorted((e.start_ns(), e.end_ns()) for e in mine if e.name().startswith(CUSTOM_NAMESPACES))
     starts = [c[0] for c in custom]
     inside = 0

@@ -362,7 +362,6 @@ class AR(nn.Module):
         bsz = rows // 2 if guided else rows
         device = cond_list[0].device
         dim = 3 * self.patch_size ** 2
-        patches = torch.zeros(bsz, self.seq_len, dim, device=device)
         self.setup_caches(rows, self.seq_len, device=device)
         freqs = self.blocks[0].attention.kv_cache.freqs_cis if self.blocks else self.freqs_cis.to(device)
         prev = None  # the last sampled patch of every row [rows, 1, dim]
@@ -395,7 +394,8 @@ class AR(nn.Module):
                 outs.append(sampled)
                 prev = torch.cat([sampled, sampled], dim=0) if guided else sampled
                 if visualize:
-                    visualize(self.unpatchify(torch.cat(outs + [patches[:, step + 1:]], dim=1)))
+                    rest = sampled.new_zeros(bsz, self.seq_len - step - 1, dim)  # patches not sampled yet
+                    visualize(self.unpatchify(torch.cat(outs + [rest], dim=1)))
         finally:
             self.clear_caches()
         return self.unpatchify(torch.cat(outs, dim=1))

@@ -460,6 +460,7 @@ class MAR(nn.Module):
         picks_dev = torch.cat(picks).to(device).split(sizes)
         progress_dev = torch.stack(cfgs).to(device) if cfgs else None  # [S, B]
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [B, L, X] -> [B*L, X]
+        cfg_dev = cfg.reshape(-1).to(device) if isinstance(cfg, torch.Tensor) else cfg  # per row, or a float
 
         for step in range(num_iter):
             patch_rows = torch.cat([patches, patches], dim=0) if guided else patches
@@ -473,8 +474,7 @@ class MAR(nn.Module):
                 # per row as in the reference loop, then the rows of this step's picks
                 cfg_iter = cfg
                 if progress_dev is not None:
-                    c = cfg.reshape(-1).to(device) if isinstance(cfg, torch.Tensor) else cfg
-                    cfg_iter = 1 + (c - 1) * progress_dev[step]
+                    cfg_iter = 1 + (cfg_dev - 1) * progress_dev[step]
                 if isinstance(cfg_iter, torch.Tensor) and cfg_iter.numel() > 1:
                     cfg_iter = cfg_iter.reshape(-1).to(device)[row_of_pick]
                 sampled = next_level_sample_function(

@@ -381,10 +381,10 @@ class PixelLoss(nn.Module):
         return None
 
     def _sample_fused_head(self, cond: torch.Tensor, bsz: int, guided: bool, temperature: float, cfg: CfgLike,
-                           filter_threshold: float, top_p: float, draw: PixelDraw,
-                           backend: Optional[str] = None) -> torch.Tensor:
+                           filter_threshold: float, top_p: float, draw: PixelDraw, backend: str) -> torch.Tensor:
         """The whole pixel (3 channels, both CFG halves, the sampler) in one :func:`fractal_kernels.pixel_head_sample`
-        call: one launch on a GPU (one C++ call on a CPU) instead of ~100 ops.
+        call: one launch on a GPU (one C++ call on a CPU) instead of ~100 ops; ``backend`` from
+        :meth:`_fused_head_backend`.
 
         Draws: with ``draw.uniforms`` (the equivalence mode) those uniforms; on the CPU kernel with the reference's
         ``torch.multinomial`` draw, the Exp(1) noise ``torch.multinomial`` would draw, made here in the reference's
@@ -413,7 +413,7 @@ class PixelLoss(nn.Module):
                                 guided=guided, cfg=cfg_arg, temperature=1.0 / temperature,
                                 filter_threshold=filter_threshold, top_p=top_p, uniforms=uniforms,
                                 exponentials=exponentials,
-                                backend=backend or self._fused_head_backend(device))
+                                backend=backend)
         return self._ids_to_values(ids)
 
     def _ids_to_values(self, ids: torch.Tensor) -> torch.Tensor:
@@ -447,14 +447,13 @@ class PixelLoss(nn.Module):
             self.__dict__["_packed_cache"] = cached
         return cached[1]
 
-    def _channel_stats(self, device: torch.device, vectors: bool = False):
-        """Per-channel 0-d mean/std tensors on ``device`` (the values of :meth:`_stats`), made once per device;
-        ``vectors=True``: the ``[3]`` mean and std instead."""
+    def _channel_stats(self, device: torch.device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per-channel 0-d mean/std tensors on ``device`` (the values of :meth:`_stats`), made once per device."""
         cache = self.__dict__.setdefault("_channel_stats_cache", {})
         if device not in cache:
             mean, std = self._stats(device)
-            cache[device] = (list(mean.unbind(0)), list(std.unbind(0)), mean, std)
-        return cache[device][2:] if vectors else cache[device][:2]
+            cache[device] = (list(mean.unbind(0)), list(std.unbind(0)))
+        return cache[device]
 
     def _token_step(self, x: torch.Tensor, pos: int, caches: List[List[torch.Tensor]], pad: int,
                     zeros: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

@@ -604,12 +604,23 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+def _check_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16 (float64: torch backend), got {dtype}")
+
+
+def _check_head_dim_scale(name: str, D: int, scale) -> None:
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"{name}: head dim D={D} unsupported (1..{MAX_D}; tuned for {SUPPORTED_D})")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+
+
 def _check_qkv(q, k, v, scale, same_length: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: expected a [N, H, L, D] tensor, got {_shape(t)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"{name}: expected float32, float16 or bfloat16 (float64: torch backend), got {t.dtype}")
+        _check_dtype(name, t.dtype)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v: mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}; cast them to one dtype")
     if k.device != q.device or v.device != q.device:
@@ -620,10 +631,7 @@ def _check_qkv(q, k, v, scale, same_length: bool = True) -> None:
     if not same_length and (k.shape[:2] != q.shape[:2] or k.shape[3] != D or v.shape != k.shape):
         raise ValueError(f"k_cache, v_cache: expected [N={N}, H={H}, Lmax, D={D}], got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if not 1 <= D <= MAX_D:
-        raise ValueError(f"q: head dim D={D} unsupported (1..{MAX_D}; tuned for {SUPPORTED_D})")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    _check_head_dim_scale("q", D, scale)
 
 
 def _check_lens(seqlens, N: int, L: int, device, name: str = "seqlens") -> Optional[torch.Tensor]:
@@ -774,12 +782,8 @@ def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = F
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     # validated on qkv itself: the q/k/v views are made only where needed (each is an op on the hot path)
-    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"qkv: expected float32, float16 or bfloat16 (float64: torch backend), got {qkv.dtype}")
-    if not 1 <= D <= MAX_D:
-        raise ValueError(f"qkv: head dim D={D} unsupported (1..{MAX_D}; tuned for {SUPPORTED_D})")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    _check_dtype("qkv", qkv.dtype)
+    _check_head_dim_scale("qkv", D, scale)
     lens = _check_lens(seqlens, N, L, qkv.device)
     scale = float(scale) if scale is not None else D ** -0.5
     seed = _dropout_seed(dropout_p, dropout_seed)
