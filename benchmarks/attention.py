@@ -48,8 +48,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Row, summarize, time_fn
-from benchmarks.kernels import copy_bandwidth, matmul_peak
+from .harness import Row, summarize, time_fn
+from .kernels import copy_bandwidth, matmul_peak
 from fractal_kernels.dispatch import BackendUnavailable, backend_report, triton_interpreting
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
@@ -402,7 +402,7 @@ def crossover_rows(device: torch.device, repeats: int, warmup: int, path: Option
     import json
     import os
 
-    from benchmarks.harness import atomic_write
+    from .harness import atomic_write
     from fractal_kernels.ops import tiny_attention as ta
     if device.type != "cuda" or not backend_report()["triton"][0]:
         return [Row(SUITE, "crossover", "triton vs sdpa", {}, skipped="GPU-only: measures the Triton/SDPA crossover")]

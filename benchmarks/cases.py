@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from benchmarks.harness import Row, summarize, time_fn
+from .harness import Row, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, generate
 from fractal_models.sampling import default_num_iter_list, normalize_uint8

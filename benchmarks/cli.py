@@ -16,9 +16,9 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks import attention, kernels, opcount
-from benchmarks.cases import MODES, plan
-from benchmarks.harness import Row, device_slug, markdown_table, results_document, write_results
+from . import attention, kernels, opcount
+from .cases import MODES, plan
+from .harness import Row, device_slug, markdown_table, results_document, write_results
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

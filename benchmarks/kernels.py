@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from benchmarks.harness import Row, summarize, time_fn
+from .harness import Row, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_kernels.ops.pixel_cross_entropy import CHUNK_ROWS, pixel_cross_entropy
 from fractal_kernels.ops.sample_logits import sample_logits

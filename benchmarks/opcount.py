@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from benchmarks.harness import Row, summarize, time_fn
+from .harness import Row, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, config_kwargs, generate
 from fractal_models.sampling import default_num_iter_list
@@ -209,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ``benchmarks/results/<device>/opcount.{json,md,png}``."""
     import argparse
 
-    from benchmarks.harness import device_slug, markdown_table, results_document, write_results
+    from .harness import device_slug, markdown_table, results_document, write_results
     p = argparse.ArgumentParser(prog="python -m benchmarks.opcount", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8)

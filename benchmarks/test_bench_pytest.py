@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.attention import SHAPES, TOL, _chunk, _expected, _max_err
+from .attention import SHAPES, TOL, _chunk, _expected, _max_err
 from fractal_kernels.ops.pixel_cross_entropy import pixel_cross_entropy
 from fractal_kernels.ops.sample_logits import sample_logits
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_packed

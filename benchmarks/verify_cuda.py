@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import atomic_write, git_commit
+from .harness import atomic_write, git_commit
 from fractal_kernels.dispatch import _VERIFIED_FILE, _cuda_ext
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
