@@ -53,10 +53,15 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fractal_kernels", "fractal_kernels.*", "fractal_models", "fractal_models.*",
-                                    "benchmarks", "benchmarks.*"]),
-    # the C++ source of the CPU kernels is built on first use (fractal_kernels/cpu): ship it with the package
-    package_data={"fractal_kernels": ["cpu/*.cpp"]},
+    # The benchmark suite lives in the repo's benchmarks/ (``python -m benchmarks.cli`` in a checkout) but is
+    # installed as ``fractal_bench``: a top-level ``benchmarks`` in site-packages would shadow, or be shadowed
+    # by, any other project's. Its modules import each other relatively, so both names work.
+    packages=find_packages(include=["fractal_kernels", "fractal_kernels.*", "fractal_models", "fractal_models.*"])
+    + ["fractal_bench"] + ["fractal_bench" + p[len("benchmarks"):] for p in find_packages(include=["benchmarks.*"])],
+    package_dir={"fractal_bench": "benchmarks"},
+    # the C++ source of the CPU kernels is built on first use (fractal_kernels/cpu), and the dispatch reads its
+    # policy data (fractal_kernels/policy.py): ship both with the package
+    package_data={"fractal_kernels": ["cpu/*.cpp", "data/*.json"]},
     # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
     install_requires=["torch>=2.1", "numpy", "tqdm"],
     extras_require={
@@ -66,7 +71,7 @@ setup(
         # demo data: the photos inside the scikit-image 0.26 wheel (read as files, nothing downloaded)
         "train": ["pillow", "scikit-image==0.26.0"],
     },
-    entry_points={"console_scripts": ["fractalgen=fractal_models.cli:main", "fractal-bench=benchmarks.cli:main"]},
+    entry_points={"console_scripts": ["fractalgen=fractal_models.cli:main", "fractal-bench=fractal_bench.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -397,13 +397,10 @@ CROSSOVER_LENGTHS = (64, 96, 128, 192, 256, 384, 512)
 
 def crossover_rows(device: torch.device, repeats: int, warmup: int, path: Optional[str] = None) -> List[Row]:
     """Where SDPA starts to beat the Triton kernel (forward, bf16, per head dim): one timed row per length and
-    the first losing length recorded in ``benchmarks/results/attention_crossover.json`` under this device's
-    name, which ``tiny_attention``'s ``auto`` dispatch reads (no file or entry: the kernel up to ``MAX_L``)."""
-    import json
-    import os
-
-    from .harness import atomic_write
-    from fractal_kernels.ops import tiny_attention as ta
+    the first losing length recorded under this device's name in ``attention_crossover.json`` of the policy
+    overlay (``$FRACTAL_HOME``; ``path`` to write elsewhere), which ``tiny_attention``'s ``auto`` dispatch
+    reads over the packaged one (no entry: the kernel up to ``MAX_L``; see ``fractal_kernels.policy``)."""
+    from fractal_kernels import dispatch, policy
     if device.type != "cuda" or not backend_report()["triton"][0]:
         return [Row(SUITE, "crossover", "triton vs sdpa", {}, skipped="GPU-only: measures the Triton/SDPA crossover")]
     rows: List[Row] = []
@@ -427,14 +424,11 @@ def crossover_rows(device: torch.device, repeats: int, warmup: int, path: Option
                             check=f"max diff {err:.1e}" if err < 4e-2 else f"OUTPUTS DIFFER {err:.1E}"))
         if first_loss is not None:
             table[str(d)] = first_loss
-    path = path or ta._CROSSOVER_FILE
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        doc = {}
+    path = path or policy.overlay_path(policy.CROSSOVER)
+    doc = policy.read_document(path)[0] or {}
     doc[torch.cuda.get_device_name(device)] = {"bfloat16": table, "float16": table}
-    atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    policy.write_document(path, doc)
+    dispatch.reload()  # later rows of this run dispatch with the new measurement
     return rows
 
 

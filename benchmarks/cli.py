@@ -4,7 +4,8 @@
     fractal-bench --full       # + published configs (GPU rows; skipped with the reason on CPU)
     fractal-bench --smoke      # CI: tiny shapes, one repeat
 
-Results go to ``benchmarks/results/<device-slug>/<mode>.{json,md,png}`` (``--out-dir`` to change).
+Results go to ``benchmarks/results/<device-slug>/<mode>.{json,md,png}`` in a checkout, else to
+``./fractal-bench-results/<device-slug>/`` (``--out-dir`` to change).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import torch
 from . import attention, kernels, opcount
 from .cases import MODES, plan
 from .harness import Row, device_slug, markdown_table, results_document, write_results
+from .paths import results_root
 
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_ROOT = results_root()
 
 
 def run(mode_name: str, device: torch.device, out_dir: Optional[str], progress: bool = True) -> dict:

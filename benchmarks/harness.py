@@ -39,6 +39,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    from .paths import in_checkout
+    if not in_checkout():  # installed: git here would describe whatever repository holds site-packages
+        return "unknown (installed package)"
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -206,7 +206,7 @@ def _num_levels(config: str) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m benchmarks.opcount``: the opcount rows of the three tiny configs (batch 8, cfg 2, reference
     iterations), kernel-dispatch row included (on a CPU run it under ``TRITON_INTERPRET=1``), written to
-    ``benchmarks/results/<device>/opcount.{json,md,png}``."""
+    ``benchmarks/results/<device>/opcount.{json,md,png}`` (in a checkout; see ``benchmarks.paths``)."""
     import argparse
 
     from .harness import device_slug, markdown_table, results_document, write_results
@@ -223,7 +223,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for config in TINY:
         rows += opcount_rows(config, args.batch, None, device, repeats=args.repeats)
     doc = results_document(rows, device, "opcount")
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", device_slug(device))
+    from .paths import results_root
+    out_dir = args.out_dir or os.path.join(results_root(), device_slug(device))
     doc["files"] = write_results(doc, out_dir, "opcount")
     print(markdown_table(doc))
     print("wrote " + ", ".join(doc["files"].values()))

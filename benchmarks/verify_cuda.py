@@ -1,26 +1,27 @@
-"""Run each op's tests on a real GPU and record the ops whose CUDA kernels passed in
-``benchmarks/results/cuda_verified.json`` (read by ``fractal_kernels.dispatch``: only listed ops get the CUDA
-path under ``backend="auto"``).
+"""Run each op's tests on a real GPU and record the ops whose CUDA kernels passed in ``cuda_verified.json``
+(read by ``fractal_kernels.dispatch``: only listed ops get the CUDA path under ``backend="auto"``).
 
     FRACTAL_KERNELS_BUILD_CUDA=1 pip install -e . --no-deps --no-build-isolation   # build fractal_kernels._C
-    python -m benchmarks.verify_cuda                                                # then this
+    python -m benchmarks.verify_cuda              # record into the overlay ($FRACTAL_HOME/cuda_verified.json)
+    python -m benchmarks.verify_cuda --package    # record into the package data (fractal_kernels/data/, to commit)
 
-An op is listed only when all of its test files pass with CUDA visible and the extension loaded; a failing
-op is removed from the list. The file records device, date, commit and the pytest summary of each op.
+Needs a source checkout (it runs ``tests/``). An op is listed only when all of its test files pass with CUDA
+visible and the extension loaded; a failing op is withdrawn (in the overlay that overrides a packaged claim).
+The file records device, date, commit and the pytest summary of each op.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
-import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from .harness import atomic_write, git_commit
-from fractal_kernels.dispatch import _VERIFIED_FILE, _cuda_ext
+from .harness import git_commit
+from fractal_kernels import dispatch, policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_TESTS: Dict[str, List[str]] = {
@@ -30,21 +31,26 @@ OP_TESTS: Dict[str, List[str]] = {
 }
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.verify_cuda", description=__doc__.split("\n\n")[0])
+    p.add_argument("--package", action="store_true",
+                   help=f"write the package data ({policy.package_path(policy.VERIFIED)}) instead of the overlay")
+    args = p.parse_args(argv)
+    target = policy.package_path(policy.VERIFIED) if args.package else policy.overlay_path(policy.VERIFIED)
+    missing = [f for files in OP_TESTS.values() for f in files if not os.path.isfile(os.path.join(REPO, f))]
+    if missing:
+        print(f"verify_cuda: needs a source checkout with the tests ({missing[0]} not under {REPO})", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("verify_cuda: no CUDA device visible; nothing verified", file=sys.stderr)
         return 2
-    if _cuda_ext() is None:
+    if dispatch._cuda_ext() is None:
         print("verify_cuda: fractal_kernels._C is not built (FRACTAL_KERNELS_BUILD_CUDA=1 pip install -e . "
               "--no-deps --no-build-isolation)", file=sys.stderr)
         return 2
-    try:
-        with open(_VERIFIED_FILE) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        doc = {}
+    doc = policy.read_document(target)[0] or {}
     ops = set(doc.get("ops", []))
-    runs = doc.get("runs", {})
+    runs = dict(doc.get("runs", {}))
     for op, files in OP_TESTS.items():
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files],
                            cwd=REPO, capture_output=True, text=True)
@@ -56,9 +62,9 @@ def main() -> int:
         (ops.add if ok else ops.discard)(op)
         runs[op] = {"passed": ok, "summary": summary, "device": torch.cuda.get_device_name(),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit()}
-    doc = {"ops": sorted(ops), "runs": runs}
-    atomic_write(_VERIFIED_FILE, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
-    print(f"wrote {_VERIFIED_FILE}: {sorted(ops)}")
+    policy.write_document(target, {"ops": sorted(ops), "runs": runs})
+    dispatch.reload()
+    print(f"wrote {target}: {sorted(ops)}; auto now uses CUDA for {dispatch.cuda_verified_ops()}")
     return 0
 
 

@@ -1,26 +1,38 @@
 """Backend choice for every op: CUDA extension -> Triton -> PyTorch, forceable, and visible.
 
-``resolve(op, backend, device)`` returns the backend that will run:
+``resolve(op, backend, device, dtype=..., shape_class=...)`` returns the backend that will run:
 
-* ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` force one (an unavailable forced backend is an error that
-  says why);
-* ``None``/``"auto"`` (or the ``FRACTAL_KERNELS_BACKEND`` environment variable) picks: on a CUDA tensor the
-  CUDA extension if it is built *and* the op is listed as verified on a real GPU
-  (``benchmarks/results/cuda_verified.json``), else Triton, else PyTorch; on a CPU tensor the compiled C++
-  CPU kernel for the ops that have one (``CPU_OPS``, see :mod:`fractal_kernels.cpu`) when it builds here,
-  else PyTorch (the Triton interpreter, ``TRITON_INTERPRET=1``, is for testing and must be forced).
+* ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` force one (an unavailable forced backend, or one that cannot
+  run this call's shape or dtype, is an error that says why);
+* ``None``/``"auto"`` (or the ``FRACTAL_KERNELS_BACKEND`` environment variable) picks, among the backends that
+  support the call (:func:`register_support`): on a CUDA tensor the CUDA extension if it is built *and* the op
+  is listed as verified on a real GPU (``cuda_verified.json``, see :mod:`fractal_kernels.policy`), else
+  Triton, else PyTorch; on a CPU tensor the compiled C++ CPU kernel for the ops that have one (``CPU_OPS``,
+  see :mod:`fractal_kernels.cpu`) when it builds here, else PyTorch (the Triton interpreter,
+  ``TRITON_INTERPRET=1``, is for testing and must be forced).
+
+Support: ``shape_class`` is a small hashable description of what in the call matters to some backend (make it
+with :func:`shape_class`, e.g. ``shape_class(V=256)``); per (op, backend) predicates registered here say
+whether that backend runs it (the CUDA sampler takes V <= 1024, the CUDA attention D in {16, 32, 64, 80, 128}
+and no dropout, the torch attention no dropout together with ``seqlens``), and ``auto`` falls through to the
+next backend. An op that passes no ``shape_class`` gets today's choice.
+
+Cost per call: the support of a call is computed once per (op, device type, dtype, shape class) and cached; the
+extension import, the policy files, triton's import and the device name are each looked up once per process.
+:func:`reload` forgets all of it (tests, and writers of the policy files).
 
 ``last_backend(op)`` tells which backend ran last for an op; ``FRACTAL_KERNELS_VERBOSE=1`` prints each choice.
 """
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
+
+from fractal_kernels import policy
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # ops with a compiled C++ CPU kernel (fractal_kernels/cpu): where PyTorch's per-op dispatch dominates on a CPU
@@ -29,17 +41,20 @@ CPU_OPS = ("pixel_head_sample",)
 CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows",
                 "tiny_attention": "tiny_attention_fwd"}
 _LAST: Dict[str, str] = {}
-_VERIFIED_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                              "results", "cuda_verified.json")
 
 
 class BackendUnavailable(RuntimeError):
-    """A forced backend cannot run this op here."""
+    """A forced backend cannot run this op here (or not this call's shape/dtype)."""
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _JIT: Dict[str, object] = {}
-
+# Per-process caches. Plain dicts, not functools.lru_cache: torch.compile traces through the dispatch and warns
+# about every lru_cache it meets.
+_EXT: Dict[str, object] = {}
+_NAMES: Dict[Optional[int], str] = {}
+_UNSUPPORTED: Dict[tuple, Optional[str]] = {}
+_ORDER: Dict[tuple, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
 
 def cuda_sources(root: str = _REPO) -> List[str]:
     """The extension's sources (every ``csrc/**/*.cu`` and ``*.cpp``), as ``setup.py`` and CMake build them."""
@@ -72,16 +87,33 @@ def _jit_build():
 
 
 def _cuda_ext():
-    try:
-        return importlib.import_module("fractal_kernels._C")
-    except ImportError:
-        if os.environ.get("FRACTAL_KERNELS_JIT") == "1" and torch.cuda.is_available():
-            return _jit_build()
-        return None
+    """The compiled extension module, or None. The import is tried once per process (an absent extension
+    costs nothing per call); ``FRACTAL_KERNELS_JIT=1`` builds it on first use where CUDA exists."""
+    if "mod" not in _EXT:
+        try:
+            _EXT["mod"] = importlib.import_module("fractal_kernels._C")
+        except ImportError:
+            _EXT["mod"] = None
+    if _EXT["mod"] is None and os.environ.get("FRACTAL_KERNELS_JIT") == "1" and _cuda_available():
+        return _jit_build()
+    return _EXT["mod"]
+
+
+def _cuda_available() -> bool:
+    if "cuda" not in _EXT:
+        _EXT["cuda"] = torch.cuda.is_available()
+    return _EXT["cuda"]
+
+
+def device_name(index: Optional[int] = None) -> str:
+    """``torch.cuda.get_device_name`` of a CUDA device (the current one for None), asked once per device."""
+    if index not in _NAMES:
+        _NAMES[index] = torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)
+    return _NAMES[index]
 
 
 def _cuda_extension() -> Tuple[bool, str]:
-    if not torch.cuda.is_available():
+    if not _cuda_available():
         return False, "no CUDA device visible to torch"
     if _cuda_ext() is None:
         if "why" in _JIT:
@@ -100,16 +132,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_version() -> Optional[str]:
+    if "triton" not in _EXT:
+        try:
+            import triton
+            _EXT["triton"] = triton.__version__
+        except ImportError:
+            _EXT["triton"] = None
+    return _EXT["triton"]
+
+
 def _triton() -> Tuple[bool, str]:
-    try:
-        import triton
-    except ImportError:
+    version = _triton_version()
+    if version is None:
         return False, "triton is not installed"
-    if torch.cuda.is_available():
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name(0)}"
+    if _cuda_available():
+        return True, f"triton {version} on {device_name(0)}"
     if triton_interpreting():
-        return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1, CPU tensors, slow)"
-    return False, f"triton {triton.__version__} installed but no GPU (set TRITON_INTERPRET=1 for the CPU interpreter)"
+        return True, f"triton {version} interpreter (TRITON_INTERPRET=1, CPU tensors, slow)"
+    return False, f"triton {version} installed but no GPU (set TRITON_INTERPRET=1 for the CPU interpreter)"
 
 
 def backend_report() -> Dict[str, Tuple[bool, str]]:
@@ -124,23 +165,154 @@ def available_backends() -> List[str]:
 
 
 def cuda_verified_ops() -> List[str]:
-    """Ops whose CUDA kernels passed their tests on a real GPU (recorded by the GPU test run)."""
-    try:
-        with open(_VERIFIED_FILE) as f:
-            return list(json.load(f).get("ops", []))
-    except (OSError, ValueError):
-        return []
+    """Ops whose CUDA kernels passed their tests on a real GPU (package data and overlay, see
+    :mod:`fractal_kernels.policy`; read once per process)."""
+    return sorted(policy.load().verified)
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device`` (see module docstring); records it for ``last_backend``."""
+def reload() -> None:
+    """Forget every per-process cache of the dispatch: the extension import, the policy files, triton's
+    import, device names and the per-shape support decisions. For tests and for writers of the policy files."""
+    for cache in (_EXT, _NAMES, _UNSUPPORTED, _ORDER):
+        cache.clear()
+    policy.clear()
+
+
+# ------------------------------------------------------------------------------------------------ support
+Predicate = Callable[[Optional[torch.dtype], Mapping[str, Any]], Optional[str]]
+_SUPPORT: Dict[Tuple[str, str], List[Predicate]] = {}
+
+
+def shape_class(**features: Any) -> Tuple[Tuple[str, Any], ...]:
+    """The hashable shape class of a call, from the few features some backend's support depends on
+    (e.g. ``V``, ``D``, ``dropout``, ``varlen``); keep the values coarse: decisions are cached per class."""
+    return tuple(sorted(features.items()))
+
+
+def register_support(op: str, backend: str, predicate: Predicate) -> None:
+    """Add a predicate ``(dtype, features) -> None`` (runs) ``| reason`` (does not) for ``op`` on ``backend``.
+    Features missing from a call's shape class must count as supported."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _SUPPORT.setdefault((op, backend), []).append(predicate)
+    _UNSUPPORTED.clear()
+    _ORDER.clear()
+
+
+def unsupported(op: str, backend: str, dtype: Optional[torch.dtype] = None,
+                shape: Tuple[Tuple[str, Any], ...] = ()) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` for this dtype and shape class, or None if it can (cached)."""
+    key = (op, backend, dtype, shape)
+    if key not in _UNSUPPORTED:
+        why = None
+        for predicate in _SUPPORT.get((op, backend), ()):
+            why = predicate(dtype, dict(shape))
+            if why:
+                break
+        _UNSUPPORTED[key] = why or None
+    return _UNSUPPORTED[key]
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_V = 1024                        # csrc/bindings.cpp: one CUDA block per row
+CUDA_ATTENTION_D = (16, 32, 64, 80, 128)  # csrc/tiny_attention: tiny_attention_supports_head_dim
+
+
+def _dtype_in(allowed, what):
+    def check(dtype, features):
+        if dtype is not None and dtype not in allowed:
+            return f"{what}: dtype {dtype} unsupported (takes {', '.join(str(d) for d in allowed)})"
+        return None
+    return check
+
+
+def _max_v(name):
+    def check(dtype, features):
+        v = features.get("V")
+        if v is not None and v > CUDA_MAX_V:
+            return f"{name}: V={v} over the CUDA kernel's limit {CUDA_MAX_V}"
+        return None
+    return check
+
+
+def _cuda_attention(dtype, features):
+    d = features.get("D")
+    if d is not None and d not in CUDA_ATTENTION_D:
+        return f"q: head dim D={d} not one the CUDA kernels take {CUDA_ATTENTION_D}"
+    if features.get("dropout"):
+        return "dropout_p: the CUDA kernels have no dropout"
+    return None
+
+
+def _torch_attention(dtype, features):
+    if features.get("dropout") and features.get("varlen"):
+        return "dropout_p: not supported together with seqlens on the torch backend"
+    return None
+
+
+register_support("sample_logits", "cuda", _max_v("cond_logits"))
+register_support("sample_logits", "cuda", _dtype_in(_KERNEL_DTYPES, "cond_logits"))
+register_support("pixel_cross_entropy", "cuda", _max_v("weight"))
+register_support("tiny_attention", "cuda", _cuda_attention)
+register_support("tiny_attention", "cuda", _dtype_in(_KERNEL_DTYPES, "q"))
+register_support("tiny_attention", "triton", _dtype_in(_KERNEL_DTYPES, "q"))
+register_support("tiny_attention", "torch", _torch_attention)
+
+
+# ----------------------------------------------------------------------------------------------- choice
+def _auto_order(op: str, device_type: str, dtype: Optional[torch.dtype],
+                shape: Tuple[Tuple[str, Any], ...]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(backends that support the call in preference order, reasons of those that do not) for ``auto``;
+    computed once per (op, device type, dtype, shape class)."""
+    key = (op, device_type, dtype, shape)
+    if key in _ORDER:
+        return _ORDER[key]
+    if device_type == "cuda":
+        order: Tuple[str, ...] = ("cuda", "triton", "torch")
+    elif device_type == "cpu" and op in CPU_OPS:
+        order = ("cpu", "torch")
+    else:
+        order = ("torch",)
+    ok, why = [], []
+    for b in order:
+        reason = unsupported(op, b, dtype, shape)
+        (why.append(f"{b}: {reason}") if reason else ok.append(b))
+    _ORDER[key] = (tuple(ok), tuple(why))
+    return _ORDER[key]
+
+
+def _usable(op: str, backend: str) -> bool:
+    """Availability for auto (process-wide caches only: no import, file read or device query per call)."""
+    if backend == "cuda":
+        ext = _cuda_ext()
+        return ext is not None and hasattr(ext, CUDA_SYMBOLS.get(op, op)) and op in policy.load().verified
+    if backend == "triton":
+        return _triton()[0]
+    if backend == "cpu":
+        return _cpu_kernels()[0]
+    return True
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, *, dtype: Optional[torch.dtype] = None,
+            shape_class: Tuple[Tuple[str, Any], ...] = ()) -> str:
+    """The backend that runs ``op`` on ``device`` for a call of this ``dtype`` and ``shape_class`` (see the
+    module docstring); records it for ``last_backend``."""
     choice = backend or os.environ.get("FRACTAL_KERNELS_BACKEND") or "auto"
-    if choice not in BACKENDS + ("auto",):
+    if choice == "auto":
+        ok, why = _auto_order(op, device.type, dtype, shape_class)
+        for b in ok:
+            if _usable(op, b):
+                return record(op, b)
+        raise BackendUnavailable(f"{op}: no backend here runs this call ({'; '.join(why)})"
+                                 + ("; backend='triton' with TRITON_INTERPRET=1 runs it on CPU tensors"
+                                    if device.type == "cpu" and not unsupported(op, "triton", dtype, shape_class)
+                                    else ""))
+    if choice not in BACKENDS:
         raise ValueError(f"backend: expected one of 'auto', 'cuda', 'triton', 'cpu', 'torch', got {choice!r}")
     if choice == "cuda":
-        ext = _cuda_ext()
         if device.type != "cuda":
             raise BackendUnavailable(f"{op}: backend 'cuda' needs CUDA tensors, got {device.type} tensors")
+        ext = _cuda_ext()
         if ext is None or not hasattr(ext, CUDA_SYMBOLS.get(op, op)):
             raise BackendUnavailable(f"{op}: backend 'cuda' unavailable: {_cuda_extension()[1]}")
     elif choice == "triton":
@@ -158,16 +330,10 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
         ok, why = _cpu_kernels()
         if not ok:
             raise BackendUnavailable(f"{op}: backend 'cpu' unavailable: {why}")
-    elif choice == "auto":
-        choice = "torch"
-        if device.type == "cpu" and op in CPU_OPS and _cpu_kernels()[0]:
-            choice = "cpu"
-        elif device.type == "cuda":
-            ext = _cuda_ext()
-            if ext is not None and hasattr(ext, CUDA_SYMBOLS.get(op, op)) and op in cuda_verified_ops():
-                choice = "cuda"
-            elif _triton()[0]:
-                choice = "triton"
+    reason = unsupported(op, choice, dtype, shape_class)
+    if reason:
+        raise BackendUnavailable(f"{op}: backend {choice!r} cannot run this call: {reason}; use another "
+                                 f"backend or None")
     return record(op, choice)
 
 

@@ -77,6 +77,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("kernel backends:")
     for backend, (ok, why) in backend_report().items():
         print(f"  {backend:<7} {'available' if ok else 'unavailable'}: {why}")
+    from fractal_kernels import dispatch, policy
+    print("dispatch policy (which file each auto decision comes from):")
+    here = dispatch.device_name() if torch.cuda.is_available() else None
+    for line in policy.describe(here, tuple(dispatch.CUDA_SYMBOLS)):
+        print(f"  {line}")
     return 0
 
 

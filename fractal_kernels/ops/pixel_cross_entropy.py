@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fractal_kernels.dispatch import resolve
+from fractal_kernels.dispatch import resolve, shape_class
 from fractal_kernels.reference.cross_entropy import pixel_cross_entropy_reference
 
 try:
@@ -176,7 +176,7 @@ def pixel_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if live.numel() and (int(live.min()) < 0 or int(live.max()) >= v):
             raise ValueError(f"target: values must be in [0, {v}) or ignore_index={ignore_index}; got min "
                              f"{int(live.min())}, max {int(live.max())}")
-    which = resolve("pixel_cross_entropy", backend, x.device)
+    which = resolve("pixel_cross_entropy", backend, x.device, shape_class=shape_class(V=v))
     if which == "torch" or x.shape[0] == 0:
         return pixel_cross_entropy_reference(x, weight, bias, target.long(), reduction, ignore_index)
     return _PixelCrossEntropy.apply(x, weight, bias, target.long().contiguous(), reduction, ignore_index, which)

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from fractal_kernels.dispatch import resolve
+from fractal_kernels.dispatch import resolve, shape_class
 from fractal_kernels.reference.philox import philox_uniform
 from fractal_kernels.reference.pixel_sampling import sample_logits_reference
 
@@ -266,7 +266,7 @@ def sample_logits(
     _check(cond_logits, uncond_logits, cfg, temperature, filter_threshold, top_p, top_k, uniforms, out_probs)
     n, v = cond_logits.shape
     device = cond_logits.device
-    which = resolve("sample_logits", backend, device)
+    which = resolve("sample_logits", backend, device, dtype=cond_logits.dtype, shape_class=shape_class(V=v))
     ids = torch.empty(n, dtype=torch.int64, device=device)
     if n == 0:
         return ids

@@ -25,12 +25,11 @@ bf16 ``tl.dot`` is wrong.
 Dispatch (``fractal_kernels.dispatch``): "torch" runs ``fractal_kernels.reference.attention``; "triton" these
 kernels; "cuda" the ``csrc/tiny_attention`` kernels (forward/backward; decode has no CUDA version). ``auto``
 on a GPU uses SDPA instead for lengths past the crossover measured by the benchmark
-(``benchmarks/results/attention_crossover.json``), and always past ``MAX_L``.
+(``attention_crossover.json``, see ``fractal_kernels.policy``), and always past ``MAX_L``.
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Optional, Tuple, Union
@@ -38,6 +37,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from fractal_kernels import dispatch, policy
 from fractal_kernels.dispatch import BackendUnavailable, _cuda_ext, record, resolve, triton_interpreting
 from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
                                                  attention_reference, attention_varlen_reference)
@@ -56,8 +56,6 @@ MAX_D = 128
 PACK_MAX_L = 64   # sequences up to this length are processed whole, several per program
 TILE = 64         # rows of a packed tile; 64 x 64 fp32 scores stay in registers
 STREAM_BLOCK = 64
-_CROSSOVER_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "benchmarks", "results", "attention_crossover.json")
 
 if HAS_TRITON:
 
@@ -653,26 +651,17 @@ def _uniform_lens(n: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.full((n,), length, dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _crossover_table(device_name: str) -> dict:
-    """This device's entry of the measured crossover file, read once per process (the dispatch is hot)."""
-    try:
-        with open(_CROSSOVER_FILE) as f:
-            return dict(json.load(f).get(device_name, {}))
-    except (OSError, ValueError, AttributeError):
-        return {}
+def _measured_crossover(D: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> Optional[int]:
+    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any; the
+    policy files and the device name are read once per process: the dispatch is hot)."""
+    if device is None:
+        device = torch.device("cuda") if dispatch._cuda_available() else torch.device("cpu")
+    name = dispatch.device_name(device.index) if device.type == "cuda" else ""
+    return policy.load().crossover_length(name, str(dtype).replace("torch.", ""), D)
 
 
-def _measured_crossover(D: int, dtype: torch.dtype) -> Optional[int]:
-    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any)."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    try:
-        return int(_crossover_table(name)[str(dtype).replace("torch.", "")][str(D)])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int) -> str:
+def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
+            dropout: bool = False, varlen: bool = False) -> str:
     """The backend for this call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
     if dtype == torch.float64:
         if backend not in (None, "auto", "torch"):
@@ -685,9 +674,10 @@ def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.d
                              f"(SDPA) or 'torch'")
         if not forced:
             return record(op, "sdpa" if device.type == "cuda" else "torch")
-    which = resolve(op, backend, device)
-    if not forced and which != "torch":
-        cross = _measured_crossover(D, dtype)
+    shape = dispatch.shape_class(D=D, dropout=dropout, varlen=varlen)
+    which = resolve(op, backend, device, dtype=dtype, shape_class=shape)
+    if not forced and which != "torch" and dispatch.unsupported(op, "torch", dtype, shape) is None:
+        cross = _measured_crossover(D, dtype, device)  # SDPA's path runs the reference for varlen/dropout
         if cross is not None and L >= cross:
             return record(op, "sdpa")
     return which
@@ -755,7 +745,8 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     lens = _check_lens(seqlens, N, L, q.device)
     scale = float(scale) if scale is not None else D ** -0.5
     seed = _dropout_seed(dropout_p, dropout_seed)
-    which = _no_cuda_dropout(_choose("tiny_attention", backend, q.dtype, q.device, q.shape[-1], L), backend, dropout_p)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, q.dtype, q.device, q.shape[-1], L,
+                                     dropout=dropout_p > 0, varlen=lens is not None), backend, dropout_p)
     if which == "torch" or (which == "sdpa" and (lens is not None or dropout_p > 0)):
         return _reference(q, k, v, lens, causal, scale, dropout_p, seed)
     if which == "sdpa":
@@ -787,7 +778,8 @@ def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = F
     lens = _check_lens(seqlens, N, L, qkv.device)
     scale = float(scale) if scale is not None else D ** -0.5
     seed = _dropout_seed(dropout_p, dropout_seed)
-    which = _no_cuda_dropout(_choose("tiny_attention", backend, qkv.dtype, qkv.device, D, L), backend, dropout_p)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, qkv.dtype, qkv.device, D, L,
+                                     dropout=dropout_p > 0, varlen=lens is not None), backend, dropout_p)
     if which in ("torch", "sdpa"):
         q, k, v = _split_qkv(qkv, num_heads)
         o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens, dropout_p=dropout_p, dropout_seed=seed,

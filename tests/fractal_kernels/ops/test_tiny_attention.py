@@ -300,14 +300,14 @@ def test_unsupported_head_dim():
 
 def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp_path):
     """auto uses SDPA from the length the benchmark measured as the crossover (file per device name)."""
-    table = tmp_path / "attention_crossover.json"
+    from fractal_kernels import dispatch, policy
+    monkeypatch.setenv("FRACTAL_HOME", str(tmp_path))  # the overlay a GPU run writes
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    table.write_text('{"%s": {"float32": {"16": 8}}}' % name)
-    monkeypatch.setattr(ta, "_CROSSOVER_FILE", str(table))
-    ta._crossover_table.cache_clear()
+    (tmp_path / "attention_crossover.json").write_text('{"%s": {"float32": {"16": 8}}}' % name)
+    dispatch.reload()
     try:
         assert ta._measured_crossover(16, torch.float32) == 8 and ta._measured_crossover(32, torch.float32) is None
-        monkeypatch.setattr(ta, "resolve", lambda op, backend, device: record(op, "triton"))  # auto on a GPU
+        monkeypatch.setattr(ta, "resolve", lambda op, backend, device, **kw: record(op, "triton"))  # auto on a GPU
         q, k, v = qkv(2, 2, 9, 16)
         out = tiny_attention(q, k, v)
         assert last_backend("tiny_attention") == "sdpa"
@@ -315,4 +315,5 @@ def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp
         tiny_attention(*qkv(2, 2, 7, 16))  # below the crossover: the kernel
         assert last_backend("tiny_attention") != "sdpa"
     finally:
-        ta._crossover_table.cache_clear()
+        monkeypatch.delenv("FRACTAL_HOME")
+        policy.clear()

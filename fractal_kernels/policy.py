@@ -1,0 +1,224 @@
+"""Dispatch policy data: which CUDA ops ``auto`` may use, and where SDPA beats the Triton attention kernel.
+
+Two files, each looked up in two places:
+
+* the **package data** ``fractal_kernels/data/<file>``, shipped in the wheel (and the same file in a checkout,
+  so an installed copy and an editable checkout decide alike from the same data);
+* the **overlay** ``$FRACTAL_HOME/<file>`` (default ``$XDG_CACHE_HOME/fractal_kernels``, i.e.
+  ``~/.cache/fractal_kernels``), where a GPU run on this machine records what it verified and measured
+  (``python -m benchmarks.verify_cuda``, ``fractal-bench --full``). It is user-writable; site-packages need
+  not be.
+
+Files:
+
+* ``cuda_verified.json`` ``{"ops": [...], "runs": {op: {"passed": bool, ...}}}``. An op the overlay mentions
+  (in ``ops`` or ``runs``) is decided by the overlay: verified iff it is in the overlay's ``ops``, so a failed
+  run on this machine withdraws a packaged claim. Other ops: the package's ``ops``.
+* ``attention_crossover.json`` ``{device name: {dtype: {head dim: length}}}``: an overlay entry for a device
+  replaces the package's entry for that device.
+
+Both are read once per process (:func:`load`, cached) -- the dispatch is on the hot path; writers and tests
+call :func:`reload` (``fractal_kernels.dispatch.reload`` does it too). An unreadable file is reported once as
+a ``RuntimeWarning`` and counts as absent. :func:`describe` says which file decided what
+(``fractalgen info`` prints it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+VERIFIED = "cuda_verified.json"
+CROSSOVER = "attention_crossover.json"
+FILES = (VERIFIED, CROSSOVER)
+PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+_LOCK = threading.Lock()
+_CACHE: Dict[str, "Policy"] = {}
+
+
+def home() -> str:
+    """The overlay folder: ``$FRACTAL_HOME``, else ``$XDG_CACHE_HOME/fractal_kernels``, else
+    ``~/.cache/fractal_kernels``."""
+    explicit = os.environ.get("FRACTAL_HOME")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fractal_kernels")
+
+
+def package_path(name: str) -> str:
+    """``fractal_kernels/data/<name>`` (inside site-packages for an installed copy)."""
+    return os.path.join(PACKAGE_DIR, name)
+
+
+def overlay_path(name: str) -> str:
+    """``$FRACTAL_HOME/<name>``."""
+    return os.path.join(home(), name)
+
+
+def read_document(path: str) -> Tuple[Optional[dict], str]:
+    """``(document, status)``: status is ``"read"``, ``"absent"`` or ``"unreadable: ..."`` (document None)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None, "absent"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable: {type(e).__name__}: {str(e)[:200]}"
+    if not isinstance(doc, dict):
+        return None, f"unreadable: expected a JSON object, got {type(doc).__name__}"
+    return doc, "read"
+
+
+def write_document(path: str, doc: Mapping[str, Any]) -> str:
+    """Write ``doc`` as JSON to a temp file beside ``path`` and rename it over ``path`` (never half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _verified_ops(doc: Optional[dict]) -> Tuple[FrozenSet[str], FrozenSet[str]]:
+    """(listed ops, ops the document decides: listed or with a recorded run)."""
+    if not doc:
+        return frozenset(), frozenset()
+    ops = doc.get("ops", [])
+    runs = doc.get("runs", {})
+    listed = frozenset(str(o) for o in ops) if isinstance(ops, list) else frozenset()
+    decided = listed | (frozenset(str(o) for o in runs) if isinstance(runs, dict) else frozenset())
+    return listed, decided
+
+
+def merge_verified(base: Optional[dict], top: Optional[dict]) -> dict:
+    """``top`` over ``base`` as the loader applies an overlay: ops ``top`` decides follow ``top``."""
+    base_ops, _ = _verified_ops(base)
+    top_ops, top_decided = _verified_ops(top)
+    runs = dict((base or {}).get("runs") or {})
+    runs.update((top or {}).get("runs") or {})
+    return {"ops": sorted((base_ops - top_decided) | top_ops), "runs": runs}
+
+
+def _crossover_entries(doc: Optional[dict]) -> Dict[str, Dict[str, Dict[str, int]]]:
+    out: Dict[str, Dict[str, Dict[str, int]]] = {}
+    for device, table in (doc or {}).items():
+        if not isinstance(table, dict):
+            continue
+        clean: Dict[str, Dict[str, int]] = {}
+        for dtype, by_d in table.items():
+            if isinstance(by_d, dict):
+                try:
+                    clean[str(dtype)] = {str(d): int(length) for d, length in by_d.items()}
+                except (TypeError, ValueError):
+                    continue
+        out[str(device)] = clean
+    return out
+
+
+def merge_crossover(base: Optional[dict], top: Optional[dict]) -> dict:
+    """``top`` over ``base``: a device entry of ``top`` replaces ``base``'s."""
+    merged = _crossover_entries(base)
+    merged.update(_crossover_entries(top))
+    return merged
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The effective policy of this process and where each part came from."""
+    verified: FrozenSet[str]
+    verified_source: Mapping[str, str]      # op -> the file that decided it (listed or withdrawn)
+    crossover: Mapping[str, Mapping[str, Mapping[str, int]]]  # device -> dtype -> head dim -> length
+    crossover_source: Mapping[str, str]     # device -> file
+    files: Tuple[Tuple[str, str], ...]      # (path, "read" | "absent" | "unreadable: ...") in read order
+
+    def crossover_length(self, device_name: str, dtype_name: str, head_dim: int) -> Optional[int]:
+        try:
+            return int(self.crossover[device_name][dtype_name][str(head_dim)])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _load() -> Policy:
+    files: List[Tuple[str, str]] = []
+    docs: Dict[Tuple[str, str], Optional[dict]] = {}
+    for name in FILES:
+        for where, path in (("package", package_path(name)), ("overlay", overlay_path(name))):
+            doc, status = read_document(path)
+            files.append((path, status))
+            docs[(name, where)] = doc
+            if status.startswith("unreadable"):
+                warnings.warn(f"fractal_kernels: dispatch policy file {path} is {status}; ignoring it",
+                              RuntimeWarning, stacklevel=3)
+    pkg_ops, pkg_decided = _verified_ops(docs[(VERIFIED, "package")])
+    top_ops, top_decided = _verified_ops(docs[(VERIFIED, "overlay")])
+    source = {op: package_path(VERIFIED) for op in pkg_decided}
+    source.update({op: overlay_path(VERIFIED) for op in top_decided})
+    pkg_cross = _crossover_entries(docs[(CROSSOVER, "package")])
+    top_cross = _crossover_entries(docs[(CROSSOVER, "overlay")])
+    cross_source = {dev: package_path(CROSSOVER) for dev in pkg_cross}
+    cross_source.update({dev: overlay_path(CROSSOVER) for dev in top_cross})
+    return Policy(verified=(pkg_ops - top_decided) | top_ops, verified_source=source,
+                  crossover=merge_crossover(docs[(CROSSOVER, "package")], docs[(CROSSOVER, "overlay")]),
+                  crossover_source=cross_source, files=tuple(files))
+
+
+def load() -> Policy:
+    """The policy of this process: read on first use, then cached (no file access per call)."""
+    policy = _CACHE.get("policy")
+    if policy is None:
+        with _LOCK:
+            policy = _CACHE.get("policy")
+            if policy is None:
+                policy = _CACHE["policy"] = _load()
+    return policy
+
+
+def clear() -> None:
+    """Forget the cached policy; the next :func:`load` reads the files again."""
+    with _LOCK:
+        _CACHE.pop("policy", None)
+
+
+def reload() -> Policy:
+    """Read the files again now (after writing one, or in tests)."""
+    clear()
+    return load()
+
+
+def describe(device_name: Optional[str] = None, ops: Tuple[str, ...] = ()) -> List[str]:
+    """Lines saying which file each dispatch decision comes from (for ``fractalgen info``): the CUDA
+    verification of ``ops`` (and of every op a file mentions) and the crossover of each recorded device."""
+    p = load()
+    lines = [f"package data: {PACKAGE_DIR}", f"overlay: {home()} "
+             f"({'$FRACTAL_HOME' if os.environ.get('FRACTAL_HOME') else 'set FRACTAL_HOME to move it'})"]
+    lines += [f"  {status:<8} {path}" for path, status in p.files]
+    for op in sorted(set(ops) | set(p.verified_source)):
+        if op in p.verified_source:
+            state = "verified: auto may use the CUDA extension" if op in p.verified else "not verified"
+            lines.append(f"cuda {op}: {state} (from {p.verified_source[op]})")
+        else:
+            lines.append(f"cuda {op}: not verified (no entry in either file)")
+    if p.crossover:
+        for dev in sorted(p.crossover):
+            table = ", ".join(f"{dt} D={d}: L>={n}" for dt, by_d in sorted(p.crossover[dev].items())
+                              for d, n in sorted(by_d.items(), key=lambda kv: int(kv[0])))
+            here = " [this device]" if device_name is not None and dev == device_name else ""
+            lines.append(f"attention crossover on {dev!r}{here}: {table or 'none'} (from {p.crossover_source[dev]})")
+    if device_name is not None and device_name not in p.crossover:
+        lines.append(f"attention crossover on {device_name!r}: none recorded: auto runs the kernel up to its "
+                     f"maximum length")
+    elif device_name is None and not p.crossover:
+        lines.append("attention crossover: none recorded: auto runs the kernel up to its maximum length")
+    return lines
