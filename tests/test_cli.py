@@ -23,6 +23,9 @@ def test_info(capsys):
     out = capsys.readouterr().out
     assert "fractalmar_large_in256: 437.0M parameters" in out
     assert "torch   available" in out
+    # which file each dispatch decision comes from (package data, then the $FRACTAL_HOME overlay)
+    assert "fractal_kernels/data/cuda_verified.json" in out and "cuda sample_logits: " in out
+    assert "attention crossover" in out
 
 
 def test_sample_writes_png_grid(tmp_path, capsys):
