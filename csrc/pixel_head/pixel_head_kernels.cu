@@ -1,7 +1,8 @@
 // Pixel-head kernels: the fused sampler and the cross-entropy row kernel, one warp per row.
 //
-// Each lane owns ELEMS consecutive columns (V <= 32 * ELEMS), so the CDF is a per-lane prefix sum plus a
-// warp exclusive scan, and every row reduction is a 5-step shuffle. No sort: top-k / top-p thresholds are
+// Each lane owns ELEMS consecutive columns (V <= 32 * ELEMS), so the CDF (the sampler contract's exact int64
+// fixed point, see fractal_kernels/reference/pixel_sampling.py) is a per-lane prefix sum plus a warp scan,
+// and every row reduction is a 5-step shuffle. No sort: top-k / top-p thresholds are
 // found by bisection on the fp32 bit patterns of the probabilities (31 warp reductions), exactly as the
 // Triton kernel and the PyTorch reference define them. Randomness: Philox4x32-10 keyed by
 // (seed, offset + row), identical to fractal_kernels/reference/philox.py.
@@ -162,24 +163,32 @@ __global__ void sample_logits_kernel(SampleLogitsArgs a) {
   } else {
     const double uni = a.uniforms != nullptr ? a.uniforms[row]
                                              : static_cast<double>(philox_uniform(a.seed, a.offset + row));
-    float local[ELEMS];
-    float run = 0.f;
+    // the sampler contract's draw (fractal_kernels/reference/pixel_sampling.py): q = trunc(p * 2^52) is exact
+    // and so are its int64 prefix sums, so this lane scan + warp scan equals every other backend's CDF bit for
+    // bit; t = u * T < T = C[V-1], and the first index with C > t has q > 0 (no clamp, never p = 0)
+    long long local[ELEMS];
+    long long run = 0;
 #pragma unroll
-    for (int j = 0; j < ELEMS; ++j) { run += p[j]; local[j] = run; }
-    float incl = run;  // warp inclusive scan of the lane totals
+    for (int j = 0; j < ELEMS; ++j) {
+      run += live[j] ? static_cast<long long>(p[j] * 4503599627370496.0f) : 0ll;  // rz conversion: trunc
+      local[j] = run;
+    }
+    long long incl = run;  // warp inclusive scan of the lane totals
 #pragma unroll
     for (int o = 1; o < kWarp; o <<= 1) {
-      const float n = __shfl_up_sync(kFull, incl, o);
+      const long long n = __shfl_up_sync(kFull, incl, o);
       if (lane >= o) incl += n;
     }
-    const float total = __shfl_sync(kFull, incl, kWarp - 1);
-    const float before = incl - run;
-    const double target = fmax(uni * static_cast<double>(total), static_cast<double>(FLT_MIN));
+    const long long total = __shfl_sync(kFull, incl, kWarp - 1);
+    const long long before = incl - run;
+    const double u = uni > 0.0 ? uni : 0.0;  // NaN, u <= 0 -> 0
+    const double tot = static_cast<double>(total);
+    const double target = u < 1.0 ? __dmul_rn(u, tot) : tot - 1.0;  // u >= 1: the largest double below 1
     int below = 0;
 #pragma unroll
-    for (int j = 0; j < ELEMS; ++j) below += (live[j] && static_cast<double>(before + local[j]) < target) ? 1 : 0;
+    for (int j = 0; j < ELEMS; ++j) below += (live[j] && static_cast<double>(before + local[j]) <= target) ? 1 : 0;
     below = warp_sum_int(below);
-    idx = min(static_cast<int64_t>(below), a.V - 1);
+    idx = total > 0 ? static_cast<int64_t>(below) : -1;
   }
   if (lane == 0) a.ids[row] = valid ? idx : -1;
   if (a.probs != nullptr) {

@@ -204,15 +204,20 @@ float philox_uniform(uint64_t seed, uint64_t counter) {
   return static_cast<float>(c0 >> 8) * (1.0f / 16777216.0f);
 }
 
-// The first i with cdf[i] / cdf[V-1] >= u (fp64 cumsum): the reference's inverse_cdf_draw
+// The sampler contract's draw (fractal_kernels/reference/pixel_sampling.py): q = trunc(p * 2^52) exactly, the CDF
+// and its total T (the last element) are exact int64 sums, t = u * T in fp64 (u <= 0 or NaN -> 0, u >= 1 ->
+// t = T - 1), id = the first i with C_i > t -- never a zero-probability entry; -1 for a row without mass.
 int inverse_cdf(const float* p, double u) {
-  double cdf[V];
-  double s = 0.0;
-  for (int i = 0; i < V; ++i) cdf[i] = (s += static_cast<double>(p[i]));
-  u = std::max(u, DBL_MIN);
-  for (int i = 0; i < V; ++i)
-    if (cdf[i] / cdf[V - 1] >= u) return i;
-  return V - 1;
+  int64_t cdf[V];
+  int64_t s = 0;
+  for (int i = 0; i < V; ++i) cdf[i] = (s += static_cast<int64_t>(p[i] * 4503599627370496.0f));  // trunc
+  if (s <= 0) return -1;
+  u = u > 0.0 ? u : 0.0;
+  const double total = static_cast<double>(s);
+  const double target = u < 1.0 ? u * total : total - 1.0;
+  int id = 0;
+  for (int i = 0; i < V; ++i) id += static_cast<double>(cdf[i]) <= target ? 1 : 0;
+  return id;
 }
 
 int argmax(const float* x) {  // first maximum; NaN counts as the maximum, as torch.argmax

@@ -40,7 +40,8 @@ from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights, pixel_
 try:
     import triton
     import triton.language as tl
-    from fractal_kernels.ops.sample_logits import _bisect_threshold, _filter_cfg_mix, _philox_uniform, _sanitize
+    from fractal_kernels.ops.sample_logits import (_bisect_threshold, _filter_cfg_mix, _inverse_cdf_draw,
+                                                   _philox_uniform, _sanitize)
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
@@ -202,11 +203,7 @@ if HAS_TRITON:
                     uni = tl.load(u_ptr + c * B + pix, mask=pmask, other=0.5).to(tl.float64)
                 else:
                     uni = _philox_uniform(seed_lo, seed_hi, (p64 + c * B + offset).to(tl.uint64)).to(tl.float64)
-                total = tl.sum(pr, axis=1)
-                cdf = tl.cumsum(pr, axis=1)
-                target = tl.maximum(uni * total.to(tl.float64), 1.1754943508222875e-38)
-                below = (cdf.to(tl.float64) < target[:, None]) & vmask[None, :]
-                idx = tl.minimum(tl.sum(tl.where(below, 1, 0), axis=1), V - 1)
+                idx = _inverse_cdf_draw(pr, vmask, uni)
             idx = tl.where(valid & (dead == 0), idx, -1)
             dead = tl.where(idx < 0, 1, dead)
             tl.store(ids_ptr + p64 * 3 + c, idx.to(tl.int64), mask=pmask)

@@ -6,9 +6,11 @@ dispatches (CUDA -> Triton -> PyTorch, see ``fractal_kernels.dispatch``). The ma
 ``fractal_kernels.reference.pixel_sampling.sample_logits_reference``; randomness is Philox4x32-10 keyed by
 ``(seed, offset + row)`` (``fractal_kernels.reference.philox``), identical on every backend.
 
-Numerics: fp32 everywhere (inputs of any float dtype are upcast on load); truncation thresholds are found
-by a 31-step bisection on the fp32 bit patterns of the probabilities, so no sort is needed and the result is
-the exact k-th value / nucleus boundary; the CDF is an fp32 prefix sum compared with ``u * total`` in fp64.
+Numerics: the sampler contract of ``fractal_kernels.reference.pixel_sampling`` (its module docstring). fp32
+everywhere (inputs of any float dtype are upcast on load); truncation thresholds are found by a 31-step
+bisection on the fp32 bit patterns of the probabilities, so no sort is needed and the result is the exact k-th
+value / nucleus boundary; the draw is the contract's exact fixed-point CDF (``_inverse_cdf_draw``, shared with
+the pixel head).
 """
 from __future__ import annotations
 
@@ -80,6 +82,21 @@ if HAS_TRITON:
         return lo.to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _inverse_cdf_draw(p, cmask, uni):
+        # The contract's draw: p [R, V] final fp32 probabilities, cmask [V] live columns, uni [R] fp64 uniforms
+        # -> ids [R] (int32), -1 for a row without mass. q = trunc(p * 2^52) is exact and so are its int64 sums:
+        # the scan and the total (= the scan's last element) agree in any order, and t = u * T < T = cdf[-1], so
+        # the first index with cdf > t always exists and has q > 0 (never a zero-probability id, no clamp).
+        q = tl.where(cmask[None, :], (p * 4503599627370496.0).to(tl.int64), 0)
+        cdf = tl.cumsum(q, axis=1)
+        total = tl.sum(q, axis=1)
+        u = tl.where(uni > 0.0, uni, 0.0)  # NaN, u <= 0 -> 0
+        tot = total.to(tl.float64)
+        target = tl.where(u < 1.0, u * tot, tot - 1.0)  # u >= 1 acts as the largest double below 1
+        idx = tl.sum(tl.where(cdf.to(tl.float64) <= target[:, None], 1, 0), axis=1)
+        return tl.where(total > 0, idx, -1)
+
+    @triton.jit
     def _filter_cfg_mix(x, u, w, filter_threshold):
         # [R, V] sanitised cond / uncond logits -> the reference's filter (where the conditional probability
         # is tiny, lift the unconditional logit), then the CFG mix with weight w (scalar or [R, 1])
@@ -147,12 +164,7 @@ if HAS_TRITON:
                 uni = tl.load(u_ptr + rows, mask=rmask, other=0.5).to(tl.float64)
             else:
                 uni = _philox_uniform(seed_lo, seed_hi, (r64 + offset).to(tl.uint64)).to(tl.float64)
-            total = tl.sum(p, axis=1)
-            cdf = tl.cumsum(p, axis=1)
-            target = tl.maximum(uni * total.to(tl.float64), 1.1754943508222875e-38)
-            below = (cdf.to(tl.float64) < target[:, None]) & cmask[None, :]
-            idx = tl.sum(tl.where(below, 1, 0), axis=1)
-            idx = tl.minimum(idx, V - 1)
+            idx = _inverse_cdf_draw(p, cmask, uni)
         idx = tl.where(valid, idx, -1)
         tl.store(ids_ptr + rows, idx.to(tl.int64), mask=rmask)
         if WRITE_PROBS:
@@ -254,7 +266,8 @@ def sample_logits(
     ``filter_threshold``), CFG ``uncond + cfg * (cond - uncond)`` with a scalar or per-row ``cfg`` (no
     ``uncond_logits``, or ``cfg == 1``, skips it), softmax, top-k (``0`` = off; ``>= V`` = off), top-p (ties
     kept together; the argmax always survives), then the inverse-CDF draw: the first index whose cumulative
-    probability reaches ``u * total``, never a zero-probability index.
+    probability exceeds ``u * total``, never a zero-probability index (the exact contract:
+    ``fractal_kernels.reference.pixel_sampling``).
 
     Randomness: ``uniforms`` ``[N]`` if given, else Philox ``(seed, offset + row)``; ``seed=None`` draws a
     seed from ``generator`` (or the global torch RNG). NaN logits are never drawn, ``+inf`` logits share the

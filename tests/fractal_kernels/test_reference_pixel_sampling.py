@@ -65,8 +65,9 @@ def test_top_k_and_mass_above():
 def test_inverse_cdf_draw_edges_and_ties():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]] * 4)
     u = torch.tensor([0.0, 0.5, 0.5000001, 0.9999999], dtype=torch.float64)
-    # u = 0 -> the first entry with positive mass (never a zero-probability one); u = 0.5 -> cdf reaches it at 1
-    assert inverse_cdf_draw(probs, u).tolist() == [1, 1, 3, 3]
+    # u = 0 -> the first entry with positive mass (never a zero-probability one); u = 0.5 sits exactly on the
+    # step after entry 1: the contract's half-open intervals [C_{i-1}, C_i) give it to the next entry with mass
+    assert inverse_cdf_draw(probs, u).tolist() == [1, 3, 3, 3]
     unnormalised = torch.tensor([[2.0, 6.0]])
     assert inverse_cdf_draw(unnormalised, torch.tensor([0.3])).tolist() == [1]
 
