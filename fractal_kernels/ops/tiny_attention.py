@@ -712,7 +712,15 @@ def _dropout_seed(dropout_p, dropout_seed) -> int:
         return 0
     if dropout_seed is None:  # from torch's CPU generator, so torch.manual_seed makes a run reproducible
         return int(torch.randint(0, 2 ** 62, (1,)))
-    return int(dropout_seed) & ((1 << 64) - 1)
+    from operator import index  # local: keeps this fix inside the helper
+    try:
+        seed = index(dropout_seed) & ((1 << 64) - 1)  # any int, taken mod 2^64 on every backend
+    except TypeError:
+        raise TypeError(f"dropout_seed: expected an int (any value, taken mod 2**64) or None, got "
+                        f"{type(dropout_seed).__name__}") from None
+    # the custom ops' schema holds an int64: pass the same 64 bits as a signed value (the Philox key words
+    # _seed_words and the reference take are unchanged)
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _reference(q, k, v, lens, causal, scale, dropout_p, seed):
@@ -746,7 +754,7 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     (``[N]`` integers in [0, L]) gives each sequence its own length: keys past it are ignored, outputs past it
     are zero. Returns ``[N, H, L, D]`` in the input dtype (a view of an ``[N, L, H, D]`` buffer). Autograd
     flows to q, k, v. ``dropout_p`` drops attention probabilities (training) with a Philox mask keyed by
-    ``dropout_seed`` (None: drawn from torch's CPU generator), regenerated in the backward pass and identical
+    ``dropout_seed`` (any int, taken mod 2**64; None: drawn from torch's CPU generator), regenerated in the backward pass and identical
     on the torch backend (:func:`fractal_kernels.reference.attention.attention_dropout_scale`).
     ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
     """
