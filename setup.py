@@ -58,7 +58,8 @@ setup(
     # the C++ source of the CPU kernels is built on first use (fractal_kernels/cpu): ship it with the package
     package_data={"fractal_kernels": ["cpu/*.cpp"]},
     # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
-    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    # scipy: MAR training draws its mask ratios with scipy's truncnorm on numpy's RNG, as the reference does
+    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "bench": ["pytest-benchmark", "matplotlib"],

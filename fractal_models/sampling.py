@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -22,6 +22,7 @@ from fractal_kernels.reference.pixel_sampling import inverse_cdf_draw
 from fractal_models.fractalgen import FractalGen
 from fractal_models.mar import MAR
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelDraw
+from fractal_models.rng import fork_rng
 
 
 def uniform_draw(uniforms: Callable[[int, int], torch.Tensor]) -> PixelDraw:
@@ -58,15 +59,9 @@ def default_num_iter_list(model: FractalGen) -> List[int]:
     return out
 
 
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+def _seeded(seed: Optional[int], device: torch.device):
+    # torch's and numpy's global RNGs seeded as the reference's scripts seed them, the caller's states restored
+    return fork_rng(seed, device)
 
 
 def _check_known(known, known_mask, bsz: int, size: int, device) -> tuple:
