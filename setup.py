@@ -63,7 +63,8 @@ setup(
     # policy data (fractal_kernels/policy.py): ship both with the package
     package_data={"fractal_kernels": ["cpu/*.cpp", "data/*.json"]},
     # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
-    install_requires=["torch>=2.1", "numpy", "tqdm"],
+    # scipy: MAR training draws its mask ratios with scipy's truncnorm on numpy's RNG, as the reference does
+    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "bench": ["pytest-benchmark", "matplotlib"],

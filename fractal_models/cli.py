@@ -99,7 +99,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     num_iter = [int(x) for x in args.num_iter_list.split(",")] if args.num_iter_list else None
     settings = dict(num_iter_list=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                     filter_threshold=args.filter_threshold, top_p=args.top_p, fast=not args.faithful,
-                    backend=args.backend, compile=args.compile, cuda_graphs=args.cuda_graphs)
+                    backend=args.backend, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                    precision=args.precision)
     if args.num_images is not None:
         from fractal_models.bulk import generate_many, rank_and_world
         if not args.output_dir:
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                    help="kernels: auto = fused kernels on a GPU, reference math + the compiled C++ pixel head on a "
                         "CPU; torch = reference math (bit-exact)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = fp16 autocast on a CUDA device (the public code's sampling), fp32 elsewhere; "
+                        "scores and pixel logits stay fp32")
     s.add_argument("--compile", action="store_true", help="torch.compile the tiny levels' transformer stacks")
     s.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for those stacks (CUDA only; implies --compile)")
     s.add_argument("--num-images", type=int, default=None,

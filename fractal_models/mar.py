@@ -4,10 +4,14 @@ Module tree and parameter names match ``models/mar.py`` of the reference. Numeri
 LayerNorm eps 1e-6, attention scores in fp32 with autocast off and the explicit ``attn - max(attn)``,
 the cosine masking schedule and its ``mask_len`` clamps, random orders drawn from the *CPU* global RNG
 (the reference draws ``torch.rand`` on the CPU and moves it; doing the same keeps one seed meaning the
-same order on every device).
+same order on every device). The training/NLL masks are drawn as the reference draws them: the eval mask
+count from numpy's global RNG (``np.random.randint(L) + 1``, positions ``orders[:, :count]``), the training
+mask ratios from scipy's ``truncnorm`` on that same numpy RNG, scattered with ``index=argsort(orders)``; so
+under ``torch.manual_seed(s); np.random.seed(s)`` (:func:`fractal_models.rng.manual_seed`) the losses are
+the reference's (tested against its seeded losses).
 
-Beyond the reference: device-agnostic, a truncated-normal mask ratio without scipy, and per-row
-masking schedules so known (conditioning) patches can be skipped during sampling.
+Beyond the reference: device-agnostic, and per-row masking schedules so known (conditioning) patches can
+be skipped during sampling.
 """
 from __future__ import annotations
 
@@ -72,17 +76,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def truncnorm_mask_rates(bsz: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Mask ratios from N(1, 0.25²) truncated to [0, 1] (the reference's ``truncnorm(-4, 0, 1, 0.25)``).
+_MASK_RATIO = None  # scipy's frozen truncnorm, made on first use (importing scipy.stats takes ~0.3 s)
 
-    Inverse-CDF sampling in float64; the reference uses scipy's sampler on numpy's RNG, so the stream
-    differs but the distribution is the same.
-    """
-    lo = torch.special.ndtr(torch.tensor(-4.0, dtype=torch.float64))
-    hi = torch.special.ndtr(torch.tensor(0.0, dtype=torch.float64))
-    u = torch.rand(bsz, dtype=torch.float64, generator=generator)
-    z = torch.special.ndtri(lo + u * (hi - lo))
-    return (1.0 + 0.25 * z).clamp_(0.0, 1.0)
+
+def truncnorm_mask_rates(bsz: int, random_state: Optional[np.random.RandomState] = None) -> np.ndarray:
+    """Mask ratios ``[bsz]`` (float64) from N(1, 0.25²) truncated to [0, 1]: the reference's
+    ``scipy.stats.truncnorm(-4, 0, loc=1.0, scale=0.25).rvs(bsz)``, drawn from numpy's global RNG (or
+    ``random_state``) exactly as the reference draws them."""
+    global _MASK_RATIO
+    if _MASK_RATIO is None:
+        from scipy import stats
+        _MASK_RATIO = stats.truncnorm(-4, 0, loc=1.0, scale=0.25)
+    return np.atleast_1d(_MASK_RATIO.rvs(bsz, random_state=random_state))
 
 
 def mask_by_order(mask_len: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -155,16 +160,20 @@ class MAR(nn.Module):
         return orders.to(device) if device is not None else orders
 
     def random_masking_uniform(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-        """Eval masking for NLL: one count in [1, L] for the whole batch, positions from ``orders``."""
+        """Eval masking for NLL: one count in [1, L] for the whole batch (numpy's global RNG, as the
+        reference), the positions ``orders[:, :count]``."""
         bsz, seq_len, _ = x.shape
-        num_masked = int(torch.randint(seq_len, (1,)).item()) + 1
+        num_masked = np.random.randint(seq_len) + 1  # a host int: no device read
         return mask_by_order(torch.full((bsz,), num_masked), orders, seq_len)
 
     def random_masking(self, x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
-        """Train masking: ``ceil(L * r)`` masked positions per row, ``r`` ~ truncated normal."""
+        """Train masking: ``ceil(L * r)`` masked positions per row, ``r`` ~ truncated normal (scipy on numpy's
+        global RNG), scattered with ``index=argsort(orders)`` as the reference does (position ``q`` is
+        masked iff ``orders[q] < ceil(L * r)``: the same distribution as masking ``orders[:, :n]``, and the
+        reference's masks for a seed)."""
         bsz, seq_len, _ = x.shape
-        num_masked = torch.ceil(seq_len * truncnorm_mask_rates(bsz)).to(torch.float32)
-        return mask_by_order(num_masked, orders, seq_len)
+        num_masked = torch.from_numpy(np.ceil(seq_len * truncnorm_mask_rates(bsz))).to(torch.float32)
+        return mask_by_order(num_masked, torch.argsort(orders, dim=-1), seq_len)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Patches ``[B, L, 3p²]``, mask ``[B, L]`` (1 = masked), conditions -> 5 conditions ``[B, L, C]``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -22,6 +22,7 @@ from fractal_kernels.reference.pixel_sampling import inverse_cdf_draw
 from fractal_models.fractalgen import FractalGen
 from fractal_models.mar import MAR
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelDraw
+from fractal_models.rng import fork_rng
 
 
 def uniform_draw(uniforms: Callable[[int, int], torch.Tensor]) -> PixelDraw:
@@ -58,15 +59,35 @@ def default_num_iter_list(model: FractalGen) -> List[int]:
     return out
 
 
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+def _seeded(seed: Optional[int], device: torch.device):
+    # torch's and numpy's global RNGs seeded as the reference's scripts seed them, the caller's states restored
+    return fork_rng(seed, device)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sampling_autocast_dtype(device: torch.device, precision: str = "auto",
+                            autocast_dtype: Optional[torch.dtype] = None) -> Optional[torch.dtype]:
+    """The autocast dtype :func:`generate` samples under on ``device`` (None: no autocast, fp32).
+
+    ``precision``: ``"auto"`` (default) is the public code's choice, ``torch.cuda.amp.autocast()`` = fp16 on a
+    CUDA device, and fp32 (no autocast) on any other device; ``"fp32"``, ``"bf16"``, ``"fp16"`` force one.
+    ``autocast_dtype`` (the older argument) is the same as the matching precision; giving both is an error
+    unless they agree. Attention scores and pixel logits stay fp32 under every choice (as in the reference).
+    """
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"precision: expected 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if autocast_dtype is not None:
+        if autocast_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"autocast_dtype: expected torch.float16, torch.bfloat16 or None, got {autocast_dtype!r}")
+        given = None if autocast_dtype == torch.float32 else autocast_dtype
+        if precision != "auto" and PRECISIONS[precision] != given:
+            raise ValueError(f"precision={precision!r} and autocast_dtype={autocast_dtype} disagree; give one of them")
+        return given
+    if precision == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    return PRECISIONS[precision]
 
 
 def _check_known(known, known_mask, bsz: int, size: int, device) -> tuple:
@@ -106,6 +127,7 @@ def generate(
     known_mask: Optional[torch.Tensor] = None,
     draw: Optional[PixelDraw] = None,
     autocast_dtype: Optional[torch.dtype] = None,
+    precision: str = "auto",
     progress: bool = False,
     backend: Optional[str] = "auto",
     fast: bool = True,
@@ -120,7 +142,13 @@ def generate(
     ``top_p`` optional nucleus truncation after it. ``seed`` makes the call deterministic without touching
     the caller's RNG state. ``known`` uint8 ``[B, 3, S, S]`` + ``known_mask`` bool (``[B, 3|1, S, S]`` or
     ``[B, S, S]``): keep those pixels exactly and sample the rest. ``draw`` replaces the multinomial draw
-    (see :func:`uniform_draw`). ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs under autocast.
+    (see :func:`uniform_draw`).
+
+    ``precision`` -- the numerics of the call (:func:`sampling_autocast_dtype`): ``"auto"`` (default) samples
+    under fp16 autocast on a CUDA device, as the public code does (``torch.cuda.amp.autocast()``), and in
+    fp32 without autocast on a CPU; ``"fp32"``, ``"bf16"`` or ``"fp16"`` force one (``autocast_dtype=`` is the
+    older spelling of the same). Attention scores and pixel logits are fp32 in every mode. The bit-exactness
+    with the reference (below) is in fp32, so on a GPU it needs ``precision="fp32"``.
 
     The switchboard (safe defaults; the same seed gives the same images for the same settings and device):
 
@@ -171,6 +199,7 @@ def generate(
         raise ValueError(f"num_iter_list: expected {len(gens)} positive integers (one per level), got {num_iter_list}")
     if backend is not None and backend not in ("torch", "auto", "triton", "cuda"):
         raise ValueError(f"backend: expected 'auto', 'torch', 'triton', 'cuda' or None (keep the model's), got {backend!r}")
+    amp_dtype = sampling_autocast_dtype(device, precision, autocast_dtype)
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs: needs the model on a CUDA device, it is on {device.type}")
     compile = bool(compile or cuda_graphs)
@@ -203,7 +232,7 @@ def generate(
     if backend is not None:
         model.set_backend(backend)
     model.eval()
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+    amp = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
            else contextlib.nullcontext())
     compiled = contextlib.nullcontext()
     if compile:

@@ -9,7 +9,8 @@ parameters), lr = blr × global batch / 256 with linear warm-up then cosine, gra
 dropout 0.1 for CFG, attention/projection dropout 0.1, optional gradient checkpointing, bf16 autocast on
 GPU, optional EMA of the weights (off by default: the reference does not use one).
 
-Determinism: every micro-batch reseeds the RNG from (seed, step, virtual rank) where the virtual rank is
+Determinism: every micro-batch reseeds torch's and numpy's global RNGs (numpy draws the MAR mask counts and
+ratios, as in the reference) from (seed, step, virtual rank) where the virtual rank is
 ``rank × grad_accum + k``; the data order is a seeded permutation per epoch sliced by virtual rank. So a
 run is a function of (seed, world size × grad accumulation): ``torchrun --nproc-per-node 2`` equals one
 process with ``--grad-accum 2``, and ``--resume`` continues exactly where the last checkpoint was taken.
@@ -33,6 +34,7 @@ from fractal_models.checkpoint import CheckpointError, load_checkpoint, read_che
 from fractal_models.configs import config_kwargs
 from fractal_models.data import DataError, ImageFolder, ShippedPhotos
 from fractal_models.fractalgen import FractalGen
+from fractal_models.rng import manual_seed, numpy_state, set_numpy_state
 from fractal_models.sampling import normalize_uint8
 
 BACKENDS = ("torch", "auto", "triton", "cuda")
@@ -242,7 +244,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if len(train_set) < args.batch_size:
         raise TrainError(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images")
 
-    torch.manual_seed(args.seed)
+    manual_seed(args.seed)
     model = FractalGen(**config_kwargs(args.config, class_num=num_classes, label_drop_prob=args.label_drop_prob,
                                        attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout,
                                        grad_checkpointing=args.grad_checkpointing)).to(device)
@@ -284,6 +286,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             torch.set_rng_state(rng[rank]["cpu"])
             if device.type == "cuda" and rng[rank].get("cuda") is not None:
                 torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+            if rng[rank].get("numpy") is not None:  # absent in checkpoints of older versions
+                set_numpy_state(rng[rank]["numpy"])
 
     ddp_model = model
     if world > 1:
@@ -297,7 +301,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                       keep_until_step=start_step if resume else -1) if is_main else None
 
     def save(path: str, step: int) -> None:
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+               "numpy": numpy_state()}
         all_rng = [rng]
         if world > 1:
             all_rng = [None] * world
@@ -360,7 +365,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         for k in range(args.grad_accum):
             v = rank * args.grad_accum + k
             idx = global_idx[v * args.micro_batch:(v + 1) * args.micro_batch]
-            torch.manual_seed(step_seed(args.seed, step, v))
+            # torch's and numpy's RNGs (numpy draws the MAR mask counts/ratios, as in the reference)
+            manual_seed(step_seed(args.seed, step, v))
             imgs, labels = load_batch(train_set, idx)
             flip = torch.rand(len(idx)) < 0.5  # random horizontal flip, as the reference's transform
             imgs = torch.where(flip[:, None, None, None], imgs.flip(-1), imgs)

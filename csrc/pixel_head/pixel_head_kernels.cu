@@ -210,6 +210,7 @@ __global__ void ce_rows_kernel(float* logits, const int64_t* target, float* loss
   float* x = logits + row * stride;
   const int64_t t = target[row];
   const bool valid = t != ignore_index;
+  const bool bad = valid && (t < 0 || t >= V);  // out-of-range target: a NaN row (no host check on CUDA)
   float v[ELEMS];
   float mx = -INFINITY, xt = 0.f;
 #pragma unroll
@@ -226,9 +227,9 @@ __global__ void ce_rows_kernel(float* logits, const int64_t* target, float* loss
   for (int j = 0; j < ELEMS; ++j) s += expf(v[j] - mx);
   s = warp_sum(s);
   const float lse = mx + logf(s);
-  if (lane == 0) loss[row] = valid ? lse - xt : 0.f;
+  if (lane == 0) loss[row] = valid ? (bad ? NAN : lse - xt) : 0.f;
   if (!write_grad) return;
-  const float scale = valid ? (row_scale != nullptr ? row_scale[row] : 1.f) : 0.f;
+  const float scale = valid ? (bad ? NAN : (row_scale != nullptr ? row_scale[row] : 1.f)) : 0.f;
 #pragma unroll
   for (int j = 0; j < ELEMS; ++j) {
     const int64_t col = static_cast<int64_t>(lane) * ELEMS + j;

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from fractal_kernels._checks import host_checks
 from fractal_kernels.dispatch import resolve, shape_class
 from fractal_kernels.reference.cross_entropy import pixel_cross_entropy_reference
 
@@ -46,6 +47,7 @@ if HAS_TRITON:
         x = tl.load(ptrs, mask=m2, other=float("-inf"))
         t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
         valid = (t != ignore_index) & rmask
+        bad = valid & ((t < 0) | (t >= V))  # out-of-range target: a NaN row, found without a host read
         mx = tl.max(x, axis=1)
         mx = tl.where(rmask, mx, 0.0)
         e = tl.where(m2, tl.exp(x - mx[:, None]), 0.0)
@@ -54,12 +56,12 @@ if HAS_TRITON:
         lse = mx + tl.log(s)
         hit = cols[None, :] == t[:, None]
         x_t = tl.sum(tl.where(hit & m2, x, 0.0), axis=1)
-        tl.store(loss_ptr + rows, tl.where(valid, lse - x_t, 0.0), mask=rmask)
+        tl.store(loss_ptr + rows, tl.where(valid, tl.where(bad, float("nan"), lse - x_t), 0.0), mask=rmask)
         if WRITE_GRAD:
             g = e / s[:, None] - tl.where(hit, 1.0, 0.0)
             if ROW_SCALE:
                 g = g * tl.load(scale_ptr + rows, mask=rmask, other=0.0)[:, None]
-            g = tl.where(valid[:, None], g, 0.0)
+            g = tl.where(valid[:, None], tl.where(bad[:, None], float("nan"), g), 0.0)
             tl.store(ptrs, g, mask=m2)
 
 
@@ -88,7 +90,8 @@ def _chunked(x32, w32, b32, target, ignore_index, backend, want_grads, row_scale
     db = torch.zeros_like(b32) if want_grads else None
     for start in range(0, n, CHUNK_ROWS):
         sl = slice(start, min(n, start + CHUNK_ROWS))
-        logits = torch.addmm(b32, x32[sl], w32.t())  # [chunk, V] fp32, reused for the gradient
+        with torch.autocast(x32.device.type, enabled=False):  # fp32 logits even if backward runs under autocast
+            logits = torch.addmm(b32, x32[sl], w32.t())  # [chunk, V] fp32, reused for the gradient
         _rows(logits, target[sl], loss[sl], ignore_index, want_grads,
               row_scale[sl] if row_scale is not None else None, backend)
         if want_grads:
@@ -167,19 +170,26 @@ def pixel_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     ``x``, ``weight`` and ``bias``. ``x`` ``[N, C]``, ``weight`` ``[V, C]``, ``bias`` ``[V]`` (or ``[1, V]``),
     ``target`` int64 ``[N]`` in ``[0, V)`` or ``ignore_index`` (ignored rows add 0 and are not counted by
     "mean"). Returns a scalar ("mean", "sum") or fp32 ``[N]`` ("none"). Empty batch: "mean" is NaN like
-    PyTorch's, "sum" 0, "none" empty."""
+    PyTorch's, "sum" 0, "none" empty. The logits are fp32 on every backend, also under ``torch.autocast``
+    (which is turned off inside the op).
+
+    Target values are checked on CPU tensors (a ValueError). On CUDA that check would synchronise with the
+    host every call, so it runs only with ``FRACTAL_KERNELS_DEBUG=1``; otherwise an out-of-range target makes
+    its row's loss (and gradient) NaN on the fused kernels, and trips PyTorch's device-side assert on the
+    torch backend."""
     _check(x, weight, bias, target, reduction)
     bias = bias.reshape(-1)
     v = weight.shape[0]
-    if target.numel():
+    if target.numel() and host_checks(target.device):
         live = target[target != ignore_index]
         if live.numel() and (int(live.min()) < 0 or int(live.max()) >= v):
             raise ValueError(f"target: values must be in [0, {v}) or ignore_index={ignore_index}; got min "
                              f"{int(live.min())}, max {int(live.max())}")
     which = resolve("pixel_cross_entropy", backend, x.device, shape_class=shape_class(V=v))
-    if which == "torch" or x.shape[0] == 0:
-        return pixel_cross_entropy_reference(x, weight, bias, target.long(), reduction, ignore_index)
-    return _PixelCrossEntropy.apply(x, weight, bias, target.long().contiguous(), reduction, ignore_index, which)
+    with torch.autocast(x.device.type, enabled=False):  # documented fp32 logits; autocast would make them 16-bit
+        if which == "torch" or x.shape[0] == 0:
+            return pixel_cross_entropy_reference(x, weight, bias, target.long(), reduction, ignore_index)
+        return _PixelCrossEntropy.apply(x, weight, bias, target.long().contiguous(), reduction, ignore_index, which)
 
 
 def pixel_log_probs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal_kernels import dispatch, policy
+from fractal_kernels._checks import host_checks
 from fractal_kernels.dispatch import BackendUnavailable, _cuda_ext, record, resolve, triton_interpreting
 from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
                                                  attention_reference, attention_varlen_reference)
@@ -639,7 +640,9 @@ def _check_lens(seqlens, N: int, L: int, device, name: str = "seqlens") -> Optio
         raise ValueError(f"{name}: expected an integer tensor of shape [N={N}], got {_shape(seqlens)}")
     if seqlens.device != device:
         raise ValueError(f"{name}: expected it on {device} like q, got {seqlens.device}")
-    if seqlens.numel() and (int(seqlens.min()) < 0 or int(seqlens.max()) > L):
+    # the value check reads the device (a host sync per call on CUDA): CPU tensors or FRACTAL_KERNELS_DEBUG=1
+    # only; the kernels treat values outside [0, L] as clamped to it (never out of bounds)
+    if seqlens.numel() and host_checks(device) and (int(seqlens.min()) < 0 or int(seqlens.max()) > L):
         raise ValueError(f"{name}: values must lie in [0, {L}], got [{int(seqlens.min())}, {int(seqlens.max())}]")
     return seqlens.to(torch.int32).contiguous()
 
@@ -702,7 +705,15 @@ def _dropout_seed(dropout_p, dropout_seed) -> int:
         return 0
     if dropout_seed is None:  # from torch's CPU generator, so torch.manual_seed makes a run reproducible
         return int(torch.randint(0, 2 ** 62, (1,)))
-    return int(dropout_seed) & ((1 << 64) - 1)
+    from operator import index  # local: keeps this fix inside the helper
+    try:
+        seed = index(dropout_seed) & ((1 << 64) - 1)  # any int, taken mod 2^64 on every backend
+    except TypeError:
+        raise TypeError(f"dropout_seed: expected an int (any value, taken mod 2**64) or None, got "
+                        f"{type(dropout_seed).__name__}") from None
+    # the custom ops' schema holds an int64: pass the same 64 bits as a signed value (the Philox key words
+    # _seed_words and the reference take are unchanged)
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _reference(q, k, v, lens, causal, scale, dropout_p, seed):
@@ -736,7 +747,7 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     (``[N]`` integers in [0, L]) gives each sequence its own length: keys past it are ignored, outputs past it
     are zero. Returns ``[N, H, L, D]`` in the input dtype (a view of an ``[N, L, H, D]`` buffer). Autograd
     flows to q, k, v. ``dropout_p`` drops attention probabilities (training) with a Philox mask keyed by
-    ``dropout_seed`` (None: drawn from torch's CPU generator), regenerated in the backward pass and identical
+    ``dropout_seed`` (any int, taken mod 2**64; None: drawn from torch's CPU generator), regenerated in the backward pass and identical
     on the torch backend (:func:`fractal_kernels.reference.attention.attention_dropout_scale`).
     ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
     """
@@ -810,7 +821,7 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         lens = _uniform_lens(N, kv_lens, q.device)
     else:
         lens = _check_lens(kv_lens, N, lmax, q.device, "kv_lens")
-        if lens.numel() and int(lens.min()) < LQ:
+        if lens.numel() and host_checks(q.device) and int(lens.min()) < LQ:
             raise ValueError(f"kv_lens: every length must be >= Lq={LQ}, got min {int(lens.min())}")
     if freqs_cis is not None:
         if freqs_cis.dim() != 3 or freqs_cis.shape[1:] != (D // 2, 2) or freqs_cis.shape[0] < lmax or D % 2:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fractal_kernels.dispatch import last_backend
-from fractal_models import FractalGen, generate, uniform_draw
+from fractal_models import FractalGen, generate, manual_seed, uniform_draw
 from fractal_models.sampling import normalize_uint8
 from tests.conftest import FIXTURES, load_fixture
 
@@ -68,7 +68,7 @@ def test_training_gradients_match_torch_path(name, backend):
     for b in ("torch", backend):
         model, _ = model_for(name, b)
         model.train()
-        torch.manual_seed(0)  # same masks, orders and dropout on both paths
+        manual_seed(0)  # torch's and numpy's RNGs: same masks, orders and dropout on both paths
         loss = model(imgs, labels)
         loss.backward()
         grads[b] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
@@ -117,7 +117,7 @@ def test_bf16_autocast_matches_torch_path(name):
     for b in ("torch", "triton"):
         model, _ = model_for(name, b)
         model.train()
-        torch.manual_seed(0)
+        manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(imgs, labels)
         loss.backward()
@@ -129,7 +129,7 @@ def test_bf16_autocast_matches_torch_path(name):
 
 def test_training_with_attention_dropout_runs_on_the_kernels():
     """The paper's recipe trains with attention dropout 0.1: the kernel path applies it (its own Philox mask)
-    instead of falling back to the reference attention; runs are reproducible under torch.manual_seed."""
+    instead of falling back to the reference attention; runs are reproducible under fractal_models.manual_seed."""
     meta, data = load_fixture("tiny_mar")
     kw = dict(meta["constructor"], attn_dropout=0.3)
     imgs = normalize_uint8(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
@@ -140,7 +140,7 @@ def test_training_with_attention_dropout_runs_on_the_kernels():
         model = FractalGen(**kw, backend="triton")
         model.load_state_dict(data["state_dict"], strict=True)
         model.train()
-        torch.manual_seed(seed)
+        manual_seed(seed)
         loss = model(imgs, labels)
         loss.backward()
         assert last_backend("tiny_attention") == "triton"

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fractal_models import FractalGen, build_model, nll_bits_per_dim
+from fractal_models import FractalGen, build_model, manual_seed, nll_bits_per_dim
 from fractal_models.sampling import normalize_uint8
 from tests.conftest import load_fixture
 
@@ -73,7 +73,7 @@ def test_grad_checkpointing_same_loss_and_grads():
     losses = []
     for m in (plain, ckpt):
         m.train()
-        torch.manual_seed(1)
+        manual_seed(1)  # torch's and numpy's RNGs: same orders, masks and dropout for both models
         loss = m(imgs, labels)
         loss.backward()
         losses.append(loss)
