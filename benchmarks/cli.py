@@ -1,6 +1,6 @@
 """``fractal-bench``: run the benchmark suite, print a short summary, write the table + JSON + plot.
 
-    fractal-bench              # --quick: tiny configs, under 3 minutes on a 2-core CPU
+    fractal-bench              # --quick: tiny configs, minutes on a CPU
     fractal-bench --full       # + published configs (GPU rows; skipped with the reason on CPU)
     fractal-bench --smoke      # CI: tiny shapes, one repeat
 
