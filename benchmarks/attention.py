@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .harness import Row, summarize, time_fn
+from .harness import Dispatched, Row, dispatch_failure, summarize, time_fn
 from .kernels import copy_bandwidth, matmul_peak
 from fractal_kernels.dispatch import BackendUnavailable, backend_report, triton_interpreting
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_packed
@@ -143,6 +143,7 @@ class _Cand:
     fn: Optional[Callable] = None
     skip: Optional[str] = None
     ours: bool = False  # an unexpected exception is an error (else the backend "refused")
+    backend: Optional[str] = None  # the fractal_kernels backend the row names (checked against the one that ran)
 
 
 _COMPILED: Dict[str, Callable] = {}
@@ -181,9 +182,9 @@ def _candidates(shape: AttnShape, n: int, device: torch.device, scale: float) ->
                    if b == "triton" and triton_interpreting() else f"GPU-only: {report[b][1]}")
             out.append(_Cand(label, skip=why))
         else:
-            out.append(_Cand(label, ours=True, fn=lambda q, k, v, b=b: tiny_attention(q, k, v, causal=causal,
-                                                                                      scale=scale, backend=b)))
-    out.append(_Cand("tiny_attention_packed[auto]", packed=True, ours=True,
+            out.append(_Cand(label, ours=True, backend=b,
+                             fn=lambda q, k, v, b=b: tiny_attention(q, k, v, causal=causal, scale=scale, backend=b)))
+    out.append(_Cand("tiny_attention_packed[auto]", packed=True, ours=True, backend="auto",
                      fn=lambda qkv: tiny_attention_packed(qkv, shape.H, causal=causal, scale=scale)))
     from torch.nn.attention import SDPBackend
     for short, member in SDPA_BACKENDS:
@@ -333,8 +334,9 @@ def attention_rows(shape: AttnShape, n: int, bwd: bool, device: torch.device, re
             rows.append(Row(SUITE, case, c.label, sd, metrics=analytic(n, shape, bwd), skipped=c.skip))
             continue
         run = runner(c)
+        d = Dispatched(("tiny_attention",))
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, d:
                 warnings.simplefilter("always")
                 outs = run()
         except (BackendUnavailable, NotImplementedError) as e:
@@ -350,27 +352,32 @@ def attention_rows(shape: AttnShape, n: int, bwd: bool, device: torch.device, re
                 rows.append(Row(SUITE, case, c.label, sd, metrics=analytic(n, shape, bwd),
                                 skipped=f"error: {_short(e, 300)}"))
             else:
-                why = "; ".join(_short(w.message, 120) for w in caught if "not used because" in str(w.message)
-                                or "Flash attention" in str(w.message) or "cuDNN" in str(w.message)
-                                or "Memory efficient" in str(w.message))
+                seen = [str(w.message) for w in caught] + d.warnings  # d (inner) records the block's warnings
+                why = "; ".join(_short(m, 120) for m in seen if "not used because" in m or "Flash attention" in m
+                                or "cuDNN" in m or "Memory efficient" in m)
                 rows.append(Row(SUITE, case, c.label, sd, metrics=analytic(n, shape, bwd),
                                 skipped=f"refused: {why or _short(e)}"))
             continue
         err = _max_err(to_bhld(c, outs), exp, step)
         del outs
-        timing = summarize(time_fn(run, device, warmup=warmup, repeats=repeats, flush_l2=cuda))
+        timed = Dispatched(("tiny_attention",))
+        with timed:
+            # the checked call above was the first warm-up
+            timing = summarize(time_fn(run, device, warmup=max(0, warmup - 1), repeats=repeats, flush_l2=cuda))
         fl = flops(n, shape, bwd)
         metrics = {"GB_per_s": nbytes / timing["median_s"] / 1e9, "pct_copy_bw": 100 * nbytes / timing["median_s"] / bw,
                    "bytes_min": nbytes, "max_err": err, "TFLOP_per_s": fl / timing["median_s"] / 1e12,
                    "pct_matmul_peak": 100 * fl / timing["median_s"] / peak}
-        if c.label == "tiny_attention_packed[auto]":
-            from fractal_kernels import dispatch
-            last = getattr(dispatch, "last_backend", lambda op: None)("tiny_attention")
-            if last:
-                metrics["dispatched_to"] = last
+        if c.backend is not None:
+            metrics["ran_on"] = dict(d.ran)
+            if c.label == "tiny_attention_packed[auto]" and "tiny_attention" in d.ran:
+                metrics["dispatched_to"] = d.ran["tiny_attention"]
         ok = err <= tol
         check = (f"max err {err:.1e} <= tol {tol:.0e}" + (" (baseline)" if c.label == "reference" else "")
                  if ok else f"MAX ERR {err:.1E} > TOL {tol:.0E}")
+        if c.backend is not None:  # the checked call and the timed calls both ran where the row says
+            check = (dispatch_failure(d, c.backend, device, required=("tiny_attention",))
+                     or dispatch_failure(timed, c.backend, device, required=("tiny_attention",)) or check)
         rows.append(Row(SUITE, case, c.label, sd, timing, metrics=metrics, check=check))
 
     measured = {r.backend: r.timing["median_s"] for r in rows if r.timing}
@@ -441,4 +448,4 @@ def plan(mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
     if not (cuda and mode.name == "full"):
         yield target_rows
     if mode.name == "full" or not cuda:
-        yield lambda: crossover_rows(device, mode.repeats, mode.warmup)
+        yield lambda: crossover_rows(device, mode.repeats, mode.warmup, path=getattr(mode, "crossover_path", None))

@@ -1,8 +1,11 @@
 """End-to-end model benchmarks: ``generate`` images/s, training-step time and NLL throughput.
 
 Every row runs the faithful ``backend="torch"`` models; kernel backends add rows beside them as they
-land. Each row also verifies its output (seeded reruns identical, losses finite) so a broken path cannot
-post a number.
+land. Each row also verifies its output (seeded reruns identical, losses finite; fast rows against the
+faithful images) so a broken path cannot post a number, and records which backend each ``fractal_kernels``
+op ran on (``metrics["ran_on"]``): an op on another backend than the row names, a fast row whose fused pixel
+head did not run, or a fallback warning (the fused head's ``auto`` path warns and switches to PyTorch) fails
+the row.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from .harness import Row, summarize, time_fn
+from .harness import Dispatched, Row, dispatch_failure, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, generate
 from fractal_models.sampling import default_num_iter_list, normalize_uint8
@@ -28,6 +31,7 @@ class Mode:
     warmup: int
     full_iters: bool  # reference iteration counts (else 2 per level, for smoke runs)
     big: bool  # include the published configs (GPU only)
+    crossover_path: Optional[str] = None  # where the measured attention crossover goes (None: the committed file)
 
 
 MODES = {
@@ -37,6 +41,17 @@ MODES = {
 }
 
 BIG = ("fractalmar_in64", "fractalmar_large_in256")
+
+
+def fused_head_expected(backend: str, device: torch.device, fast: bool = True) -> bool:
+    """Whether ``generate(fast=fast, backend=backend)`` must run the fused pixel head (``pixel_head_sample``):
+    the fast engine on a kernel backend, or ``auto`` where it has one (a GPU, or a CPU whose compiled kernels
+    build)."""
+    if not fast or backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" or backend_report()["cpu"][0]
+    return True
 
 
 def _iters(model, mode: Mode) -> List[int]:
@@ -70,11 +85,12 @@ def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = 
 
     def run():
         outs.append(generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0, backend=backend, fast=fast))
-    times = time_fn(run, device, warmup=0 if big else mode.warmup, repeats=1 if big else mode.repeats)
+    with Dispatched() as d:
+        times = time_fn(run, device, warmup=0 if big else mode.warmup, repeats=1 if big else mode.repeats)
     same = all(torch.equal(outs[0], o) for o in outs[1:]) if len(outs) > 1 else None
     check = {True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same]
     timing = summarize(times)
-    metrics = {"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz}
+    metrics = {"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz, "ran_on": d.ran}
     if baseline is not None and baseline.timing:
         metrics["speedup_vs_faithful"] = baseline.timing["median_s"] / timing["median_s"]
         if backend == "torch" and baseline.__dict__.get("_images") is not None:
@@ -87,6 +103,8 @@ def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = 
             check += f"; {same:.4%} of sub-pixels identical to faithful"
     if big and "256" in config:
         metrics["published_s_per_image"] = PAPER_S_PER_IMAGE
+    required = ("pixel_head_sample",) if fused_head_expected(backend, device, fast) else ()
+    check = dispatch_failure(d, backend, device, required) or check
     row = Row("e2e", "generate[fast]" if fast else "generate[faithful]", backend, shape, timing, metrics=metrics,
               check=check)
     row.__dict__["_images"] = outs[0]  # for the fast rows' comparison; not serialised
@@ -111,16 +129,19 @@ def train_step_row(config: str, mode: Mode, device: torch.device, backend: str =
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    times = time_fn(step, device, warmup=mode.warmup, repeats=mode.repeats)
+    with Dispatched() as d:
+        times = time_fn(step, device, warmup=mode.warmup, repeats=mode.repeats)
     timing = summarize(times)
     ok = all(math.isfinite(x) for x in losses)
+    # a fused backend computes the pixel loss with the fused cross-entropy
+    required = ("pixel_cross_entropy",) if backend != "torch" else ()
     return Row("e2e", "train_step", backend, dict(config=config, batch=bsz, bf16_autocast=amp), timing,
-               metrics={"images_per_s": bsz / timing["median_s"], "s_per_iter": timing["median_s"]},
-               check="losses finite" if ok else "NON-FINITE LOSS")
+               metrics={"images_per_s": bsz / timing["median_s"], "s_per_iter": timing["median_s"], "ran_on": d.ran},
+               check=dispatch_failure(d, backend, device, required) or ("losses finite" if ok else "NON-FINITE LOSS"))
 
 
 def nll_row(config: str, mode: Mode, device: torch.device) -> Row:
-    model = build_model(config).to(device).eval()
+    model = build_model(config).to(device).eval().set_backend("torch")  # the row says torch (the default is auto)
     bsz = mode.batch * 2
     imgs = normalize_uint8(torch.randint(0, 256, (bsz, 3, model.img_size, model.img_size), dtype=torch.uint8,
                                          generator=torch.Generator().manual_seed(0))).to(device)
@@ -130,12 +151,13 @@ def nll_row(config: str, mode: Mode, device: torch.device) -> Row:
     def run():
         with torch.no_grad():
             vals.append(float(model(imgs, labels)) / math.log(2))
-    times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
+    with Dispatched() as d:
+        times = time_fn(run, device, warmup=mode.warmup, repeats=mode.repeats)
     timing = summarize(times)
     ok = all(math.isfinite(v) for v in vals)
     return Row("e2e", "nll_forward", "torch", dict(config=config, batch=bsz), timing,
-               metrics={"images_per_s": bsz / timing["median_s"], "bits_per_dim": vals[-1]},
-               check="finite" if ok else "NON-FINITE")
+               metrics={"images_per_s": bsz / timing["median_s"], "bits_per_dim": vals[-1], "ran_on": d.ran},
+               check=dispatch_failure(d, "torch", device) or ("finite" if ok else "NON-FINITE"))
 
 
 def plan(mode: Mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:

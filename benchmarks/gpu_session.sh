@@ -29,7 +29,7 @@ timeout 180 python -m benchmarks.opcount > "$LOG/opcount.txt" 2>&1
 echo "opcount rc=$?" | tee -a "$LOG/versions.txt"
 # 4. benchmarks (JSON + markdown + plot under benchmarks/results/<device>/; --full adds the published configs'
 #    generate rows: fractalmar_in64 batch 256 and fractalmar_large_in256 batch 64, faithful vs fast)
-timeout 300 python -m benchmarks.cli "--$MODE" --no-progress > "$LOG/bench.txt" 2>&1
+timeout 300 python -m benchmarks.cli "--$MODE" --no-progress --update-committed --table > "$LOG/bench.txt" 2>&1
 echo "bench rc=$?" | tee -a "$LOG/versions.txt"
 python -m benchmarks.policy_data show > "$LOG/dispatch-policy.txt" 2>&1
 cat "$LOG/dispatch-policy.txt"

@@ -15,8 +15,9 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -135,6 +136,85 @@ class Row:
     metrics: Dict[str, Any] = field(default_factory=dict)
     check: Optional[str] = None  # how the output was verified against the baseline
     skipped: Optional[str] = None  # why the row was not measured
+
+
+def failed(row: Dict[str, Any]) -> bool:
+    """A row that must fail the run: an upper-case check (a wrong output, a fallback) or an error."""
+    return bool((row.get("check") or "").isupper() or (row.get("skipped") or "").startswith("error"))
+
+
+def failure(text: str) -> str:
+    """A check that fails its row (the convention: the whole check string is upper-case)."""
+    return text.upper()
+
+
+# ------------------------------------------------------------------------- which backend ran (no silent fallback)
+KERNEL_OPS = ("sample_logits", "pixel_cross_entropy", "pixel_head_sample", "tiny_attention", "tiny_attention_decode")
+_FALLBACK = re.compile(r"fall(s|ing)? back|fallback", re.IGNORECASE)
+
+
+class Dispatched:
+    """Which backend every ``fractal_kernels`` op ran on inside a ``with`` block (``dispatch.last_backend``,
+    cleared on entry), and the fallback warnings raised there (the fused pixel head's ``auto`` path warns once
+    and switches to PyTorch for good: inside a measured row that is a failure, not a footnote).
+
+    ``ran``: ``{op: backend}`` for the ops that ran; ``fallbacks``: the warning texts; ``warnings``: all of them."""
+
+    def __init__(self, ops: Sequence[str] = KERNEL_OPS):
+        self.ops = tuple(ops)
+        self.ran: Dict[str, str] = {}
+        self.fallbacks: List[str] = []
+        self.warnings: List[str] = []
+
+    def __enter__(self) -> "Dispatched":
+        from fractal_kernels import dispatch
+        for op in self.ops:
+            dispatch.forget(op)
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from fractal_kernels import dispatch
+        self._catch.__exit__(*exc)
+        for op in self.ops:
+            b = dispatch.last_backend(op)
+            if b is not None:
+                self.ran[op] = b
+        self.warnings = [str(w.message) for w in self._caught]
+        self.fallbacks = [m for m in self.warnings if _FALLBACK.search(m)]
+
+
+def allowed_backends(op: str, row_backend: str, device: torch.device) -> Sequence[str]:
+    """The backends ``op`` may run on in a row that names ``row_backend`` (a model or op backend).
+
+    A forced backend runs there, except where the library documents a substitute: a ``cuda`` row runs the
+    ops without a CUDA-extension kernel (the pixel head; attention dropout) on Triton. ``auto`` on a CPU: the
+    compiled CPU kernels for their ops (``dispatch.CPU_OPS``), PyTorch for the rest; ``auto`` on a GPU: never
+    the PyTorch reference (SDPA for attention past the measured crossover is the dispatcher's own choice)."""
+    from fractal_kernels import dispatch
+    if row_backend == "cuda":
+        return ("cuda",) if op in dispatch.CUDA_SYMBOLS else ("triton",)
+    if row_backend == "auto":
+        if device.type == "cuda":
+            return ("cuda", "triton", "sdpa")
+        return ("cpu",) if op in dispatch.CPU_OPS and dispatch.backend_report()["cpu"][0] else ("torch",)
+    return (row_backend,)
+
+
+def dispatch_failure(d: Dispatched, row_backend: str, device: torch.device, required: Iterable[str] = ()) -> Optional[str]:
+    """None if every op of ``d`` ran where a ``row_backend`` row must run it and every ``required`` op ran at
+    all, with no fallback warning; else the upper-case failure for the row's check."""
+    problems = [f"fallback warning: {m[:160]}" for m in d.fallbacks]
+    for op in required:
+        if op not in d.ran:
+            problems.append(f"{op} did not run (expected on {'/'.join(allowed_backends(op, row_backend, device))})")
+    for op, b in d.ran.items():
+        ok = allowed_backends(op, row_backend, device)
+        if b not in ok:
+            problems.append(f"{op} ran on {b}, not {'/'.join(ok)}")
+    return failure("; ".join(problems)) if problems else None
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -26,12 +26,15 @@ the same rule, on the same seeded inputs; the fast row also checks that its imag
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import sys
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from .harness import Row, summarize, time_fn
+from .cases import fused_head_expected
+from .harness import Dispatched, Row, dispatch_failure, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, config_kwargs, generate
 from fractal_models.sampling import default_num_iter_list
@@ -52,7 +55,7 @@ def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
     operator events except those nested inside a custom op}``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.device_type() == torch.autograd.DeviceType.CPU and is_operator(e.name())]
@@ -82,6 +85,27 @@ def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
         if i >= 0 and e.end_ns() <= custom[i][1]:
             inside += 1
     return {"ops": top, "ops_all": len(spans), "ops_all_outside_kernels": len(spans) - inside}
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 while profiling: the profiler's native library prints a line at every start
+    and stop (``USDT: ... profiler_start``), which would flood the terminal of a benchmark run. Python-level
+    output is unaffected (warnings are recorded by the rows)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def count_generate_ops(model, labels: torch.Tensor, *, fast: bool, num_iter_list: Sequence[int], cfg: float,
@@ -133,8 +157,10 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
         variants.append(("generate[fast,auto]", True, "auto"))
     if kernels if kernels is not None else kernel_row_available(device):
         variants.append(("generate[fast,kernels]", True, "triton"))
-    res = {name: count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg, backend=backend)
-           for name, fast, backend in variants}
+    res, seen = {}, {}
+    for name, fast, backend in variants:
+        with Dispatched() as seen[name]:
+            res[name] = count_generate_ops(model, labels, fast=fast, num_iter_list=iters, cfg=cfg, backend=backend)
     base = res["generate[faithful]"]
     # Timing, round-robin: one untimed call of each variant, then `repeats` rounds of one call each, so slow
     # drifts of the process (allocator growth, the profiler's leftovers, a busy neighbour) hit every variant
@@ -142,10 +168,14 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
     timed_variants = [(name, fast, backend) for name, fast, backend in variants
                       if time_it and not (backend == "triton" and device.type != "cuda")]
     times: Dict[str, List[float]] = {name: [] for name, _, _ in timed_variants}
+    timed_seen = {name: Dispatched() for name, _, _ in timed_variants}
     for rnd in range(repeats + 1):
         for name, fast, backend in timed_variants:
-            t = time_fn(lambda f=fast, b=backend: generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0,
-                                                           fast=f, backend=b), device, warmup=0, repeats=1)
+            with timed_seen[name]:  # re-entered each round: records the last round's dispatch (and its warnings)
+                t = time_fn(lambda f=fast, b=backend: generate(model, labels, num_iter_list=iters, cfg=cfg, seed=0,
+                                                               fast=f, backend=b), device, warmup=0, repeats=1)
+            if timed_seen[name].fallbacks:
+                seen[name].fallbacks += timed_seen[name].fallbacks
             if rnd:
                 times[name] += t
     rows = []
@@ -167,6 +197,11 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
                      f"{float(same.float().mean()):.4%} of sub-pixels identical to faithful")
         else:
             check = "baseline"
+        metrics["ran_on"] = seen[name].ran
+        required = ("pixel_head_sample",) if fused_head_expected(backend, device, fast) else ()
+        check = (dispatch_failure(seen[name], backend, device, required)
+                 or (dispatch_failure(timed_seen[name], backend, device, required) if name in timed_seen else None)
+                 or check)
         if name in times:
             timing = summarize(times[name])
             metrics["images_per_s"] = batch / timing["median_s"]
@@ -182,16 +217,14 @@ def opcount_rows(config: str, batch: int, num_iter_list: Optional[Sequence[int]]
 def plan(mode, device: torch.device) -> Iterator[Callable[[], List[Row]]]:
     """Rows of suite "opcount" for ``fractal-bench``: batch 8, cfg 2 and the reference's iterations (16, 16 /
     16, 16 / 16, 16, 4: ``default_num_iter_list``) in quick/full mode; batch 2 and 2 iterations per level in
-    smoke mode. The fused-kernel row needs a GPU, or ``TRITON_INTERPRET=1`` on a CPU (count only; smoke mode
-    skips it there, the interpreter being slow)."""
+    smoke mode. Counted, not timed: the e2e rows of the same run time the same cases (config, batch,
+    iterations, cfg, seed, weights), so timing them twice would only double the run (``python -m
+    benchmarks.opcount`` times them, interleaved). The fused-kernel row needs a GPU, or ``TRITON_INTERPRET=1``
+    on a CPU (count only; smoke mode skips it there, the interpreter being slow)."""
     for config in TINY:
         kernels = kernel_row_available(device) and (mode.full_iters or device.type == "cuda")
-        if mode.full_iters:
-            yield lambda c=config, k=kernels: opcount_rows(c, mode.batch, None, device, repeats=min(mode.repeats, 3),
-                                                          kernels=k)
-        else:
-            yield lambda c=config, k=kernels: opcount_rows(c, mode.batch, [2] * _num_levels(c), device, repeats=1,
-                                                          kernels=k)
+        iters = None if mode.full_iters else [2] * _num_levels(config)
+        yield lambda c=config, k=kernels, it=iters: opcount_rows(c, mode.batch, it, device, time_it=False, kernels=k)
         if not kernels:
             yield lambda c=config: [Row("opcount", "generate[fast,kernels]", "triton", dict(config=c),
                                         skipped="needs a GPU (or TRITON_INTERPRET=1 on a CPU, quick/full mode: "

@@ -349,3 +349,12 @@ def record(op: str, choice: str) -> str:
 def last_backend(op: str) -> Optional[str]:
     """The backend that ran ``op`` most recently in this process (None if it has not run)."""
     return _LAST.get(op)
+
+
+def forget(op: Optional[str] = None) -> None:
+    """Clear what :func:`last_backend` remembers for ``op`` (every op if None), so a caller can tell which ops
+    ran, and where, inside a block (the benchmarks do, to fail a row that fell back to another backend)."""
+    if op is None:
+        _LAST.clear()
+    else:
+        _LAST.pop(op, None)

@@ -52,9 +52,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
                           + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else ""))
 
 
-def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[str]:
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state.items()}
+def _shape_mismatch(own: Dict[str, tuple], theirs: Dict[str, tuple]) -> Optional[str]:
     missing = [k for k in own if k not in theirs]
     extra = [k for k in theirs if k not in own]
     shapes = [k for k in own if k in theirs and own[k] != theirs[k]]
@@ -71,13 +69,23 @@ def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[str]
     return ", ".join(parts)
 
 
+def _mismatch(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[str]:
+    return _shape_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                           {k: tuple(v.shape) for k, v in state.items()})
+
+
+_PUBLISHED_SHAPES: Dict[str, Dict[str, tuple]] = {}
+
+
 def identify_config(state: Dict[str, torch.Tensor]) -> Optional[str]:
     """The published config whose state_dict has exactly these names and shapes, if any."""
     from fractal_models.configs import CONFIG_NAMES, build_model
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
     for name in CONFIG_NAMES:
-        with torch.device("meta"):
-            candidate = build_model(name)
-        if _mismatch(candidate, state) is None:
+        if name not in _PUBLISHED_SHAPES:  # building one on the meta device takes seconds: once per process
+            with torch.device("meta"):
+                _PUBLISHED_SHAPES[name] = {k: tuple(v.shape) for k, v in build_model(name).state_dict().items()}
+        if _shape_mismatch(_PUBLISHED_SHAPES[name], theirs) is None:
             return name
     return None
 

@@ -1,13 +1,17 @@
 """``fractalgen``: sample image grids, compute NLL, describe configs and backends.
 
     fractalgen info [--config NAME]
+    fractalgen download fractalmar_in64 | all          (published weights into $FRACTAL_HOME, resumable, checked)
     fractalgen sample --config fractalmar_in64 [--checkpoint ckpt.pth] --labels 1,2,3 --cfg 4 --output grid.png
     torchrun --nproc-per-node 8 -m fractal_models.cli sample --config ... --num-images 50000 --output-dir out/fid
     fractalgen nll --config fractalmar_in64 --checkpoint ckpt.pth --images val.npz
     fractalgen train --demo --max-steps 300 --output-dir out/demo      (see fractalgen train --help)
     fractalgen eval --config tiny_mar --checkpoint out/demo/checkpoint-best.pth --demo
 
-Errors (missing/mismatched checkpoint, bad arguments) print one line and exit with status 2.
+A published config without ``--checkpoint`` uses its published weights (downloaded once into the cache;
+``--random-init`` for untrained weights). ``--checkpoint`` takes a file, a published name, a URL or
+``hf://owner/repo[/file]``. Errors (missing/mismatched checkpoint, a failed download, bad arguments) print one
+line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch
 from fractal_models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from fractal_models.configs import CONFIG_NAMES, build_model
 from fractal_models.fractalgen import FractalGen
+from fractal_models.hub import PRETRAINED, DownloadError, download_weights, resolve_source
 
 
 def _build(config: str, device: str, **overrides) -> FractalGen:
@@ -36,15 +41,32 @@ def _build(config: str, device: str, **overrides) -> FractalGen:
     return model.to(device)
 
 
+def _checkpoint_path(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint file to load: ``--checkpoint`` (a file, or a published name / URL / hf:// id, downloaded
+    into the cache), else the published weights of ``--config`` when it is a published name (unless
+    ``--random-init``), else None (random initialisation)."""
+    spec = args.checkpoint
+    if not spec:
+        if args.config in PRETRAINED and not getattr(args, "random_init", False):
+            spec = args.config
+        else:
+            return None
+    if spec in PRETRAINED or spec.startswith("hf://") or "://" in spec:
+        return download_weights(resolve_source(spec), progress=not getattr(args, "quiet", False))
+    return spec
+
+
 def _model_from_args(args: argparse.Namespace):
-    """Build ``--config`` (with the checkpoint's class count, if it records one) and load ``--checkpoint``."""
-    if not args.checkpoint:
+    """Build ``--config`` (with the checkpoint's class count, if it records one) and load its checkpoint."""
+    path = _checkpoint_path(args)
+    args.checkpoint_used = path
+    if not path:
         return _build(args.config, args.device), None
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(path)
     saved = ckpt.get("args")
     overrides = {"class_num": saved.class_num} if getattr(saved, "class_num", None) else {}
     model = _build(args.config, "cpu", **overrides)
-    load_checkpoint(args.checkpoint, model, ckpt=ckpt)
+    load_checkpoint(path, model, ckpt=ckpt)
     return model.to(args.device), ckpt
 
 
@@ -121,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = generate(model, labels, seed=args.seed, progress=not args.quiet, **settings)
     dt = time.perf_counter() - t0
     write_png(args.output, make_grid(images, nrow=args.nrow), scale=args.scale)
-    source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
+    source = args.checkpoint_used or "randomly initialised weights (no --checkpoint)"
     print(f"wrote {args.output}: {images.shape[0]} images of {images.shape[-1]}x{images.shape[-1]} in {dt:.1f} s "
           f"from {source}")
     return 0
@@ -133,8 +155,18 @@ def cmd_nll(args: argparse.Namespace) -> int:
     images = load_images(args.images)
     model, _ = _model_from_args(args)
     bpd = nll_bits_per_dim(model, images, num_orders=args.num_orders, batch_size=args.batch_size, seed=args.seed)
-    source = args.checkpoint or "randomly initialised weights (no --checkpoint)"
+    source = args.checkpoint_used or "randomly initialised weights (no --checkpoint)"
     print(f"NLL: {bpd:.5f} bits/dim over {images.shape[0]} images ({args.num_orders} pass(es) each), {source}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Fetch published weights (or any URL / hf:// id) into the cache; prints one line per file."""
+    names = list(PRETRAINED) if args.names == ["all"] else args.names
+    for name in names:
+        path = download_weights(name, cache=args.cache_dir, progress=not args.quiet, force=args.force)
+        size = os.path.getsize(path)
+        print(f"{name}: {path} ({size / 2 ** 20:.1f} MiB, checked)")
     return 0
 
 
@@ -187,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, need_config=True):
         sp.add_argument("--config", required=need_config,
                         help=f"published config ({', '.join(CONFIG_NAMES)}) or a JSON file of constructor arguments")
-        sp.add_argument("--checkpoint", default=None, help="checkpoint-*.pth (reference layout); random init if omitted")
+        sp.add_argument("--checkpoint", default=None,
+                        help="checkpoint-*.pth (reference layout), a published name, a URL or hf://owner/repo[/file]; "
+                             "default: the published weights of a published --config, else random init")
+        sp.add_argument("--random-init", action="store_true",
+                        help="untrained weights even for a published --config (nothing is downloaded)")
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sp.add_argument("--seed", type=int, default=0)
 
@@ -195,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="configs, parameters per level, available kernel backends")
     info.add_argument("--config", default=None)
     info.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("download", help="download published weights into the cache ($FRACTAL_HOME)")
+    d.add_argument("names", nargs="+", metavar="NAME",
+                   help=f"'all', a published name ({', '.join(PRETRAINED)}), a URL or hf://owner/repo[/file]")
+    d.add_argument("--cache-dir", default=None, help="default: $FRACTAL_HOME, else ~/.cache/fractal_models")
+    d.add_argument("--force", action="store_true", help="download again even if a checked copy is cached")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(fn=cmd_download)
 
     s = sub.add_parser("sample", help="generate a PNG grid of class-conditional samples")
     common(s)
@@ -261,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as e:  # DataError is a ValueError
+    except (CheckpointError, DownloadError, ValueError, TypeError, FileNotFoundError) as e:  # DataError is a ValueError
         print(f"fractalgen: error: {e}", file=sys.stderr)
         return 2
 
