@@ -6,20 +6,30 @@ whose token ``c`` gives channel ``c``'s 256-way logits; each channel is drawn wi
 small launches per call; every pixel is independent, so here one Triton program runs the whole 3-channel
 loop for ``BLOCK_B`` pixels (their conditional *and* unconditional rows) and writes only the ids.
 
-Kernel design:
+Kernel design (shaped by what the GPU compiler makes of it on sm_80 / sm_90, see :func:`pixel_head_config`):
 
-* rows of a program: ``[cond rows of BLOCK_B pixels; their uncond rows]`` as one ``[R, W]`` tile
+* rows of a tile: ``[cond rows of BLOCK_B pixels; their uncond rows]`` as one ``[R, W]`` tile
   (``R = 2 * BLOCK_B`` guided, else ``BLOCK_B``), so every weight tile is loaded once for both halves;
-* per channel, only the new token goes through the blocks (a KV cache): keys/values of tokens 0 and 1 live in
-  a small fp32 global scratch ``[depth, 2, rows, 2W]``; attention over <= 3 keys is an online softmax on
-  ``[R, H, Dh]`` views (elementwise products + ``tl.sum``), no dot needed;
-* Linear layers are ``tl.dot`` of the ``[R, W]`` tile with ``[W, N]`` weight tiles in fp32 ("ieee"), the MLP
-  hidden dim in chunks of ``HC`` columns, the logits one ``[R, W] x [W, 256]`` dot per channel;
-* the sampler is ``_sample_logits_kernel``'s math inline (its ``_sanitize``, ``_filter_cfg_mix``, ``_bisect_threshold``,
-  ``_philox_uniform``); the cond / uncond halves are split with a permute + ``tl.split``.
+  a persistent grid: each program loops over tiles and owns a small fp32 scratch in global memory (L1/L2
+  resident) that every tile reuses;
+* the code is loops, not unrolled copies: channels, blocks (``depth`` is a runtime argument), K chunks, MLP
+  hidden chunks and logit column chunks are runtime loops, so code size and compile time do not grow with
+  the width or the depth;
+* every dot reads its left operand from the scratch in ``KC``-column chunks (LayerNorm outputs, attention
+  output, the GELU chunk), so only one small operand pair is live: fp32 weights take "ieee" fp32 dots (FMA),
+  16-bit weights tensor-core dots -- an fp32 operand split into three 16-bit terms (hi + mid + lo, the fp32
+  value to its last bit), so the numerics stay fp32's;
+* per channel only the new token goes through the blocks (a KV cache): keys/values of tokens 0 and 1 in the
+  scratch ``[depth, 2, R, 2W]``; attention over <= 3 keys is an online softmax on ``[R, H, Dh]`` views
+  (elementwise products + ``tl.sum``), no dot needed;
+* the logits ``[R, 256]`` are made in ``NC``-column chunks into the scratch, and the sampler reads the cond /
+  uncond halves from there: ``_sample_logits_kernel``'s math (its ``_sanitize``, ``_filter_cfg_mix``,
+  ``_philox_uniform``; the top-p bisection as a runtime loop, the inverse-CDF draw as one delimited block);
+* one compiled variant per (width, heads, hidden, guided, argument dtypes): per-pixel vs scalar cfg, the draw
+  (Philox / given uniforms / exponential race / greedy), top-p and the debug logits are runtime switches.
 
-Numerics: weights and conditions of any float dtype are upcast on load; all math in fp32. The torch backend is
-``fractal_kernels.reference.pixel_head.pixel_head_sample_reference``.
+Numerics: weights and conditions of any float dtype are upcast on load (or split exactly, above); all math
+in fp32. The torch backend is ``fractal_kernels.reference.pixel_head.pixel_head_sample_reference``.
 
 Randomness: explicit ``uniforms [3, B]`` (channel-major), or Philox4x32-10 keyed by ``seed`` with counter
 ``offset + channel * B + pixel`` -- the same function on both backends, so a seed gives the same ids.
@@ -329,27 +339,31 @@ class PixelHeadConfig(NamedTuple):
     max_programs: int  # persistent grid cap (programs loop over tiles)
 
 
-def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, wdtype: torch.dtype,
-                      device: torch.device) -> PixelHeadConfig:
-    """The one place the pixel head's launch configuration is chosen (per width, weight dtype and GPU arch).
+# (num_warps, num_stages, programs per SM) per arch family, from the AOT probes (sm_80: ptxas 12.9, sm_90: 13.4)
+_GPU_LAUNCH = {80: (8, 1, 2), 90: (8, 1, 2)}
 
-    GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``): 16
-    pixels per tile, K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small; 16-bit
-    weights take 32), 64-column logit and hidden chunks, no software pipelining (each chunk loop is short, and
-    stages only cost shared memory), a persistent grid of a few programs per SM. The interpreter (CPU tensors
-    under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and whole-K chunks."""
-    fp32 = wdtype == torch.float32
+
+def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool, wdtype: torch.dtype,
+                      device: torch.device) -> PixelHeadConfig:
+    """The one place the pixel head's launch configuration is chosen (per width, guidance, weight dtype, arch).
+
+    GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``):
+    16-row tiles (8 pixels guided, 16 unguided: 32-row tiles spill on sm_80 at W=128, and 16 is the smallest
+    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small; 32 spills on
+    sm_80 with 16-bit weights), 64-column logit and MLP hidden chunks, no software pipelining (the chunk
+    loops are short and stages only cost shared memory), 8 warps, a persistent grid of 2 programs per SM.
+    The same on sm_80 and sm_90 today (the AOT figures did not call for a split). The interpreter (CPU
+    tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and whole-K chunks."""
     if device.type == "cpu" and triton_interpreting():
         kc = max(16, width)
         return PixelHeadConfig(block_b=max(16, min(128, triton.next_power_of_2(bsz))), kc=kc, nc=VOCAB,
                                hc=max(16, min(256, triton.next_power_of_2(hidden))),
                                bk=min(512, max(16, triton.next_power_of_2(c_in))), dot16=2, num_warps=4,
                                num_stages=1, max_programs=4)
-    arch = device_arch(device)  # noqa: F841  (the same choice on sm_80 and sm_90 so far; AOT data per arch)
-    kc = 16 if fp32 else 32
-    return PixelHeadConfig(block_b=16, kc=min(kc, width), nc=64, hc=min(64, max(16, triton.next_power_of_2(hidden))),
-                           bk=min(kc, max(16, triton.next_power_of_2(c_in))), dot16=1,
-                           num_warps=8, num_stages=1, max_programs=_sm_count(device) * 2)
+    num_warps, num_stages, per_sm = _GPU_LAUNCH[90 if device_arch(device) >= 90 else 80]
+    return PixelHeadConfig(block_b=8 if guided else 16, kc=16, nc=64,
+                           hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=16, dot16=1,
+                           num_warps=num_warps, num_stages=num_stages, max_programs=_sm_count(device) * per_sm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,7 +390,7 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     depth = w.qkv_w.shape[0]
     hidden = w.fc1_w.shape[1]
     head_dim = width // num_heads
-    cfg = config or pixel_head_config(width, hidden, c_in, bsz, w.qkv_w.dtype, cond.device)
+    cfg = config or pixel_head_config(width, hidden, c_in, bsz, guided, w.qkv_w.dtype, cond.device)
     block_b = block_b or cfg.block_b
     n_rows = 2 * bsz if guided else bsz
     n_tiles = triton.cdiv(bsz, block_b)
