@@ -337,10 +337,16 @@ class PixelHeadConfig(NamedTuple):
     num_warps: int
     num_stages: int
     max_programs: int  # persistent grid cap (programs loop over tiles)
+    maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
 
 
-# (num_warps, num_stages, programs per SM) per arch family, from the AOT probes (sm_80: ptxas 12.9, sm_90: 13.4)
-_GPU_LAUNCH = {80: (8, 1, 2), 90: (8, 1, 2)}
+def _gpu_launch(width: int, fp32: bool, arch: int) -> tuple:
+    """(num_warps, maxnreg) per (width, weight dtype, arch family), read off the AOT probes: the fewest spills.
+    W=64 fp32 spills 8-32 B at 8 warps, none at 4; on sm_80 (ptxas 12.9) W=32 settles at 128 registers and
+    spills ~110 B unless told it may take 255."""
+    if fp32 and width == 64:
+        return 4, None
+    return 8, (255 if arch < 90 and width == 32 else None)
 
 
 def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool, wdtype: torch.dtype,
@@ -349,21 +355,21 @@ def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool
 
     GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``):
     16-row tiles (8 pixels guided, 16 unguided: 32-row tiles spill on sm_80 at W=128, and 16 is the smallest
-    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small; 32 spills on
-    sm_80 with 16-bit weights), 64-column logit and MLP hidden chunks, no software pipelining (the chunk
-    loops are short and stages only cost shared memory), 8 warps, a persistent grid of 2 programs per SM.
-    The same on sm_80 and sm_90 today (the AOT figures did not call for a split). The interpreter (CPU
-    tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and whole-K chunks."""
+    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small), 64-column
+    logit and MLP hidden chunks, no software pipelining (the chunk loops are short and stages only cost
+    shared memory), warps / register cap from :func:`_gpu_launch`, a persistent grid of 2 programs per SM.
+    The interpreter (CPU tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and
+    whole-K chunks."""
     if device.type == "cpu" and triton_interpreting():
         kc = max(16, width)
         return PixelHeadConfig(block_b=max(16, min(128, triton.next_power_of_2(bsz))), kc=kc, nc=VOCAB,
                                hc=max(16, min(256, triton.next_power_of_2(hidden))),
                                bk=min(512, max(16, triton.next_power_of_2(c_in))), dot16=2, num_warps=4,
-                               num_stages=1, max_programs=4)
-    num_warps, num_stages, per_sm = _GPU_LAUNCH[90 if device_arch(device) >= 90 else 80]
+                               num_stages=1, max_programs=4, maxnreg=None)
+    num_warps, maxnreg = _gpu_launch(width, wdtype == torch.float32, device_arch(device))
     return PixelHeadConfig(block_b=8 if guided else 16, kc=16, nc=64,
                            hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=16, dot16=1,
-                           num_warps=num_warps, num_stages=num_stages, max_programs=_sm_count(device) * per_sm)
+                           num_warps=num_warps, num_stages=1, max_programs=_sm_count(device) * 2, maxnreg=maxnreg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,6 +418,7 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
         int(cfg_t is not None), draw, int(top_p < 1.0), int(logits is not None),
         GUIDED=guided, W=width, H=num_heads, DH=head_dim, HID=hidden, HC=cfg.hc, BK=cfg.bk, KC=cfg.kc, NC=cfg.nc,
         BLOCK_B=block_b, V=VOCAB, DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
     )
 
 

@@ -153,7 +153,8 @@ def test_kernel_logits_and_several_programs(guided, kernel):
 
 # the GPU's chunking (K chunks of 16, 64-column logit / hidden chunks, 16-pixel tiles, a persistent grid of 2
 # programs looping over 3 tiles) in the interpreter; 16-bit weights take the split-operand dot (emulated: DOT16=2)
-GPU_LIKE = PixelHeadConfig(block_b=16, kc=16, nc=64, hc=64, bk=16, dot16=2, num_warps=8, num_stages=1, max_programs=2)
+GPU_LIKE = PixelHeadConfig(block_b=16, kc=16, nc=64, hc=64, bk=16, dot16=2, num_warps=8, num_stages=1, max_programs=2,
+                           maxnreg=None)
 
 
 @pytest.mark.parametrize("guided,wdtype", [(False, torch.float32), (True, torch.bfloat16)])
