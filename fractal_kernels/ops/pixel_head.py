@@ -355,7 +355,8 @@ def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool
 
     GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``):
     16-row tiles (8 pixels guided, 16 unguided: 32-row tiles spill on sm_80 at W=128, and 16 is the smallest
-    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small), 64-column
+    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small; 32 for 16-bit
+    weights), 64-column
     logit and MLP hidden chunks, no software pipelining (the chunk loops are short and stages only cost
     shared memory), warps / register cap from :func:`_gpu_launch`, a persistent grid of 2 programs per SM.
     The interpreter (CPU tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and
@@ -366,9 +367,11 @@ def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool
                                hc=max(16, min(256, triton.next_power_of_2(hidden))),
                                bk=min(512, max(16, triton.next_power_of_2(c_in))), dot16=2, num_warps=4,
                                num_stages=1, max_programs=4, maxnreg=None)
-    num_warps, maxnreg = _gpu_launch(width, wdtype == torch.float32, device_arch(device))
-    return PixelHeadConfig(block_b=8 if guided else 16, kc=16, nc=64,
-                           hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=16, dot16=1,
+    fp32 = wdtype == torch.float32
+    num_warps, maxnreg = _gpu_launch(width, fp32, device_arch(device))
+    kc = 16 if fp32 or width < 32 else 32  # 16-bit weights: K chunks of 16 spill 8-16 B more than 32
+    return PixelHeadConfig(block_b=8 if guided else 16, kc=kc, nc=64,
+                           hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=kc, dot16=1,
                            num_warps=num_warps, num_stages=1, max_programs=_sm_count(device) * 2, maxnreg=maxnreg)
 
 
