@@ -6,20 +6,30 @@ whose token ``c`` gives channel ``c``'s 256-way logits; each channel is drawn wi
 small launches per call; every pixel is independent, so here one Triton program runs the whole 3-channel
 loop for ``BLOCK_B`` pixels (their conditional *and* unconditional rows) and writes only the ids.
 
-Kernel design:
+Kernel design (shaped by what the GPU compiler makes of it on sm_80 / sm_90, see :func:`pixel_head_config`):
 
-* rows of a program: ``[cond rows of BLOCK_B pixels; their uncond rows]`` as one ``[R, W]`` tile
+* rows of a tile: ``[cond rows of BLOCK_B pixels; their uncond rows]`` as one ``[R, W]`` tile
   (``R = 2 * BLOCK_B`` guided, else ``BLOCK_B``), so every weight tile is loaded once for both halves;
-* per channel, only the new token goes through the blocks (a KV cache): keys/values of tokens 0 and 1 live in
-  a small fp32 global scratch ``[depth, 2, rows, 2W]``; attention over <= 3 keys is an online softmax on
-  ``[R, H, Dh]`` views (elementwise products + ``tl.sum``), no dot needed;
-* Linear layers are ``tl.dot`` of the ``[R, W]`` tile with ``[W, N]`` weight tiles in fp32 ("ieee"), the MLP
-  hidden dim in chunks of ``HC`` columns, the logits one ``[R, W] x [W, 256]`` dot per channel;
-* the sampler is ``_sample_logits_kernel``'s math inline (its ``_sanitize``, ``_filter_cfg_mix``, ``_bisect_threshold``,
-  ``_philox_uniform``); the cond / uncond halves are split with a permute + ``tl.split``.
+  a persistent grid: each program loops over tiles and owns a small fp32 scratch in global memory (L1/L2
+  resident) that every tile reuses;
+* the code is loops, not unrolled copies: channels, blocks (``depth`` is a runtime argument), K chunks, MLP
+  hidden chunks and logit column chunks are runtime loops, so code size and compile time do not grow with
+  the width or the depth;
+* every dot reads its left operand from the scratch in ``KC``-column chunks (LayerNorm outputs, attention
+  output, the GELU chunk), so only one small operand pair is live: fp32 weights take "ieee" fp32 dots (FMA),
+  16-bit weights tensor-core dots -- an fp32 operand split into three 16-bit terms (hi + mid + lo, the fp32
+  value to its last bit), so the numerics stay fp32's;
+* per channel only the new token goes through the blocks (a KV cache): keys/values of tokens 0 and 1 in the
+  scratch ``[depth, 2, R, 2W]``; attention over <= 3 keys is an online softmax on ``[R, H, Dh]`` views
+  (elementwise products + ``tl.sum``), no dot needed;
+* the logits ``[R, 256]`` are made in ``NC``-column chunks into the scratch, and the sampler reads the cond /
+  uncond halves from there: ``_sample_logits_kernel``'s math (its ``_sanitize``, ``_filter_cfg_mix``,
+  ``_philox_uniform``; the top-p bisection as a runtime loop, the inverse-CDF draw as one delimited block);
+* one compiled variant per (width, heads, hidden, guided, argument dtypes): per-pixel vs scalar cfg, the draw
+  (Philox / given uniforms / exponential race / greedy), top-p and the debug logits are runtime switches.
 
-Numerics: weights and conditions of any float dtype are upcast on load; all math in fp32. The torch backend is
-``fractal_kernels.reference.pixel_head.pixel_head_sample_reference``.
+Numerics: weights and conditions of any float dtype are upcast on load (or split exactly, above); all math
+in fp32. The torch backend is ``fractal_kernels.reference.pixel_head.pixel_head_sample_reference``.
 
 Randomness: explicit ``uniforms [3, B]`` (channel-major), or Philox4x32-10 keyed by ``seed`` with counter
 ``offset + channel * B + pixel`` -- the same function on both backends, so a seed gives the same ids.
@@ -27,27 +37,27 @@ Randomness: explicit ``uniforms [3, B]`` (channel-major), or Philox4x32-10 keyed
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
-from typing import List, Optional, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 
-from fractal_kernels.dispatch import BackendUnavailable, record, resolve
+from fractal_kernels._target import device_arch
+from fractal_kernels.dispatch import BackendUnavailable, record, resolve, triton_interpreting
 from fractal_kernels.reference.philox import philox_uniform
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights, pixel_head_sample_reference
 
 try:
     import triton
     import triton.language as tl
-    from fractal_kernels.ops.sample_logits import (_bisect_threshold, _filter_cfg_mix, _inverse_cdf_draw,
-                                                   _philox_uniform, _sanitize)
+    from fractal_kernels.ops.sample_logits import _filter_cfg_mix, _inverse_cdf_draw, _philox_uniform, _sanitize
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
 
 MIN_W, MAX_W = 16, 128
-HIDDEN_CHUNK = 64
 
 if HAS_TRITON:
 
@@ -62,172 +72,321 @@ if HAS_TRITON:
         return xc / tl.sqrt_rn(var + 1e-6)[:, None] * w[None, :] + b[None, :]
 
     @triton.jit
-    def _linear_w(x, w_ptr, b_ptr, cols, W: tl.constexpr):
-        # [R, W] @ weight[W rows of W]^T + bias -> [R, W]; w_ptr points at the first of W contiguous rows
-        wt = tl.load(w_ptr + cols[None, :] * W + cols[:, None]).to(tl.float32)  # [W(in), W(out)]
-        y = tl.dot(x, wt, input_precision="ieee", out_dtype=tl.float32)
-        return y + tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    def _dot(acc, a, w, DOT16: tl.constexpr):
+        # acc [M, N] fp32 += a [M, K] @ w [K, N], fp32 accuracy whatever w's dtype.
+        # fp32 w: an "ieee" fp32 dot. 16-bit w (exact in its dtype): a of w's dtype goes straight to the tensor
+        # cores (the products are exact in fp32); an fp32 a is split into three 16-bit terms hi + mid + lo
+        # (24+ significant bits, the fp32 value up to its last bit) and each term is a tensor-core dot with fp32
+        # accumulation. DOT16 == 2 (the interpreter, whose dot reads bf16 bit patterns as integers) runs the
+        # same split with fp32 dots of the exactly-representable terms.
+        if w.dtype == tl.float32:
+            acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee", out_dtype=tl.float32)
+        elif a.dtype == w.dtype:
+            if DOT16 == 2:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+        else:
+            a = a.to(tl.float32)
+            hi = a.to(w.dtype)
+            r = a - hi.to(tl.float32)
+            mid = r.to(w.dtype)
+            lo = (r - mid.to(tl.float32)).to(w.dtype)
+            if DOT16 == 2:
+                wf = w.to(tl.float32)
+                acc = tl.dot(lo.to(tl.float32), wf, acc, input_precision="ieee", out_dtype=tl.float32)
+                acc = tl.dot(mid.to(tl.float32), wf, acc, input_precision="ieee", out_dtype=tl.float32)
+                acc = tl.dot(hi.to(tl.float32), wf, acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(lo, w, acc, out_dtype=tl.float32)
+                acc = tl.dot(mid, w, acc, out_dtype=tl.float32)
+                acc = tl.dot(hi, w, acc, out_dtype=tl.float32)
+        return acc
+
+    @triton.jit
+    def _mm(acc, a_ptr, LDA: tl.constexpr, w_ptr, LDW: tl.constexpr, K: tl.constexpr,
+            R: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, DOT16: tl.constexpr):
+        # acc [R, N] += A [R, K] @ Wm[0:N, 0:K]^T: A fp32 row-major (row stride LDA) in this program's scratch,
+        # Wm a row-major weight block (row stride LDW, e.g. an nn.Linear weight). K in KC-column chunks, a
+        # runtime loop: the code does not grow with K and only one [R, KC] / [KC, N] pair of operands is live.
+        rr = tl.arange(0, R)
+        nn = tl.arange(0, N)
+        for k0 in tl.range(0, K, KC):
+            kk = k0 + tl.arange(0, KC)
+            a = tl.load(a_ptr + rr[:, None] * LDA + kk[None, :])
+            w = tl.load(w_ptr + nn[None, :] * LDW + kk[:, None])  # [KC, N]
+            acc = _dot(acc, a, w, DOT16)
+        return acc
+
+    @triton.jit
+    def _top_p_threshold(p, cmask, top_p, BLOCK_N: tl.constexpr):
+        # sample_logits' _bisect_threshold(p, cmask, top_p, USE_MASS=True, BLOCK_N) -- the same 31 bisection steps
+        # on the fp32 bit patterns, bit for bit -- as a runtime loop: unrolled it is 31 copies of a pass over the
+        # whole [BLOCK_N, V] tile, most of this kernel's code and compile time
+        lo = tl.zeros([BLOCK_N], dtype=tl.int32)
+        hi = tl.full([BLOCK_N], 0x3F800001, dtype=tl.int32)  # just above 1.0: nothing qualifies
+        for _ in tl.range(31):
+            mid = lo + (hi - lo) // 2
+            t = mid.to(tl.float32, bitcast=True)
+            sel = (p >= t[:, None]) & cmask[None, :]
+            ok = tl.sum(tl.where(sel, p, 0.0), axis=1) >= top_p
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        return lo.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _heads(t, R: tl.constexpr, H: tl.constexpr, DH: tl.constexpr):
         return tl.reshape(t, [R, H, DH])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "n_rows", "depth", "n_tiles", "ws_stride", "seed_lo", "seed_hi", "offset",
+                                   "cfg_rows", "draw", "do_top_p", "write_logits"])
     def _pixel_head_kernel(
         cond_ptr, cond_w, cond_b, cb_ptr, mlm_b, ln_w, ln_b,
         n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, nf_w, nf_b,
-        cfg_ptr, u_ptr, e_ptr, ids_ptr, kv_ptr, logits_ptr,
-        B, C, n_rows, stride_cond,
+        cfg_ptr, u_ptr, e_ptr, ids_ptr, ws_ptr, logits_ptr,
+        B, C, n_rows, stride_cond, depth, n_tiles, ws_stride,
         scale, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        GUIDED: tl.constexpr, CFG_PER_ROW: tl.constexpr, HAS_UNIFORMS: tl.constexpr, HAS_EXP: tl.constexpr,
-        DO_TOP_P: tl.constexpr,
-        GREEDY: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-        W: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, DEPTH: tl.constexpr, HID: tl.constexpr,
-        HC: tl.constexpr, BK: tl.constexpr, BLOCK_B: tl.constexpr, V: tl.constexpr,
+        cfg_rows, draw, do_top_p, write_logits,
+        GUIDED: tl.constexpr, W: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, HID: tl.constexpr,
+        HC: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, NC: tl.constexpr, BLOCK_B: tl.constexpr,
+        V: tl.constexpr, DOT16: tl.constexpr,
     ):
+        # Runtime switches (one compiled variant serves them all): cfg_rows 1 = per-pixel cfg at cfg_ptr, else
+        # cfg_scalar; draw 0 = inverse CDF of Philox uniforms, 1 = of the fp64 uniforms at u_ptr, 2 = exponential
+        # race with the Exp(1) noise at e_ptr, 3 = greedy; do_top_p; write_logits (debug: raw logits out).
         NH: tl.constexpr = 2 if GUIDED else 1
         R: tl.constexpr = NH * BLOCK_B
         pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
         r = tl.arange(0, R)
-        pix_r = pid * BLOCK_B + r % BLOCK_B  # pixel of each tile row
-        rmask = pix_r < B
-        grow = (r // BLOCK_B) * B + pix_r  # row in cond / scratch: uncond rows sit B rows below
-        g64 = grow.to(tl.int64)
-        pix = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB] one per pixel (sampler side)
-        pmask = pix < B
-        p64 = pix.to(tl.int64)
         cols = tl.arange(0, W)
         vcols = tl.arange(0, V)
         vmask = vcols < V
-        vm2 = pmask[:, None] & vmask[None, :]
+        bb = tl.arange(0, BLOCK_B)
 
-        dead = tl.zeros([BLOCK_B], dtype=tl.int32)  # 1: an earlier channel had no finite logit, ids stay -1
-        emb = tl.zeros([R], dtype=tl.int32)  # codebook row of the token being embedded
-        for c in tl.static_range(3):
-            # ---- token c's embedding [R, W]
-            if c == 0:
-                tok = tl.zeros([R, W], dtype=tl.float32)
-                for k0 in range(0, C, BK):
-                    kk = k0 + tl.arange(0, BK)
-                    km = kk < C
-                    xa = tl.load(cond_ptr + g64[:, None] * stride_cond + kk[None, :],
-                                 mask=rmask[:, None] & km[None, :], other=0.0).to(tl.float32)
-                    wt = tl.load(cond_w + cols[None, :] * C + kk[:, None], mask=km[:, None], other=0.0)
-                    tok += tl.dot(xa, wt.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-                tok += tl.load(cond_b + cols).to(tl.float32)[None, :]
-            else:
-                tok = tl.load(cb_ptr + (c - 1) * V * W + emb[:, None].to(tl.int64) * W + cols[None, :]).to(tl.float32)
-            x = _layer_norm(tok, ln_w, ln_b, cols, W)
+        # this program's scratch (fp32, reused by every tile it runs): A and Bo [R, W] staged dot operands
+        # (LayerNorm outputs / attention output), Dh [2, R, HC] the MLP hidden chunk (double-buffered), F [R, V]
+        # the logits, KV [depth, 2 tokens, R, 2W] keys/values of tokens 0 and 1
+        ws = ws_ptr + pid.to(tl.int64) * ws_stride
+        sA = ws
+        sB = sA + R * W
+        sD = sB + R * W
+        sF = sD + 2 * R * HC
+        sKV = sF + R * V
+        rw_off = r[:, None] * W + cols[None, :]
 
-            # ---- the blocks, this token only, against cached keys/values of tokens < c
-            for d in range(DEPTH):
-                h = _layer_norm(x, n1_w + d * W, n1_b + d * W, cols, W)
-                q = _linear_w(h, qkv_w + d * 3 * W * W, qkv_b + d * 3 * W, cols, W)
-                k = _linear_w(h, qkv_w + d * 3 * W * W + W * W, qkv_b + d * 3 * W + W, cols, W)
-                v = _linear_w(h, qkv_w + d * 3 * W * W + 2 * W * W, qkv_b + d * 3 * W + 2 * W, cols, W)
-                if c < 2:  # token 2 (G) is the last one any channel reads
-                    kv_off = ((d * 2 + c) * n_rows + g64)[:, None] * (2 * W) + cols[None, :]
-                    tl.store(kv_ptr + kv_off, k, mask=rmask[:, None])
-                    tl.store(kv_ptr + kv_off + W, v, mask=rmask[:, None])
-                qh = _heads(q, R, H, DH)
-                # online softmax over keys c (own), then 0 .. c-1 (cached): [R, H] scores, [R, H, DH] acc
-                m_i = tl.sum(qh * _heads(k, R, H, DH), axis=2) * scale
-                l_i = tl.full([R, H], 1.0, dtype=tl.float32)
-                acc = _heads(v, R, H, DH)
-                for j in tl.static_range(c):
-                    off = ((d * 2 + j) * n_rows + g64)[:, None] * (2 * W) + cols[None, :]
-                    kj = tl.load(kv_ptr + off, mask=rmask[:, None], other=0.0)
-                    vj = tl.load(kv_ptr + off + W, mask=rmask[:, None], other=0.0)
-                    s = tl.sum(qh * _heads(kj, R, H, DH), axis=2) * scale
-                    m_new = tl.maximum(m_i, s)
-                    alpha = tl.exp(m_i - m_new)
-                    p = tl.exp(s - m_new)
-                    l_i = l_i * alpha + p
-                    acc = acc * alpha[:, :, None] + p[:, :, None] * _heads(vj, R, H, DH)
-                    m_i = m_new
-                o = tl.reshape(acc / l_i[:, :, None], [R, W])
-                x = x + _linear_w(o, proj_w + d * W * W, proj_b + d * W, cols, W)
-                # MLP, hidden dim in HC-column chunks: gelu(h @ fc1^T + b1) @ fc2^T accumulated, then + b2
-                h = _layer_norm(x, n2_w + d * W, n2_b + d * W, cols, W)
-                mlp = tl.zeros([R, W], dtype=tl.float32)
-                for j0 in range(0, HID, HC):
-                    hc = j0 + tl.arange(0, HC)
-                    hm = hc < HID
-                    w1 = tl.load(fc1_w + d * HID * W + hc[None, :] * W + cols[:, None], mask=hm[None, :], other=0.0)
-                    b1 = tl.load(fc1_b + d * HID + hc, mask=hm, other=0.0).to(tl.float32)
-                    a = tl.dot(h, w1.to(tl.float32), input_precision="ieee", out_dtype=tl.float32) + b1[None, :]
-                    a = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
-                    w2 = tl.load(fc2_w + d * W * HID + cols[None, :] * HID + hc[:, None], mask=hm[:, None], other=0.0)
-                    mlp += tl.dot(a, w2.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-                x = x + mlp + tl.load(fc2_b + d * W + cols).to(tl.float32)[None, :]
+        for tile in range(pid, n_tiles, nprog):
+            pix_r = tile * BLOCK_B + r % BLOCK_B  # pixel of each tile row
+            rmask = pix_r < B
+            grow = (r // BLOCK_B) * B + pix_r  # row in cond: uncond rows sit B rows below
+            g64 = grow.to(tl.int64)
+            pix = tile * BLOCK_B + bb  # [BB] one per pixel (sampler side)
+            pmask = pix < B
+            p64 = pix.to(tl.int64)
+            vm2 = pmask[:, None] & vmask[None, :]
 
-            # ---- channel c's logits [R, V]: final norm, codebook c as the output matrix, mlm bias
-            hn = _layer_norm(x, nf_w, nf_b, cols, W)
-            cbt = tl.load(cb_ptr + c * V * W + vcols[None, :] * W + cols[:, None]).to(tl.float32)  # [W, V]
-            logits = tl.dot(hn, cbt, input_precision="ieee", out_dtype=tl.float32)
-            logits += tl.load(mlm_b + c * V + vcols).to(tl.float32)[None, :]
-            if WRITE_LOGITS:
-                tl.store(logits_ptr + (c * n_rows + g64)[:, None] * V + vcols[None, :], logits, mask=rmask[:, None])
-
-            # ---- the sampler (math of _sample_logits_kernel, V = 256, no top-k)
-            if GUIDED:
-                xc, xu = tl.split(tl.permute(tl.reshape(logits, [2, BLOCK_B, V]), (1, 2, 0)))
-            else:
-                xc = logits
-            x_s = _sanitize(xc * inv_temp)
-            if GUIDED:
-                u = _sanitize(xu * inv_temp)
-                if CFG_PER_ROW:
-                    wcfg = tl.load(cfg_ptr + pix, mask=pmask, other=1.0).to(tl.float32)[:, None]
+            dead = tl.zeros([BLOCK_B], dtype=tl.int32)  # 1: an earlier channel had no finite logit, ids stay -1
+            for c in range(3):
+                # ---- token c's embedding [R, W]: the condition's projection, or the drawn id's codebook row
+                if c == 0:
+                    tok = tl.zeros([R, W], dtype=tl.float32)
+                    for k0 in tl.range(0, C, BK):
+                        kk = k0 + tl.arange(0, BK)
+                        km = kk < C
+                        xa = tl.load(cond_ptr + g64[:, None] * stride_cond + kk[None, :],
+                                     mask=rmask[:, None] & km[None, :], other=0.0)
+                        wt = tl.load(cond_w + cols[None, :] * C + kk[:, None], mask=km[:, None], other=0.0)
+                        tok = _dot(tok, xa, wt, DOT16)
+                    tok += tl.load(cond_b + cols).to(tl.float32)[None, :]
                 else:
-                    wcfg = cfg_scalar
-                x_s = _filter_cfg_mix(x_s, u, wcfg, filter_threshold)
-            xmax = tl.max(x_s, axis=1)
-            valid = xmax > float("-inf")
-            shift = tl.where(valid, xmax, 0.0)
-            # rows without a finite logit (and padding pixels) divide by 1, not 0: no NaN, zero probabilities
-            e = tl.where(valid[:, None] & vm2, tl.exp(x_s - shift[:, None]), 0.0)
-            pr = e / tl.where(valid & pmask, tl.sum(e, axis=1), 1.0)[:, None]
-            if DO_TOP_P:
-                t = _bisect_threshold(pr, vmask, top_p, True, BLOCK_B)
-                pr = tl.where(pr >= t[:, None], pr, 0.0)
-                pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
-            if GREEDY:
-                idx = tl.argmax(x_s, axis=1)
-            elif HAS_EXP:
-                # exponential race, torch.multinomial's algorithm: argmax of p / e, e ~ Exp(1) given
-                ev = tl.load(e_ptr + (c * B + p64)[:, None] * V + vcols[None, :], mask=vm2, other=1.0)
-                idx = tl.argmax(pr / ev.to(tl.float32), axis=1)
-            else:
-                if HAS_UNIFORMS:
-                    uni = tl.load(u_ptr + c * B + pix, mask=pmask, other=0.5).to(tl.float64)
-                else:
-                    uni = _philox_uniform(seed_lo, seed_hi, (p64 + c * B + offset).to(tl.uint64)).to(tl.float64)
-                idx = _inverse_cdf_draw(pr, vmask, uni)
-            idx = tl.where(valid & (dead == 0), idx, -1)
-            dead = tl.where(idx < 0, 1, dead)
-            tl.store(ids_ptr + p64 * 3 + c, idx.to(tl.int64), mask=pmask)
-            if c < 2:
-                nxt = tl.maximum(idx, 0).to(tl.int32)  # a dead pixel's placeholder token
+                    # the previous channel's ids (written below, behind a barrier); a dead pixel's -1 embeds id 0
+                    emb = tl.load(ids_ptr + pix_r.to(tl.int64) * 3 + (c - 1), mask=rmask, other=0)
+                    emb = tl.maximum(emb, 0)
+                    tok = tl.load(cb_ptr + (c - 1) * V * W + emb[:, None] * W + cols[None, :]).to(tl.float32)
+                x = _layer_norm(tok, ln_w, ln_b, cols, W)
+
+                # ---- the blocks, this token only, against cached keys/values of tokens < c
+                for d in range(depth):
+                    tl.store(sA + rw_off, _layer_norm(x, n1_w + d * W, n1_b + d * W, cols, W))
+                    tl.debug_barrier()
+                    wq = qkv_w + d * 3 * W * W
+                    bq = qkv_b + d * 3 * W
+                    q = _mm(tl.zeros([R, W], dtype=tl.float32), sA, W, wq, W, W, R, W, KC, DOT16)
+                    k = _mm(tl.zeros([R, W], dtype=tl.float32), sA, W, wq + W * W, W, W, R, W, KC, DOT16)
+                    v = _mm(tl.zeros([R, W], dtype=tl.float32), sA, W, wq + 2 * W * W, W, W, R, W, KC, DOT16)
+                    q += tl.load(bq + cols).to(tl.float32)[None, :]
+                    k += tl.load(bq + W + cols).to(tl.float32)[None, :]
+                    v += tl.load(bq + 2 * W + cols).to(tl.float32)[None, :]
+                    kv_off = (d * 2 * R + r)[:, None] * (2 * W) + cols[None, :]  # token j at + j * R * 2W
+                    if c < 2:  # token 2 (G) is the last one any channel reads
+                        tl.store(sKV + kv_off + c * R * 2 * W, k)
+                        tl.store(sKV + kv_off + c * R * 2 * W + W, v)
+                    qh = _heads(q, R, H, DH)
+                    # online softmax over keys c (own), then 0 .. c-1 (cached): [R, H] scores, [R, H, DH] acc
+                    m_i = tl.sum(qh * _heads(k, R, H, DH), axis=2) * scale
+                    l_i = tl.full([R, H], 1.0, dtype=tl.float32)
+                    acc = _heads(v, R, H, DH)
+                    for j in range(c):
+                        kj = tl.load(sKV + kv_off + j * R * 2 * W)
+                        vj = tl.load(sKV + kv_off + j * R * 2 * W + W)
+                        s = tl.sum(qh * _heads(kj, R, H, DH), axis=2) * scale
+                        m_new = tl.maximum(m_i, s)
+                        alpha = tl.exp(m_i - m_new)
+                        p = tl.exp(s - m_new)
+                        l_i = l_i * alpha + p
+                        acc = acc * alpha[:, :, None] + p[:, :, None] * _heads(vj, R, H, DH)
+                        m_i = m_new
+                    tl.store(sB + rw_off, tl.reshape(acc / l_i[:, :, None], [R, W]))
+                    tl.debug_barrier()
+                    x = _mm(x, sB, W, proj_w + d * W * W, W, W, R, W, KC, DOT16)
+                    x += tl.load(proj_b + d * W + cols).to(tl.float32)[None, :]
+                    # MLP, hidden dim in HC-column chunks: gelu(h @ fc1^T + b1) @ fc2^T accumulated, then + b2
+                    tl.store(sA + rw_off, _layer_norm(x, n2_w + d * W, n2_b + d * W, cols, W))
+                    tl.debug_barrier()
+                    mlp = tl.zeros([R, W], dtype=tl.float32)
+                    hcs = tl.arange(0, HC)
+                    for j0 in tl.range(0, HID, HC):
+                        hc = j0 + hcs
+                        hm = hc < HID
+                        a = tl.zeros([R, HC], dtype=tl.float32)
+                        rr = tl.arange(0, R)
+                        for k0 in tl.range(0, W, KC):
+                            kk = k0 + tl.arange(0, KC)
+                            ak = tl.load(sA + rr[:, None] * W + kk[None, :])
+                            w1 = tl.load(fc1_w + d * HID * W + hc[None, :] * W + kk[:, None], mask=hm[None, :],
+                                         other=0.0)
+                            a = _dot(a, ak, w1, DOT16)
+                        a += tl.load(fc1_b + d * HID + hc, mask=hm, other=0.0).to(tl.float32)[None, :]
+                        a = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+                        sDj = sD + ((j0 // HC) % 2) * R * HC  # double buffer: one barrier per chunk
+                        tl.store(sDj + r[:, None] * HC + hcs[None, :], a)
+                        tl.debug_barrier()
+                        for k0 in tl.range(0, HC, KC):
+                            kk = k0 + tl.arange(0, KC)
+                            ak = tl.load(sDj + rr[:, None] * HC + kk[None, :])
+                            w2 = tl.load(fc2_w + d * W * HID + cols[None, :] * HID + (j0 + kk)[:, None],
+                                         mask=(j0 + kk)[:, None] < HID, other=0.0)
+                            mlp = _dot(mlp, ak, w2, DOT16)
+                    x = x + mlp + tl.load(fc2_b + d * W + cols).to(tl.float32)[None, :]
+
+                # ---- channel c's logits [R, V] in NC-column chunks: final norm, codebook c as the output
+                # matrix, mlm bias; staged in F for the sampler
+                tl.store(sA + rw_off, _layer_norm(x, nf_w, nf_b, cols, W))
+                tl.debug_barrier()
+                ncs = tl.arange(0, NC)
+                for n0 in tl.range(0, V, NC):
+                    lg = _mm(tl.zeros([R, NC], dtype=tl.float32), sA, W, cb_ptr + c * V * W + n0 * W, W, W,
+                             R, NC, KC, DOT16)
+                    lg += tl.load(mlm_b + c * V + n0 + ncs).to(tl.float32)[None, :]
+                    tl.store(sF + r[:, None] * V + (n0 + ncs)[None, :], lg)
+                    tl.store(logits_ptr + (c * n_rows + g64)[:, None] * V + (n0 + ncs)[None, :], lg,
+                             mask=(rmask & (pix_r * 0 + write_logits != 0))[:, None])
+                tl.debug_barrier()
+
+                # ---- the sampler (math of _sample_logits_kernel, V = 256, no top-k)
+                xc = tl.load(sF + bb[:, None] * V + vcols[None, :])
+                x_s = _sanitize(xc * inv_temp)
                 if GUIDED:
-                    emb = tl.reshape(tl.permute(tl.join(nxt, nxt), (1, 0)), [R])
+                    xu = tl.load(sF + (BLOCK_B + bb)[:, None] * V + vcols[None, :])
+                    u = _sanitize(xu * inv_temp)
+                    # per-pixel cfg, or the scalar broadcast (a masked-off load reads nothing)
+                    wcfg = tl.load(cfg_ptr + pix, mask=pmask & (pix * 0 + cfg_rows != 0), other=cfg_scalar).to(tl.float32)
+                    x_s = _filter_cfg_mix(x_s, u, wcfg[:, None], filter_threshold)
+                xmax = tl.max(x_s, axis=1)
+                valid = xmax > float("-inf")
+                shift = tl.where(valid, xmax, 0.0)
+                # rows without a finite logit (and padding pixels) divide by 1, not 0: no NaN, zero probabilities
+                e = tl.where(valid[:, None] & vm2, tl.exp(x_s - shift[:, None]), 0.0)
+                pr = e / tl.where(valid & pmask, tl.sum(e, axis=1), 1.0)[:, None]
+                if do_top_p != 0:
+                    t = _top_p_threshold(pr, vmask, top_p, BLOCK_B)
+                    pr = tl.where(pr >= t[:, None], pr, 0.0)
+                    pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
+                if draw == 3:
+                    idx = tl.argmax(x_s, axis=1)
+                elif draw == 2:
+                    # exponential race, torch.multinomial's algorithm: argmax of p / e, e ~ Exp(1) given
+                    ev = tl.load(e_ptr + (c * B + p64)[:, None] * V + vcols[None, :], mask=vm2, other=1.0)
+                    idx = tl.argmax(pr / ev, axis=1)
                 else:
-                    emb = nxt
-                # the next token reads keys/values other threads of this program stored
+                    uni = tl.load(u_ptr + c * B + pix, mask=pmask & (pix * 0 + draw == 1), other=0.5)
+                    if draw == 0:
+                        uni = _philox_uniform(seed_lo, seed_hi, (p64 + c * B + offset).to(tl.uint64)).to(tl.float64)
+                    # the sampler contract's draw (fractal_kernels/reference/pixel_sampling.py)
+                    idx = _inverse_cdf_draw(pr, vmask, uni)
+                idx = tl.where(valid & (dead == 0), idx, -1)
+                dead = tl.where(idx < 0, 1, dead)
+                tl.store(ids_ptr + p64 * 3 + c, idx.to(tl.int64), mask=pmask)
+                # the next token reads the ids (and every scratch region is rewritten) by other threads
                 tl.debug_barrier()
 
 
-def _block_b(bsz: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return 16
-    # the interpreter pays per program and per op, not per row: fewer, bigger programs
-    return max(16, min(128, triton.next_power_of_2(bsz)))
+class PixelHeadConfig(NamedTuple):
+    """Launch configuration of :func:`_pixel_head_kernel` for one (width, dtype, device)."""
+    block_b: int  # pixels per tile
+    kc: int  # K chunk of the staged dots
+    nc: int  # logits column chunk
+    hc: int  # MLP hidden chunk
+    bk: int  # condition K chunk
+    dot16: int  # 16-bit weights: 1 tensor cores, 2 interpreter emulation (0 unused: fp32 weights ignore it)
+    num_warps: int
+    num_stages: int
+    max_programs: int  # persistent grid cap (programs loop over tiles)
+    maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
+
+
+def _gpu_launch(width: int, fp32: bool, arch: int) -> tuple:
+    """(num_warps, maxnreg) per (width, weight dtype, arch family), read off the AOT probes: the fewest spills.
+    W=64 fp32 spills 8-32 B at 8 warps, none at 4; on sm_80 (ptxas 12.9) W=32 settles at 128 registers and
+    spills ~110 B unless told it may take 255."""
+    if fp32 and width == 64:
+        return 4, None
+    return 8, (255 if arch < 90 and width == 32 else None)
+
+
+def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool, wdtype: torch.dtype,
+                      device: torch.device) -> PixelHeadConfig:
+    """The one place the pixel head's launch configuration is chosen (per width, guidance, weight dtype, arch).
+
+    GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``):
+    16-row tiles (8 pixels guided, 16 unguided: 32-row tiles spill on sm_80 at W=128, and 16 is the smallest
+    M of a dot), K chunks of 16 (fp32 "ieee" dots are FMA loops whose operands must stay small; 32 for 16-bit
+    weights), 64-column
+    logit and MLP hidden chunks, no software pipelining (the chunk loops are short and stages only cost
+    shared memory), warps / register cap from :func:`_gpu_launch`, a persistent grid of 2 programs per SM.
+    The interpreter (CPU tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and
+    whole-K chunks."""
+    if device.type == "cpu" and triton_interpreting():
+        kc = max(16, width)
+        return PixelHeadConfig(block_b=max(16, min(128, triton.next_power_of_2(bsz))), kc=kc, nc=VOCAB,
+                               hc=max(16, min(256, triton.next_power_of_2(hidden))),
+                               bk=min(512, max(16, triton.next_power_of_2(c_in))), dot16=2, num_warps=4,
+                               num_stages=1, max_programs=4, maxnreg=None)
+    fp32 = wdtype == torch.float32
+    num_warps, maxnreg = _gpu_launch(width, fp32, device_arch(device))
+    kc = 16 if fp32 or width < 32 else 32  # 16-bit weights: K chunks of 16 spill 8-16 B more than 32
+    return PixelHeadConfig(block_b=8 if guided else 16, kc=kc, nc=64,
+                           hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=kc, dot16=1,
+                           num_warps=num_warps, num_stages=1, max_programs=_sm_count(device) * 2, maxnreg=maxnreg)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
+    return 132  # an H100 SXM; only the grid size depends on it, not the compiled code
 
 
 def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
                    top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, block_b=None,
-                   exponentials=None) -> None:
-    """Run the kernel: ``ids`` ``[B, 3]`` int64 out; ``logits`` (debug) ``[3, rows, 256]`` fp32 raw logits out."""
+                   exponentials=None, max_programs=None, config: Optional[PixelHeadConfig] = None) -> None:
+    """Run the kernel: ``ids`` ``[B, 3]`` int64 out; ``logits`` (debug) ``[3, rows, 256]`` fp32 raw logits out.
+    ``config`` replaces :func:`pixel_head_config`'s choice, ``block_b`` / ``max_programs`` its tile size /
+    persistent grid (tests)."""
     w = PixelHeadWeights(*(t.contiguous() for t in weights))
     rows, c_in = cond.shape
     bsz = ids.shape[0]
@@ -235,25 +394,29 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     depth = w.qkv_w.shape[0]
     hidden = w.fc1_w.shape[1]
     head_dim = width // num_heads
-    block_b = block_b or _block_b(bsz, cond.device)
+    cfg = config or pixel_head_config(width, hidden, c_in, bsz, guided, w.qkv_w.dtype, cond.device)
+    block_b = block_b or cfg.block_b
     n_rows = 2 * bsz if guided else bsz
-    kv = torch.empty(max(depth, 1) * 2 * n_rows * 2 * width, dtype=torch.float32, device=cond.device)
-    dummy = ids
-    grid = (triton.cdiv(bsz, block_b),)
-    _pixel_head_kernel[grid](
+    n_tiles = triton.cdiv(bsz, block_b)
+    nprog = max(1, min(n_tiles, max_programs or cfg.max_programs))
+    r = (2 if guided else 1) * block_b
+    ws_stride = r * (2 * width + 2 * cfg.hc + VOCAB + max(depth, 1) * 2 * 2 * width)
+    ws = torch.empty(nprog * ws_stride, dtype=torch.float32, device=cond.device)
+    # fixed argument dtypes whatever is absent (one compiled variant): fp32 dummies are the scratch, fp64 one
+    # element; uniforms are fp64 and the noise fp32 here, exactly what the kernel made of them on load before
+    uni = uniforms.double().contiguous() if uniforms is not None else torch.empty(1, dtype=torch.float64,
+                                                                                   device=cond.device)
+    exp = exponentials.float().contiguous() if exponentials is not None else ws
+    draw = 3 if greedy else 2 if exponentials is not None else 1 if uniforms is not None else 0
+    _pixel_head_kernel[(nprog,)](
         cond, *w,
-        cfg_t if cfg_t is not None else dummy, uniforms if uniforms is not None else dummy,
-        exponentials if exponentials is not None else dummy, ids, kv,
-        logits if logits is not None else dummy,
-        bsz, c_in, n_rows, cond.stride(0),
+        cfg_t if cfg_t is not None else ws, uni, exp, ids, ws, logits if logits is not None else ws,
+        bsz, c_in, n_rows, cond.stride(0), depth, n_tiles, ws_stride,
         head_dim ** -0.5, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        GUIDED=guided, CFG_PER_ROW=cfg_t is not None, HAS_UNIFORMS=uniforms is not None,
-        HAS_EXP=exponentials is not None, DO_TOP_P=top_p < 1.0,
-        GREEDY=greedy, WRITE_LOGITS=logits is not None,
-        W=width, H=num_heads, DH=head_dim, DEPTH=depth, HID=hidden,
-        HC=min(HIDDEN_CHUNK, max(16, triton.next_power_of_2(hidden))),
-        BK=min(64, max(16, triton.next_power_of_2(c_in))), BLOCK_B=block_b, V=VOCAB,
-        num_warps=4 if width <= 32 else 8,
+        int(cfg_t is not None), draw, int(top_p < 1.0), int(logits is not None),
+        GUIDED=guided, W=width, H=num_heads, DH=head_dim, HID=hidden, HC=cfg.hc, BK=cfg.bk, KC=cfg.kc, NC=cfg.nc,
+        BLOCK_B=block_b, V=VOCAB, DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
     )
 
 

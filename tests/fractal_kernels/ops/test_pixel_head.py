@@ -16,7 +16,7 @@ import torch
 
 from fractal_kernels import cpu, pixel_head_sample
 from fractal_kernels.dispatch import BackendUnavailable, last_backend
-from fractal_kernels.ops.pixel_head import _launch_cpu, _launch_triton
+from fractal_kernels.ops.pixel_head import PixelHeadConfig, _launch_cpu, _launch_triton
 from fractal_kernels.reference.philox import philox_uniform
 from fractal_kernels.reference.pixel_head import pack_pixel_head_weights, pixel_head_sample_reference
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelLoss
@@ -148,6 +148,32 @@ def test_kernel_logits_and_several_programs(guided, kernel):
     launch = functools.partial(_launch_triton, block_b=16) if kernel == "triton" else _launch_cpu
     launch(cond, w, heads, guided, None, 2.0 if guided else 1.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids, logits=logits)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(ids, ref_ids)
+
+
+# the GPU's chunking (K chunks of 16, 64-column logit / hidden chunks, 16-pixel tiles, a persistent grid of 2
+# programs looping over 3 tiles) in the interpreter; 16-bit weights take the split-operand dot (emulated: DOT16=2)
+GPU_LIKE = PixelHeadConfig(block_b=16, kc=16, nc=64, hc=64, bk=16, dot16=2, num_warps=8, num_stages=1, max_programs=2,
+                           maxnreg=None)
+
+
+@pytest.mark.parametrize("guided,wdtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_gpu_chunking_matches_reference(guided, wdtype):
+    heads = CONFIGS[2][2]
+    m = head(*CONFIGS[2])
+    w = pack_pixel_head_weights(m, wdtype)
+    bsz = 37
+    cond, u = conds(bsz, guided), unis(bsz)
+    cfg = torch.linspace(1.0, 4.0, bsz) if guided else None
+    ref_ids, ref_logits = pixel_head_sample_reference(cond, w, heads, guided=guided, cfg=cfg if guided else 1.0,
+                                                      inv_temperature=1.0, filter_threshold=1e-4, top_p=0.9,
+                                                      uniforms=u, return_logits=True)
+    ids = torch.empty(bsz, 3, dtype=torch.int64)
+    logits = torch.full((3, cond.shape[0], 256), float("nan"))
+    _launch_triton(cond, w, heads, guided, cfg, 1.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids, logits=logits,
+                   config=GPU_LIKE)
+    # bf16 weights: the fp32 operand is split into three bf16 terms, so the dots keep fp32 accuracy
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5 if wdtype == torch.float32 else 3e-5, rtol=0)
     assert torch.equal(ids, ref_ids)
 
 
