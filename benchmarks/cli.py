@@ -3,6 +3,7 @@
     fractal-bench              # --quick: tiny configs, minutes on a CPU
     fractal-bench --full       # + published configs (GPU rows; skipped with the reason on CPU)
     fractal-bench --smoke      # CI: tiny shapes, one repeat
+    fractal-bench --aot [...]  # the ahead-of-time compile report/gate (python -m benchmarks.aot; --help there)
 
 The terminal gets a summary of this run (device, backends that ran, headline ratios, checks, what could not
 run here and, without a GPU, what the GPU rows measure); the full table goes to the results files:
@@ -75,11 +76,16 @@ def run(mode_name: str, device: torch.device, out_dir: Optional[str], progress: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--aot" in argv:  # everything else on the line goes to benchmarks.aot
+        from . import aot
+        return aot.main([a for a in argv if a != "--aot"])
     p = argparse.ArgumentParser(prog="fractal-bench", description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", dest="mode", const="quick", help="default")
     g.add_argument("--full", action="store_const", dest="mode", const="full")
     g.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="CI: tiny, one repeat")
+    g.add_argument("--aot", action="store_true", help="ahead-of-time compile report (python -m benchmarks.aot)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", "--out-dir", dest="out_dir", default=None, metavar="DIR",
                    help=f"folder for the results files (default ./{USER_ROOT}/<device>)")
