@@ -425,3 +425,46 @@ def test_decode_rope_rounds_rotated_q_k_like_the_gpu():
     ulp = dict(atol=1e-3, rtol=2 ** -7)  # one bf16 rounding of the output apart at most
     assert not torch.allclose(gpu[0].float(), fp32_rope[0].float(), **ulp)  # the rounding point matters here
     torch.testing.assert_close(out.float(), gpu[0].float(), **ulp)
+
+
+# ---- launch configuration per GPU arch (what the AOT gate compiles) ---------------------------------------
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_launch_configs_follow_the_target_arch(arch, monkeypatch):
+    """The launchers take tiles, warps and stages from _attn_config for the arch device_arch reports (the
+    AOT gate replays them under target_arch): the packed and decode paths never software-pipeline (decode
+    at num_stages=3 needed 184-200 KB of shared memory, over sm_80's 163 KB), sm_80 and fp32 packed tiles
+    are 32 rows."""
+    from fractal_kernels._target import target_arch
+    launches = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.name, a[0].dtype, kw))
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_packed_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(ta, name, Rec(name))
+    with target_arch(arch):
+        for dtype in (torch.float32, torch.bfloat16):
+            for length in (4, 21, 261):
+                q = torch.zeros(2, 2, length, 64, dtype=dtype)
+                lse = torch.zeros(2, 2, length)
+                ta._triton_fwd(q, q, q, q, lse, None, False, 0.125)
+                ta._triton_bwd(q, q, q, q, q, lse, None, False, 0.125, q, q, q)
+            for lmax in (17, 257):
+                q1, kc = torch.zeros(2, 2, 1, 64, dtype=dtype), torch.zeros(2, 2, lmax, 64, dtype=dtype)
+                lens = torch.full((2,), lmax, dtype=torch.int32)
+                ta._triton_fwd(q1, kc, kc, q1, torch.zeros(2, 2, 1), lens, True, 0.125, decode=True,
+                               freqs=torch.zeros(lmax, 32, 2))
+    assert len(launches) == 2 * (3 * 2 + 1 + 2)  # per dtype: 3 fwd, 2 packed bwd + 2 streaming bwd, 2 decode
+    for name, dtype, kw in launches:
+        assert "num_warps" in kw and "num_stages" in kw, name
+        if kw.get("DECODE") or name == "_attn_bwd_packed_kernel" or kw.get("GROUPS", 1) > 1:
+            assert kw["num_stages"] == 1, (name, kw)
+        if name == "_attn_bwd_packed_kernel":
+            assert kw["BLOCK"] == 32
+        if name == "_attn_fwd_kernel" and not kw["DECODE"] and kw["GROUPS"] > 1:
+            assert kw["BLOCK_M"] == (64 if arch == 90 and dtype != torch.float32 else 32), kw
