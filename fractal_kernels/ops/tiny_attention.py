@@ -423,16 +423,18 @@ def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
         if kind == "fwd":
             tile = 64 if arch >= 90 and not f32 else 32
             return _Cfg(max(tile, lp), 0, 8 if bd >= 128 else 4, 1)
-        return _Cfg(max(32, lp), 0, 8 if bd >= 128 or f32 else 4, 1)
+        # (fp32 at D = 80 still spills a few bytes: 4 B with 16 warps on sm_90, 28 B with 8 on sm_80)
+        return _Cfg(max(32, lp), 0, (16 if arch >= 90 else 8) if f32 and bd >= 128 else
+                    8 if bd >= 128 or f32 else 4, 1)
     if kind == "decode":  # a few queries streaming over a long cache
         return _Cfg(16, STREAM_BLOCK, 4, 1)
     # Streaming kernels (L > PACK_MAX_L): 64 x 64 blocks spill on sm_80 and at D = 128 (dk/dv up to 1.5 KB).
     # fp32: 32 x 32 blocks, the backward's with 8 warps and no pipelining (the FMA dots' operands fill the
     # registers that the pipeline's buffers would take).
     if kind == "fwd_stream":
-        return _Cfg(32, 32, 4, 2) if f32 else _Cfg(64, 32, 4, 3)
+        return _Cfg(32, 32, 8 if bd >= 128 else 4, 2) if f32 else _Cfg(64, 32, 4, 3)
     if kind == "dkdv":  # one program: BLOCK_N keys held (k, v, dk, dv), BLOCK_M queries streamed
-        return _Cfg(32, 32, 8, 1) if f32 else _Cfg(32, 32, 4, 2)
+        return _Cfg(32 if arch >= 90 else 16, 32, 8, 1) if f32 else _Cfg(32, 32, 4, 2)
     if kind == "dq":  # one program: BLOCK_M queries held (q, dO, dq), BLOCK_N keys streamed
         return _Cfg(32, 32, 8, 1) if f32 else _Cfg(32, 64, 4, 2)
     raise ValueError(f"kind: unknown attention launch {kind!r}")
