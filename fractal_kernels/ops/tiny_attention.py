@@ -18,9 +18,11 @@ Kernel design (memory-bound workload: L ~ 4..64 tokens, ~10 FLOP/byte): for L <=
 *whole* sequence of ``G = TILE // Lp`` (sequence, head) pairs at once (``Lp`` = L rounded up to a power of
 two) as one ``[G*Lp, D]`` tile with a block-diagonal mask, so a tile is never mostly padding (L=4: 16 pairs
 per program) and one pass needs no online-softmax loop; the backward does dq, dk, dv in one kernel from
-the same tile. Longer sequences stream keys in 64-blocks with an online softmax (backward: one kernel for
-dk/dv, one for dq). Under ``TRITON_INTERPRET=1`` (CPU tests) dots run in fp32 because the interpreter's
-bf16 ``tl.dot`` is wrong.
+the same tile. Longer sequences stream keys in blocks with an online softmax (backward: one kernel for
+dk/dv, one for dq). Tiles, warps and pipelining depth come from :func:`_attn_config` per GPU arch. Under
+``TRITON_INTERPRET=1`` (CPU tests) dots run on fp32 operands because the interpreter's bf16 ``tl.dot`` is
+wrong, but the production rounding points stay: P is rounded to the 16-bit input dtype before P.V and RoPE
+rounds to the input dtype, as on a GPU (the backward's TF32 operand rounding is not emulated).
 
 Dispatch (``fractal_kernels.dispatch``): "torch" runs ``fractal_kernels.reference.attention``; "triton" these
 kernels; "cuda" the ``csrc/tiny_attention`` kernels (forward/backward; decode has no CUDA version). ``auto``
@@ -32,13 +34,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from fractal_kernels import dispatch, policy
 from fractal_kernels._checks import host_checks
+from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import BackendUnavailable, _cuda_ext, record, resolve, triton_interpreting
 from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
                                                  attention_reference, attention_varlen_reference)
@@ -60,6 +63,19 @@ STREAM_BLOCK = 64
 
 if HAS_TRITON:
 
+    # The interpreter's fp32 -> bf16 cast truncates; a GPU's rounds to nearest even. Kernels cast to 16-bit
+    # through _cast so interpreter runs keep the GPU's rounding points (fixed when the module is imported,
+    # like triton.jit's choice of the interpreter itself; on a GPU _cast is a plain cast).
+    _INTERP = tl.constexpr(triton_interpreting())
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr):
+        if _INTERP and dtype == tl.bfloat16:
+            b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000  # round to nearest even at 8 mantissa bits
+            x = b.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
     @triton.jit
     def _row_layout(pid, mb, NH, H, GROUPS: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr):
         # Row r of a tile -> (pair index bh, position). Packed: G pairs of LP rows; streaming: one pair.
@@ -77,9 +93,15 @@ if HAS_TRITON:
         return grp, pos, bh, (bh // H).to(tl.int64), bh % H, ok
 
     @triton.jit
+    def _row_off(n, h, pos, sn, sh, sl):
+        # int64 element offsets of rows (n, h, pos): h * sh or pos * sl pass 2^31 in head-major or
+        # sequence-major views of big tensors (n is int64 already)
+        return n * sn + h.to(tl.int64) * sh + pos.to(tl.int64) * sl
+
+    @triton.jit
     def _load_rows(ptr, n, h, pos, rmask, sn, sh, sl, offs_d, dmask, DOT_F32: tl.constexpr):
         # [rows, BLOCK_D] tile of a [N, H, L, D] tensor with arbitrary (n, h, l) strides
-        t = tl.load(ptr + (n * sn + h * sh + pos * sl)[:, None] + offs_d[None, :],
+        t = tl.load(ptr + _row_off(n, h, pos, sn, sh, sl)[:, None] + offs_d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
         if DOT_F32:
             t = t.to(tl.float32)
@@ -91,10 +113,10 @@ if HAS_TRITON:
         # _load_rows with the AR level's RoPE applied on load at table rows ``fpos``, rounded to the input
         # dtype like the reference's ``type_as``
         m = rmask[:, None] & dmask[None, :]
-        base = (n * sn + h * sh + pos * sl)[:, None]
+        base = _row_off(n, h, pos, sn, sh, sl)[:, None]
         x = tl.load(ptr + base + offs_d[None, :], mask=m, other=0.0)
         partner = tl.load(ptr + base + (offs_d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
-        t = _rope(x, partner, freqs_ptr, fpos, offs_d, m, 2 * (D // 2)).to(x.dtype)
+        t = _cast(_rope(x, partner, freqs_ptr, fpos, offs_d, m, 2 * (D // 2)), x.dtype)
         if DOT_F32:
             t = t.to(tl.float32)
         return t
@@ -191,15 +213,18 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:  # dropout on the normalised probabilities: the denominator keeps every p
                 p = p * _dropout_keep(bh, qpos, kpos, LQ, LK, p_drop, seed_lo, seed_hi, drop_offset)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=PREC)
+            # P is rounded to the input dtype before P.V (the GPU's 16-bit dot); under the interpreter (fp32
+            # operands) the round trip keeps that rounding point, on a GPU the second cast is a no-op
+            pv = _cast(p, v_ptr.dtype.element_ty).to(v.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=tl.float32, input_precision=PREC)
             m_i = m_new
         empty = l_i == 0.0  # padded query or a sequence of length 0: zeros out, lse 0
         l_safe = tl.where(empty, 1.0, l_i)
         out = tl.where(poison[:, None], float("nan"), acc / l_safe[:, None])
         lse = tl.where(poison, float("nan"), tl.where(empty, 0.0, m_i + tl.log(l_safe)))
-        tl.store(o_ptr + (n * son + h * soh + qpos * sol)[:, None] + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=(pair_ok & (qpos < LQ))[:, None] & dmask[None, :])
-        tl.store(lse_ptr + bh * LQ + qpos, lse, mask=pair_ok & (qpos < LQ))
+        tl.store(o_ptr + _row_off(n, h, qpos, son, soh, sol)[:, None] + offs_d[None, :],
+                 _cast(out, o_ptr.dtype.element_ty), mask=(pair_ok & (qpos < LQ))[:, None] & dmask[None, :])
+        tl.store(lse_ptr + bh.to(tl.int64) * LQ + qpos, lse, mask=pair_ok & (qpos < LQ))
 
     @triton.jit
     def _attn_bwd_packed_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lens_ptr,
@@ -224,7 +249,7 @@ if HAS_TRITON:
         v = _load_rows(v_ptr, n, h, pos, ok, svn, svh, svl, offs_d, dmask, True)
         o = _load_rows(o_ptr, n, h, pos, ok, son, soh, sol, offs_d, dmask, True)
         do = _load_rows(do_ptr, n, h, pos, ok, sdn, sdh, sdl, offs_d, dmask, True)
-        lse = tl.load(lse_ptr + bh * L + pos, mask=ok, other=0.0)
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * L + pos, mask=ok, other=0.0)
         # a non-finite value anywhere in a pair makes that pair's gradients NaN, and only that pair's
         q, b1 = _sanitize_rows(q)
         k, b2 = _sanitize_rows(k)
@@ -253,12 +278,12 @@ if HAS_TRITON:
         dk = tl.where(poison[:, None], float("nan"), tl.dot(tl.trans(ds), q, input_precision=PREC))
         dv = tl.where(poison[:, None], float("nan"), dv)
         wmask = (pair_ok & (pos < L))[:, None] & dmask[None, :]
-        tl.store(dq_ptr + (n * dqn + h * dqh + pos * dql)[:, None] + offs_d[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=wmask)
-        tl.store(dk_ptr + (n * dkn + h * dkh + pos * dkl)[:, None] + offs_d[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=wmask)
-        tl.store(dv_ptr + (n * dvn + h * dvh + pos * dvl)[:, None] + offs_d[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dq_ptr + _row_off(n, h, pos, dqn, dqh, dql)[:, None] + offs_d[None, :],
+                 _cast(dq, dq_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dk_ptr + _row_off(n, h, pos, dkn, dkh, dkl)[:, None] + offs_d[None, :],
+                 _cast(dk, dk_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dv_ptr + _row_off(n, h, pos, dvn, dvh, dvl)[:, None] + offs_d[None, :],
+                 _cast(dv, dv_ptr.dtype.element_ty), mask=wmask)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dk_ptr, dv_ptr,
@@ -292,8 +317,8 @@ if HAS_TRITON:
             q_ok = (qm < L) & (qm < klen)
             q = _load_rows(q_ptr, n, h, qm, q_ok, sqn, sqh, sql, offs_d, dmask, True)
             do = _load_rows(do_ptr, n, h, qm, q_ok, sdn, sdh, sdl, offs_d, dmask, True)
-            lse = tl.load(lse_ptr + bh * L + qm, mask=q_ok, other=0.0)
-            delta = tl.load(delta_ptr + bh * L + qm, mask=q_ok, other=0.0)
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * L + qm, mask=q_ok, other=0.0)
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * L + qm, mask=q_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [M, N]
             valid = q_ok[:, None] & k_ok[None, :]
             if CAUSAL:
@@ -309,10 +334,10 @@ if HAS_TRITON:
             ds = p * (dp - delta[:, None]) * scale
             dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
         wmask = (offs_n < L)[:, None] & dmask[None, :]
-        tl.store(dk_ptr + (n * dkn + h * dkh + offs_n * dkl)[:, None] + offs_d[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=wmask)
-        tl.store(dv_ptr + (n * dvn + h * dvh + offs_n * dvl)[:, None] + offs_d[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dk_ptr + _row_off(n, h, offs_n, dkn, dkh, dkl)[:, None] + offs_d[None, :],
+                 _cast(dk, dk_ptr.dtype.element_ty), mask=wmask)
+        tl.store(dv_ptr + _row_off(n, h, offs_n, dvn, dvh, dvl)[:, None] + offs_d[None, :],
+                 _cast(dv, dv_ptr.dtype.element_ty), mask=wmask)
 
     @triton.jit
     def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, lens_ptr, dq_ptr,
@@ -335,8 +360,8 @@ if HAS_TRITON:
         q_ok = (offs_m < L) & (offs_m < klen)
         q = _load_rows(q_ptr, n, h, offs_m, q_ok, sqn, sqh, sql, offs_d, dmask, True)
         do = _load_rows(do_ptr, n, h, offs_m, q_ok, sdn, sdh, sdl, offs_d, dmask, True)
-        lse = tl.load(lse_ptr + bh * L + offs_m, mask=q_ok, other=0.0)
-        delta = tl.load(delta_ptr + bh * L + offs_m, mask=q_ok, other=0.0)
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=q_ok, other=0.0)
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=q_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         hi = L
         if CAUSAL:
@@ -356,18 +381,68 @@ if HAS_TRITON:
                 dp = dp * _dropout_keep(offs_m * 0 + bh, offs_m, kn, L, L, p_drop, seed_lo, seed_hi, drop_offset)
             ds = p * (dp - delta[:, None]) * scale
             dq += tl.dot(ds, k, input_precision=PREC)
-        tl.store(dq_ptr + (n * dqn + h * dqh + offs_m * dql)[:, None] + offs_d[None, :],
-                 dq.to(dq_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & dmask[None, :])
+        tl.store(dq_ptr + _row_off(n, h, offs_m, dqn, dqh, dql)[:, None] + offs_d[None, :],
+                 _cast(dq, dq_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & dmask[None, :])
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _packed_layout(L: int) -> Tuple[int, int]:
+class _Cfg(NamedTuple):
+    """Launch configuration of one kernel call: tile rows ``block_m`` (packed kernels: rows of the whole tile),
+    key block ``block_n`` (packed: 0 = the tile's keys in one pass), warps and software-pipelining depth."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
+    """Tile sizes, warps and stages of every attention launch, per (kind, L, D, dtype, GPU arch).
+
+    ``kind``: "fwd" (L <= PACK_MAX_L: packed, one key pass), "fwd_stream", "decode" (packed or streaming
+    over the cache), "bwd" (packed), "dkdv" and "dq" (the streaming backward). Chosen from the ahead-of-time
+    compile data (registers, spills, shared memory on sm_80 and sm_90): a packed kernel's key loop runs
+    once, so software pipelining only buys shared memory (``num_stages=1``; decode at 3 needs 184-200 KB
+    and cannot launch on an A100); fp32 inputs keep "ieee" dots, which are FMA loops holding both operands
+    in registers, so they get smaller tiles."""
+    arch = device_arch(device)
+    f32 = dtype == torch.float32
+    bd = _block_d(D)
+    lp = triton.next_power_of_2(max(L, 1))
+    if L <= PACK_MAX_L and kind in ("fwd", "bwd", "decode"):
+        # Packed tiles. sm_90: 64 rows feed wgmma (a warpgroup's M is 64); sm_80 (mma.sync) and fp32 (FMA
+        # dots hold a thread's rows of both operands over the whole K in registers): 32 rows keep the
+        # [tile, tile] scores, masks and operands under 255 registers (64 rows: 0.1-2.8 KB of spills on
+        # sm_80, the 32-register fallback with 8 KB of stack in fp32). The backward holds q, k, v, o, dO and
+        # three [tile, tile] fp32 products: 32 rows everywhere, 8 warps for fp32 and for D = 80 (padded to 128).
+        if kind == "decode":
+            return _Cfg(max(64 if arch >= 90 else 32, lp), 0, 4, 1)
+        if kind == "fwd":
+            tile = 64 if arch >= 90 and not f32 else 32
+            return _Cfg(max(tile, lp), 0, 8 if bd >= 128 else 4, 1)
+        # (fp32 at D = 80 still spills a few bytes: 4 B with 16 warps on sm_90, 28 B with 8 on sm_80)
+        return _Cfg(max(32, lp), 0, (16 if arch >= 90 else 8) if f32 and bd >= 128 else
+                    8 if bd >= 128 or f32 else 4, 1)
+    if kind == "decode":  # a few queries streaming over a long cache
+        return _Cfg(16, STREAM_BLOCK, 4, 1)
+    # Streaming kernels (L > PACK_MAX_L): 64 x 64 blocks spill on sm_80 and at D = 128 (dk/dv up to 1.5 KB).
+    # fp32: 32 x 32 blocks, the backward's with 8 warps and no pipelining (the FMA dots' operands fill the
+    # registers that the pipeline's buffers would take).
+    if kind == "fwd_stream":
+        return _Cfg(32, 32, 8 if bd >= 128 else 4, 2) if f32 else _Cfg(64, 32, 4, 3)
+    if kind == "dkdv":  # one program: BLOCK_N keys held (k, v, dk, dv), BLOCK_M queries streamed
+        return _Cfg(32 if arch >= 90 else 16, 32, 8, 1) if f32 else _Cfg(32, 32, 4, 2)
+    if kind == "dq":  # one program: BLOCK_M queries held (q, dO, dq), BLOCK_N keys streamed
+        return _Cfg(32, 32, 8, 1) if f32 else _Cfg(32, 64, 4, 2)
+    raise ValueError(f"kind: unknown attention launch {kind!r}")
+
+
+def _packed_layout(L: int, tile: int = TILE) -> Tuple[int, int]:
     """(pairs per program G, padded length Lp) of the packed kernels for a length L <= PACK_MAX_L."""
     lp = triton.next_power_of_2(max(L, 1))
-    return max(1, TILE // lp), lp
+    return max(1, tile // lp), lp
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -401,20 +476,22 @@ def _triton_fwd(q, k, v, o, lse, lens, causal, scale, decode=False, freqs=None, 
     P = freqs.shape[0] if freqs is not None else 1
     if LK <= PACK_MAX_L:
         # whole sequences, several pairs per program (decode: a few queries against a short cache)
-        groups, lpk = _packed_layout(LK)
+        cfg = _attn_config("decode" if decode else "fwd", LK, D, q.dtype, q.device)
+        groups, lpk = _packed_layout(LK, cfg.block_m)
         lpq = max(triton.next_power_of_2(LQ), 16 // groups)  # tl.dot needs >= 16 rows
         bm, bn = groups * lpq, groups * lpk
         grid = (triton.cdiv(NH, groups), 1)
     else:
+        cfg = _attn_config("decode" if decode else "fwd_stream", LK, D, q.dtype, q.device)
         groups, lpq, lpk = 1, 1, 1
-        bm, bn = (STREAM_BLOCK if LQ > 16 else 16), STREAM_BLOCK
+        bm, bn = (cfg.block_m if LQ > 16 else 16), cfg.block_n
         grid = (NH, triton.cdiv(LQ, bm))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, lens_arg, freqs_arg, NH, H, LQ, LK, D, P, scale, p_drop, *_seed_words(seed), 0,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         CAUSAL=causal, HAS_LENS=lens is not None, DECODE=decode, ROPE=freqs is not None, DOT_F32=dot_f32,
         GROUPS=groups, LPQ=lpq, LPK=lpk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), PREC=_precision(q),
-        DROPOUT=p_drop > 0)
+        DROPOUT=p_drop > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv, p_drop=0.0, seed=0):
@@ -423,25 +500,27 @@ def _triton_bwd(do, q, k, v, o, lse, lens, causal, scale, dq, dk, dv, p_drop=0.0
     bd = _block_d(D)
     lens_arg = lens if lens is not None else lse
     if L <= PACK_MAX_L:
-        groups, lp = _packed_layout(L)
+        cfg = _attn_config("bwd", L, D, q.dtype, q.device)
+        groups, lp = _packed_layout(L, cfg.block_m)
         _attn_bwd_packed_kernel[(triton.cdiv(NH, groups),)](
             q, k, v, o, do, lse, lens_arg, dq, dk, dv, NH, H, L, D, scale, p_drop, *_seed_words(seed), 0,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             *_strides(dq), *_strides(dk), *_strides(dv),
             CAUSAL=causal, HAS_LENS=lens is not None, GROUPS=groups, LP=lp, BLOCK=groups * lp, BLOCK_D=bd,
-            PREC=_precision(q), DROPOUT=p_drop > 0)
+            PREC=_precision(q), DROPOUT=p_drop > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return
     delta = (do.float() * o.float()).sum(-1).reshape(NH, L)  # [N*H, L]
     args = (H, L, D, scale, p_drop, *_seed_words(seed), 0, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    b = STREAM_BLOCK
-    _attn_bwd_dkdv_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dk, dv, *args,
-                                                   *_strides(dk), *_strides(dv), CAUSAL=causal,
-                                                   HAS_LENS=lens is not None, BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd,
-                                                   PREC=_precision(q), DROPOUT=p_drop > 0)
-    _attn_bwd_dq_kernel[(NH, triton.cdiv(L, b))](q, k, v, do, lse, delta, lens_arg, dq, *args, *_strides(dq),
-                                                 CAUSAL=causal, HAS_LENS=lens is not None,
-                                                 BLOCK_M=b, BLOCK_N=b, BLOCK_D=bd, PREC=_precision(q),
-                                                 DROPOUT=p_drop > 0)
+    c = _attn_config("dkdv", L, D, q.dtype, q.device)
+    _attn_bwd_dkdv_kernel[(NH, triton.cdiv(L, c.block_n))](
+        q, k, v, do, lse, delta, lens_arg, dk, dv, *args, *_strides(dk), *_strides(dv), CAUSAL=causal,
+        HAS_LENS=lens is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, PREC=_precision(q),
+        DROPOUT=p_drop > 0, num_warps=c.num_warps, num_stages=c.num_stages)
+    c = _attn_config("dq", L, D, q.dtype, q.device)
+    _attn_bwd_dq_kernel[(NH, triton.cdiv(L, c.block_m))](
+        q, k, v, do, lse, delta, lens_arg, dq, *args, *_strides(dq), CAUSAL=causal, HAS_LENS=lens is not None,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd, PREC=_precision(q), DROPOUT=p_drop > 0,
+        num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _fwd_into(q, k, v, o, lse, lens, causal, scale, backend, p_drop=0.0, seed=0):
@@ -835,7 +914,6 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if which == "torch":
         return attention_decode_reference(q, k_cache, v_cache, lens, scale=scale, freqs_cis=freqs_cis)
     if which == "cuda":
-        from fractal_kernels.dispatch import BackendUnavailable
         raise BackendUnavailable("tiny_attention_decode: no CUDA decode kernel; use backend='triton' or None")
     _check_strides(which, q=q, k_cache=k_cache, v_cache=v_cache)
     return _decode_op(q, k_cache, v_cache, lens, freqs_cis, scale)

@@ -317,3 +317,155 @@ def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp
     finally:
         monkeypatch.delenv("FRACTAL_HOME")
         policy.clear()
+
+
+# ---- int64 row offsets: views whose rows lie past 2^31 elements ------------------------------------------
+
+def _huge_view_qkv(layout: str, length: int, d: int = 16):
+    """q, k, v ``[N, H, L, D]`` fp16 views into one storage of 2^32 + a few elements whose row offsets
+    ``h * sh`` or ``pos * sl`` reach 2^31..2^32 (int32 math wraps them by -2^32). The storage is only
+    reserved: the few rows written are the only pages touched, so the test costs kilobytes, not 8 GiB. The
+    views start 2^31 elements in, so a wrapped offset still lands inside the storage (on zeros): the bug
+    shows as a wrong result, not a crash."""
+    if layout == "sequence_major":  # [N=1, H=1, L, D], consecutive positions 2^31 / (L - 1) elements apart
+        h, sh = 1, 0
+        sl = -(-(2 ** 31) // (length - 1) // 16) * 16
+    else:  # head-major: [N=1, H=3, L, D], head h at h * 2^30
+        h, sh, sl = 3, 2 ** 30, 3 * d
+    base = 2 ** 31
+    size = base + (h - 1) * sh + (length - 1) * sl + 3 * d
+    assert (h - 1) * sh + (length - 1) * sl >= 2 ** 31 and size <= 2 ** 32 + 2 ** 20
+    big = torch.empty(size, dtype=torch.float16, device=DEV)
+    views = [big.as_strided((1, h, length, d), (0, sh, sl, 1), base + i * d) for i in range(3)]
+    for i, t in enumerate(views):
+        t.copy_(rand(1, h, length, d, seed=40 + i))
+    return views
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the reserved 8 GiB storage is a CPU trick (lazy pages)")
+@pytest.mark.parametrize("layout", ["sequence_major", "head_major"])
+@pytest.mark.parametrize("length", [5, 70])  # packed kernels; streaming forward, dk/dv and dq kernels
+def test_views_with_rows_past_2_31_elements(layout, length):
+    q, k, v = _huge_view_qkv(layout, length)
+    assert q.storage_offset() + q.stride(1) * (q.shape[1] - 1) + q.stride(2) * (length - 1) >= 2 ** 31
+    qs, ks, vs = (t.requires_grad_() for t in (q, k, v))  # leaves viewing the big storage
+    out = tiny_attention(qs, ks, vs, causal=True, backend="triton")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(qd, kd, vd, causal=True)
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float16])
+    go = rand(*ref.shape, seed=50).double()
+    got = torch.autograd.grad(out, (qs, ks, vs), go.half())
+    exp = torch.autograd.grad(ref, (qd, kd, vd), go)
+    for name, a, r in zip("qkv", got, exp):
+        torch.testing.assert_close(a.double(), r, **GRAD_TOL[torch.float16], msg=lambda m: f"d{name}: {m}")
+
+
+# ---- the GPU's rounding points under the interpreter -----------------------------------------------------
+
+def _gpu_rounded_attention(q, k, v, scale, lens=None):
+    """What the forward kernel computes on a GPU for 16-bit inputs: fp32 scores, P = exp(s - max) rounded to
+    the input dtype before P.V (a 16-bit tensor-core dot, fp32 accumulation), fp32 denominator."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if lens is not None:
+        keep = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    return ((p.to(q.dtype).float() @ v.float()) / p.sum(-1, keepdim=True)).to(q.dtype)
+
+
+@pytest.mark.parametrize("length", [2, 70])  # packed and streaming forward
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_p_is_rounded_to_the_input_dtype_before_pv(dtype, length):
+    """Two keys with scores 0 and -delta and values +64 / -64: the exact output 64 (1 - e^-delta) / (1 +
+    e^-delta) is ~0.03 (bf16) / ~0.004 (fp16), but e^-delta rounds to 1 in the input dtype, so a GPU's P.V
+    gives 0. The interpreter must give the GPU's answer, not the fp32 one."""
+    n, d = 4, 16
+    delta = 2.0 ** -10 if dtype == torch.bfloat16 else 2.0 ** -13
+    q = torch.zeros(n, 1, length, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(n, 1, length, d)
+    k[:, :, 1, 0] = -delta
+    v = torch.zeros(n, 1, length, d)
+    v[:, :, 0], v[:, :, 1] = 64.0, -64.0
+    q, k, v = (t.to(dtype).to(DEV) for t in (q, k, v))
+    lens = torch.full((n,), 2, device=DEV) if length > 2 else None
+    out = tiny_attention(q, k, v, scale=1.0, seqlens=lens, backend="triton")
+    gpu = _gpu_rounded_attention(q, k, v, 1.0, lens)
+    exact = attention_reference(q.double(), k.double(), v.double(), scale=1.0,
+                                key_mask=None if lens is None else (torch.arange(length, device=DEV) < 2))
+    rows = slice(0, 2)
+    assert (gpu[:, :, rows].double() - exact[:, :, rows]).abs().max() > 3e-3  # the rounding point matters here
+    torch.testing.assert_close(out[:, :, rows], gpu[:, :, rows], atol=1e-5, rtol=0)
+
+
+def test_decode_rope_rounds_rotated_q_k_like_the_gpu():
+    """bf16 decode with RoPE: the kernel rotates in fp32 and rounds to bf16 (the reference's ``type_as``)
+    before the scores; with scores of a few tens that rounding moves the output by far more than the
+    tolerance, so dropping it (or P's rounding) fails here."""
+    from fractal_kernels.reference.attention import rope_reference
+    from fractal_models.ar import precompute_freqs_cis_2d
+    n, h, lmax, d = 3, 2, 17, 16
+    freqs = precompute_freqs_cis_2d(4, d).to(DEV)
+    kc = (rand(n, h, lmax, d, seed=61) * 3).to(torch.bfloat16)
+    vc = rand(n, h, lmax, d, seed=62).to(torch.bfloat16)
+    q = (rand(n, h, 1, d, seed=63) * 3).to(torch.bfloat16)
+    lens = torch.tensor([17, 9, 5], device=DEV)
+    out = tiny_attention_decode(q, kc, vc, lens, freqs_cis=freqs, backend="triton")
+    kpos = torch.arange(lmax, device=DEV)
+    keep = kpos[None, :] < lens[:, None]
+    gpu, fp32_rope = [], []
+    for rounded in (True, False):
+        cast = (lambda t: t) if rounded else (lambda t: t.float())
+        qr = rope_reference(cast(q), freqs, (lens - 1)[:, None])
+        kr = rope_reference(cast(kc), freqs, kpos)
+        s = (qr.float() @ kr.float().transpose(-1, -2)) * d ** -0.5
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        o = (p.to(torch.bfloat16).float() @ vc.float()) / p.sum(-1, keepdim=True)
+        (gpu if rounded else fp32_rope).append(o.to(torch.bfloat16))
+    ulp = dict(atol=1e-3, rtol=2 ** -7)  # one bf16 rounding of the output apart at most
+    assert not torch.allclose(gpu[0].float(), fp32_rope[0].float(), **ulp)  # the rounding point matters here
+    torch.testing.assert_close(out.float(), gpu[0].float(), **ulp)
+
+
+# ---- launch configuration per GPU arch (what the AOT gate compiles) ---------------------------------------
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_launch_configs_follow_the_target_arch(arch, monkeypatch):
+    """The launchers take tiles, warps and stages from _attn_config for the arch device_arch reports (the
+    AOT gate replays them under target_arch): the packed and decode paths never software-pipeline (decode
+    at num_stages=3 needed 184-200 KB of shared memory, over sm_80's 163 KB), sm_80 and fp32 packed tiles
+    are 32 rows."""
+    from fractal_kernels._target import target_arch
+    launches = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.name, a[0].dtype, kw))
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_packed_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        monkeypatch.setattr(ta, name, Rec(name))
+    with target_arch(arch):
+        for dtype in (torch.float32, torch.bfloat16):
+            for length in (4, 21, 261):
+                q = torch.zeros(2, 2, length, 64, dtype=dtype)
+                lse = torch.zeros(2, 2, length)
+                ta._triton_fwd(q, q, q, q, lse, None, False, 0.125)
+                ta._triton_bwd(q, q, q, q, q, lse, None, False, 0.125, q, q, q)
+            for lmax in (17, 257):
+                q1, kc = torch.zeros(2, 2, 1, 64, dtype=dtype), torch.zeros(2, 2, lmax, 64, dtype=dtype)
+                lens = torch.full((2,), lmax, dtype=torch.int32)
+                ta._triton_fwd(q1, kc, kc, q1, torch.zeros(2, 2, 1), lens, True, 0.125, decode=True,
+                               freqs=torch.zeros(lmax, 32, 2))
+    assert len(launches) == 2 * (3 * 2 + 1 + 2)  # per dtype: 3 fwd, 2 packed bwd + 2 streaming bwd, 2 decode
+    for name, dtype, kw in launches:
+        assert "num_warps" in kw and "num_stages" in kw, name
+        if kw.get("DECODE") or name == "_attn_bwd_packed_kernel" or kw.get("GROUPS", 1) > 1:
+            assert kw["num_stages"] == 1, (name, kw)
+        if name == "_attn_bwd_packed_kernel":
+            assert kw["BLOCK"] == 32
+        if name == "_attn_fwd_kernel" and not kw["DECODE"] and kw["GROUPS"] > 1:
+            assert kw["BLOCK_M"] == (64 if arch == 90 and dtype != torch.float32 else 32), kw
