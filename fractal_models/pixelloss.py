@@ -523,10 +523,12 @@ def _gemm_pad(rows: int) -> int:
     """Dummy rows to add to the cached pixel head's token batch so its matmuls round like the reference's.
 
     The reference runs the blocks' Linear layers on ``4 * rows`` token rows; a GEMM's rounding of a row can
-    depend on the number of rows M (CPU MKL sgemm takes another kernel, summing in another order, for
-    M < 12 not a multiple of 4). Padding the one-token batch to a multiple of 4 rows keeps those rows on
-    the same kernel as the reference's; from 12 rows on no padding is needed."""
-    return 0 if rows >= 12 or rows % 4 == 0 else 4 - rows % 4
+    depend on the number of rows M: CPU BLAS takes other kernels, summing in another order, for small M, and
+    which M depends on the CPU (MKL on AVX2 for M < 12 not a multiple of 4; on AVX-512 for some M up to 15,
+    depending on K and N). Below 16 rows the one-token batch is padded to the reference's own ``4 * rows``
+    rows (the same kernel; a negligible cost at that size); from 16 rows on both sides are past every
+    small-M kernel seen, and no padding is needed."""
+    return 3 * rows if 0 < rows < 16 else 0
 
 
 def _is_one(cfg: CfgLike) -> bool:
