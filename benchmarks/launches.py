@@ -50,10 +50,11 @@ How a launch is counted (one classification, :func:`classify`, tested on small p
 
 Exact for the published configs without running them at full width, two reductions, both tested:
 
-1. **Narrow clones** (:func:`narrow_clone`): the same levels, patch grids, depths, steps, condition counts and
-   guiding pixels, every width 16 and one head (the MAR guiding-pixel heads, 128 wide in the model, too). No
-   code path branches on width or heads (the kernels take 16..128-wide pixel heads and head dims 8..128 alike).
-   Test: a clone and its original give identical counts (tiny configs).
+1. **Narrow clones** (:func:`narrow_clone`): the same levels, patch grids, depths, steps, condition counts,
+   guiding pixels and head counts, every head 8 wide (the MAR guiding-pixel heads, 128 wide in the model, too).
+   No code path branches on the width or the head dim (the kernels pad the head dim to a power of two inside;
+   the pixel-head kernel takes 16..128 wide heads alike); the head count does matter (one head makes some
+   reshapes views), so it is kept. Test: a clone and its original give identical counts (tiny configs).
 2. **Memoised sub-level calls** (``memo=True``): every call below level 0 (a level's ``sample``, a pixel head's
    ``sample``) with the same structural key (level, rows, guided or not, cfg type, schedule, settings) launches
    the same ops, so it is executed once per key and replayed (its counts added again) afterwards. Test: memo
@@ -153,22 +154,34 @@ def _mark_host(obj: Any) -> None:
             pass
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+def _tensors(obj: Any) -> List[torch.Tensor]:
+    """The tensors in ``obj`` (nested lists, tuples, dicts)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
+        return [obj]
+    out: List[torch.Tensor] = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+    return out
+
+
+_OP_NAMES: Dict[Any, str] = {}
 
 
 def op_name(func) -> str:
     """``aten.addmm.default`` -> ``addmm``; custom ops keep their namespace (``fractal_kernels::x``)."""
-    schema = func._schema.name  # e.g. "aten::addmm"
-    ns, _, name = schema.partition("::")
-    return name if ns == "aten" else schema
+    name = _OP_NAMES.get(func)
+    if name is None:
+        schema = func._schema.name  # e.g. "aten::addmm"
+        ns, _, short = schema.partition("::")
+        name = _OP_NAMES[func] = short if ns == "aten" else schema
+    return name
 
 
 def classify(func, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> Tuple[int, int, int]:
@@ -267,7 +280,9 @@ class _DispatchCounter(TorchDispatchMode):
         name = op_name(func)
         if name.split("::")[0] in CUSTOM_NAMESPACES:
             return self._custom(func, name, args, kwargs)
-        ins = [t for t in _tensors((args, kwargs))]
+        ins = _tensors(args)
+        if kwargs:
+            ins += _tensors(kwargs)
         out = func(*args, **kwargs)
         if st.host_factory or (ins and all(is_host(t) for t in ins)):
             _mark_host(out)  # CPU work of the host: no launch, no sync
@@ -282,9 +297,10 @@ class _DispatchCounter(TorchDispatchMode):
             st.copy("memcpy_d2h")
         for _ in range(s):
             st.sync(name)
-        for t in ins:
-            if is_host(t) and t.dim() > 0 and name not in NON_LAUNCHING:
-                st.counts.unclassified_implicit[(st.label, name)] += 1
+        if k:
+            for t in ins:
+                if t.dim() > 0 and is_host(t):
+                    st.counts.unclassified_implicit[(st.label, name)] += 1
         return out
 
     def _custom(self, func, name, args, kwargs):
@@ -461,23 +477,31 @@ def _levels(model) -> List[Tuple[Any, str, str]]:
     return out
 
 
-def narrow_clone(config: str, width: int = 16, heads: int = 1, **overrides: Any):
-    """The config with every width ``width`` and ``heads`` heads (the MAR guiding-pixel heads too, whose width
-    the model fixes at 128): same levels, grids, depths, steps, conditions. Random weights (seed 0)."""
+def _narrow_width(heads: int, head_dim: int) -> int:
+    """Width of a narrowed level: ``heads`` heads of ``head_dim`` (at least 16, a power of two: what the fused
+    pixel-head kernel takes)."""
+    return max(16, 1 << max(0, (heads * head_dim - 1).bit_length()))
+
+
+def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
+    """The config with every head ``head_dim`` wide (level width = heads x head_dim, at least 16, a power of two;
+    the MAR guiding-pixel heads, 128 wide in the model, too): same levels, grids, depths, steps, conditions and
+    **heads** (the head count changes counts: with one head ``o.transpose(1, 2).reshape`` is a view, with several
+    a copy). Random weights (seed 0)."""
     from fractal_models import config_kwargs
     from fractal_models.fractalgen import FractalGen
     from fractal_models.mar import MAR
     from fractal_models.pixelloss import PixelLoss
     kw = config_kwargs(config, **overrides)
-    n = len(kw["img_size_list"])
-    kw["embed_dim_list"] = (width,) * n
-    kw["num_heads_list"] = (heads,) * n
+    kw["embed_dim_list"] = tuple(_narrow_width(h, head_dim) for h in kw["num_heads_list"])
     torch.manual_seed(0)
     model = FractalGen(**kw)
     for m in list(model.modules()):
         if isinstance(m, MAR) and m.guiding_pixel:
             old = m.guiding_pixel_loss
-            m.guiding_pixel_loss = PixelLoss(c_channels=old.cond_proj.in_features, width=width, depth=len(old.blocks),
+            heads = old.blocks[0].attn.num_heads if len(old.blocks) else 1
+            m.guiding_pixel_loss = PixelLoss(c_channels=old.cond_proj.in_features,
+                                             width=_narrow_width(heads, head_dim), depth=len(old.blocks),
                                              num_heads=heads, r_weight=old.r_weight)
     return model.eval()
 
@@ -775,25 +799,89 @@ TINY = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
 SAMPLING = {"cfg": 11.0, "temperature": 1.03, "cfg_schedule": "linear"}
 
 
+def combine_depths(one: Dict[str, Any], two: Dict[str, Any], depths: Dict[str, int]) -> Dict[str, Any]:
+    """Counts at the real depths from counts at depth 1 and depth 2 of every generator level (``one``, ``two``:
+    :func:`summarize_counts` of the same run with all generator levels 1 and 2 blocks deep). A level's own
+    launches, copies and syncs are affine in its own depth (every block issues the same ops; the levels below
+    are counted under their own labels), so per label and kind: ``n(d) = n(1) + (n(2) - n(1)) * (d - 1)``.
+    Labels without a depth (pixel heads, ``generate``) must agree between the two runs. Tested exactly against
+    a direct count (``tests/test_launches.py``)."""
+    batch = one["batch"]
+    levels = {}
+    for lbl in sorted(set(one["levels"]) | set(two["levels"])):
+        a, b = one["levels"].get(lbl), two["levels"].get(lbl)
+        if a is None or b is None or a["calls"] != b["calls"] or a["rows"] != b["rows"]:
+            raise RuntimeError(f"combine_depths: level {lbl!r} differs in structure between depth 1 and 2")
+        d = depths.get(lbl)
+        if d is None:
+            if (a["launches"], a["syncs"], a["copies"]) != (b["launches"], b["syncs"], b["copies"]):
+                raise RuntimeError(f"combine_depths: {lbl!r} has no depth but its counts changed with it")
+            levels[lbl] = b
+            continue
+
+        def affine(x: Dict[str, int], y: Dict[str, int]) -> Dict[str, int]:
+            out = {k: x.get(k, 0) + (y.get(k, 0) - x.get(k, 0)) * (d - 1) for k in set(x) | set(y)}
+            if any(v < 0 for v in out.values()):
+                raise RuntimeError(f"combine_depths: negative count at {lbl!r}")
+            return dict(sorted(((k, v) for k, v in out.items() if v), key=lambda kv: -kv[1]))
+        kinds = affine(a["kinds"], b["kinds"])
+        sync_kinds = affine(a["sync_kinds"], b["sync_kinds"])
+        copies = a["copies"] + (b["copies"] - a["copies"]) * (d - 1)
+        levels[lbl] = {"launches": sum(kinds.values()), "copies": copies, "syncs": sum(sync_kinds.values()),
+                       "calls": a["calls"], "rows": a["rows"], "kinds": kinds, "sync_kinds": sync_kinds,
+                       "depth": d, "at_depth_1": a["launches"], "at_depth_2": b["launches"]}
+    tot = {k: sum(v[k] for v in levels.values()) for k in ("launches", "copies", "syncs")}
+    out = {**two, **tot, "levels": levels, "launches_per_image": tot["launches"] / batch,
+           "copies_per_image": tot["copies"] / batch, "syncs_per_image": tot["syncs"] / batch,
+           "depth_extrapolated": True, "wall_s": one["wall_s"] + two["wall_s"]}
+    if "first_call_extra" in one:
+        out["first_call_extra"] = {k: one["first_call_extra"][k] + (two["first_call_extra"][k] -
+                                                                     one["first_call_extra"][k]) for k in tot}
+    return out
+
+
+def level_depths(config: str) -> Dict[str, int]:
+    """Label of every generator level -> its number of blocks."""
+    from fractal_models import config_kwargs
+    kw = config_kwargs(config)
+    kinds = kw["generator_type_list"]
+    return {f"L{i} {kinds[i].upper()}": kw["num_blocks_list"][i] for i in range(len(kw["img_size_list"]) - 1)}
+
+
 def run_config(config: str, batches: Sequence[int], *, narrow: bool = True,
-               num_iter_list: Optional[Sequence[int]] = None, extra_ref_batches: Sequence[int] = ()) -> Dict[str, Any]:
-    """Reference loop and fast engine (``backend="triton"``) counts of one config at ``batches``."""
-    from fractal_models import build_model
-    if narrow:
-        model = narrow_clone(config)
-    else:
+               num_iter_list: Optional[Sequence[int]] = None, extra_ref_batches: Sequence[int] = (),
+               depth_extrapolation: bool = True) -> Dict[str, Any]:
+    """Reference loop and fast engine (``backend="triton"``) counts of one config at ``batches``: on the narrow
+    clone (or the model itself), every generator level counted at depths 1 and 2 and extrapolated to its real
+    depth (:func:`combine_depths`), or counted at its real depth directly."""
+    from fractal_models import build_model, config_kwargs
+    kw = config_kwargs(config)
+    n_gen = len(kw["img_size_list"]) - 1
+
+    def model_at(depth: Optional[int]):
+        over = {} if depth is None else {"num_blocks_list": (depth,) * n_gen + tuple(kw["num_blocks_list"][n_gen:])}
+        if narrow:
+            return narrow_clone(config, **over)
         torch.manual_seed(0)
-        model = build_model(config).eval()
+        return build_model(config, **over).eval()
+
+    def count(model, fast: bool, bs: Sequence[int]):
+        return count_generate(model, bs, fast=fast, backend="triton" if fast else "torch", num_iter_list=num_iter_list,
+                              cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"], warmup=fast)
+
     t0 = time.perf_counter()
-    ref = count_generate(model, list(batches) + list(extra_ref_batches), fast=False, backend="torch",
-                         num_iter_list=num_iter_list, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
-                         warmup=False)
-    t1 = time.perf_counter()
-    fast = count_generate(model, batches, fast=True, backend="triton", num_iter_list=num_iter_list,
-                          cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"], warmup=True)
-    t2 = time.perf_counter()
-    return {"config": config, "narrow_clone": narrow, "ref": ref, "fast": fast,
-            "wall_s": {"ref": t1 - t0, "fast": t2 - t1}}
+    out: Dict[str, Any] = {"config": config, "narrow_clone": narrow, "depth_extrapolated": depth_extrapolation}
+    for path, fast, bs in (("ref", False, list(batches) + list(extra_ref_batches)), ("fast", True, list(batches))):
+        t = time.perf_counter()
+        if depth_extrapolation:
+            one, two = count(model_at(1), fast, bs), count(model_at(2), fast, bs)
+            depths = level_depths(config)
+            out[path] = {b: combine_depths(one[b], two[b], depths) for b in bs}
+        else:
+            out[path] = count(model_at(None), fast, bs)
+        out.setdefault("wall_s", {})[path] = time.perf_counter() - t
+    out["wall_s"]["total"] = time.perf_counter() - t0
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -988,38 +1076,126 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tiny", action="store_true", help="the three tiny configs at full width (CI)")
     p.add_argument("--configs", default=None, help="comma-separated config names")
     p.add_argument("--batches", default="1,256")
-    p.add_argument("--num-iter-list", default=None, help="e.g. 4,4 (default: the reference's)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="iterations per level for every config (default: the reference's; a quick check)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--stem", default=None)
+    p.add_argument("--exact-depth", action="store_true",
+                   help="count every level at its real depth (default: depths 1 and 2, extrapolated exactly)")
+    p.add_argument("--force", action="store_true", help="recount configs whose raw counts are already saved")
+    p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved raw counts")
     args = p.parse_args(argv)
     configs = args.configs.split(",") if args.configs else list(TINY if args.tiny else PUBLISHED)
     batches = [int(b) for b in args.batches.split(",")]
-    iters = [int(n) for n in args.num_iter_list.split(",")] if args.num_iter_list else None
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "launches")
+    stem = args.stem or ("launches_tiny" if args.tiny else "launches")
+    raw_dir = os.path.join(out_dir, "raw_" + stem)
+    os.makedirs(raw_dir, exist_ok=True)
     results = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for c in configs:
+        raw = os.path.join(raw_dir, c + ".json")
+        if os.path.exists(raw) and not args.force:
+            with open(raw) as f:
+                r = json.load(f)
+            for path in ("ref", "fast"):
+                r[path] = {int(b): v for b, v in r[path].items()}
+            results.append(r)
+            continue
+        if args.build_only:
+            continue
         extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
+        tc0 = time.process_time()
+        from fractal_models import config_kwargs
+        iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
         r = run_config(c, batches, narrow=not args.tiny, num_iter_list=iters,
-                       extra_ref_batches=[] if args.tiny else extra)
+                       extra_ref_batches=[] if args.tiny else extra, depth_extrapolation=not args.exact_depth)
+        r["cpu_s"] = time.process_time() - tc0
         print(f"{c}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
                                    f"{r['fast'][b]['launches_per_image']:.0f} launches per image"
-                                   for b in batches) + f" ({r['wall_s']['ref']:.0f} s + {r['wall_s']['fast']:.0f} s)",
+                                   for b in batches) + f" ({r['wall_s']['total']:.0f} s wall, {r['cpu_s']:.0f} s CPU)",
               flush=True)
+        atomic_write(raw, (json.dumps(r, indent=1, default=str) + "\n").encode())
         results.append(r)
     doc = build_document(results, batches)
-    doc["wall_s"] = time.perf_counter() - t0
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "launches")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = args.stem or ("launches_tiny" if args.tiny else "launches")
+    doc["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)
+    doc["wall_s"] = sum(r["wall_s"]["total"] for r in results)
     files = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
     png = plot(doc, os.path.join(out_dir, stem + ".png"))
     if png:
         files["png"] = png
     doc["files"] = files
-    atomic_write(files["md"], (markdown(doc) + f"\nTotal run time: {doc['wall_s']:.0f} s.\n").encode())
+    md = markdown(doc) + "\n".join(lever_analysis(doc)) + f"\nCounting time (sum over configs): {doc['wall_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU of this process.\n"
+    atomic_write(files["md"], md.encode())
     atomic_write(files["json"], (json.dumps(doc, indent=1, default=str) + "\n").encode())
     print("wrote " + ", ".join(files.values()))
     return 0
+
+
+
+# Launches per transformer block in one fast-engine step, read off the code (fractal_models/mar.py _block_fast on a
+# kernel backend: norm1, qkv, packed attention, proj, add, norm2, fc1, gelu, fc2, add; ar.py _sample_fast: rms_norm,
+# wqkv, cache copy, decode kernel, wo, add, rms_norm, w1, silu, w3, mul, w2, add). Used only by the lever analysis.
+BLOCK_LAUNCHES = {"MAR": 10, "AR": 13}
+
+
+def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
+    """Item 4 of the issue, as analysis: what each lever would leave, from the counted per-level tables (the
+    per-block launch counts are read off the code: ``BLOCK_LAUNCHES``)."""
+    from fractal_models import config_kwargs
+    from fractal_models.sampling import default_num_iter_list
+    lines = ["## Which levers cut the fast engine's launches most (analysis of the counted tables, batch "
+             f"{batch})", "",
+             "Per level: launches per step of one call = launches / (calls × steps); the blocks' share assumes "
+             f"{BLOCK_LAUNCHES['MAR']} launches per MAR block and {BLOCK_LAUNCHES['AR']} per AR block step (read off "
+             "the code), the rest is per-step glue (embedding, mask/where, gathers, scatter, the final norm). "
+             "Scenarios: **A** one fused launch per block; **B** one launch per level step (all blocks and the "
+             "glue of a step in one persistent kernel); **C** = B plus the pixel heads' value lookup folded into "
+             "the pixel-head kernel.", "",
+             "| config | level | calls × steps / batch | launches per step | blocks | glue per step | today | A | B | C |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for e in doc["configs"]:
+        row = e["batches"].get(batch)
+        if not row or not row.get("fast"):
+            continue
+        kw = config_kwargs(e["config"])
+        iters = row["fast"]["num_iter_list"]
+        b = int(batch)
+        tot = {"today": 0.0, "A": 0.0, "B": 0.0, "C": 0.0}
+        for lbl, v in sorted(row["fast"]["levels"].items(), key=lambda kv: _level_order(kv[0])):
+            n = v["launches"]
+            if lbl.startswith("L") and ("MAR" in lbl or "AR" in lbl) and "guiding" not in lbl:
+                lvl = int(lbl[1:].split()[0])
+                kind = "MAR" if "MAR" in lbl else "AR"
+                side = kw["img_size_list"][lvl] // kw["img_size_list"][lvl + 1]
+                steps = min(side * side, iters[lvl]) if kind == "MAR" else side * side
+                depth = kw["num_blocks_list"][lvl]
+                cs = v["calls"] * steps
+                per_step = n / cs
+                glue = per_step - depth * BLOCK_LAUNCHES[kind]
+                a = n - cs * depth * (BLOCK_LAUNCHES[kind] - 1)
+                bb = cs * 1.0
+                cc = bb
+                lines.append(f"| {e['config']} | {lbl} | {_fmt(cs / b)} | {per_step:.1f} | {depth} × "
+                             f"{BLOCK_LAUNCHES[kind]} | {glue:.1f} | {_fmt(n / b)} | {_fmt(a / b)} | {_fmt(bb / b)} | "
+                             f"{_fmt(cc / b)} |")
+            else:
+                a = bb = n
+                cc = n / 2 if "pixel" in lbl else n  # kernel + value lookup -> kernel
+                lines.append(f"| {e['config']} | {lbl} | {_fmt(v['calls'] / b)} calls | | | | {_fmt(n / b)} | "
+                             f"{_fmt(a / b)} | {_fmt(bb / b)} | {_fmt(cc / b)} |")
+            tot["today"] += n
+            tot["A"] += a
+            tot["B"] += bb
+            tot["C"] += cc
+        ref = row["ref"]["launches"]
+        summary.append(f"| {e['config']} | " + " | ".join(f"{_fmt(tot[k] / b)} ({ref / tot[k]:.1f}×)"
+                                                            for k in ("today", "A", "B", "C")) + " |")
+    lines += ["", f"Launches per image and ratio reference / fast at batch {batch} (target: ≥ 20× for "
+              "fractalar_in64 and fractalmar_large_in256):", "",
+              "| config | today | A: fused blocks | B: one launch per step | C: B + fused glue |", "|---|---|---|---|---|"]
+    return lines + summary + [""]
 
 
 if __name__ == "__main__":
