@@ -1048,14 +1048,14 @@ def plot(doc: Dict[str, Any], path: str) -> Optional[str]:
     labels = sorted({lbl for _, _, r in entries for lbl in r["fast"]["levels"]}, key=_level_order)
     bottom = [0.0] * len(entries)
     for lbl in labels:
-        vals = [r["fast"]["levels"].get(lbl, {}).get("launches", 0) / int(b) for _, b, r in entries]
+        vals = [100.0 * r["fast"]["levels"].get(lbl, {}).get("launches", 0) / max(1, r["fast"]["launches"])
+                for _, _, r in entries]
         ax.bar(list(x), vals, 0.6, bottom=bottom, label=lbl)
         bottom = [a + v for a, v in zip(bottom, vals)]
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("fast-engine launches per image")
-    ax.set_yscale("log")
-    ax.set_title("fast engine: launches per image by level (stacked, log)")
+    ax.set_ylabel("share of the fast engine's launches (%)")
+    ax.set_title("fast engine: where the launches go, by level")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
