@@ -48,7 +48,7 @@ How a launch is counted (one classification, :func:`classify`, tested on small p
   data-dependent shapes (``nonzero``, boolean indexing, ``masked_select``, ``unique``, ``repeat_interleave``
   without ``output_size``).
 
-Exact for the published configs without running them at full width, two reductions, both tested:
+Exact for the published configs without running them at full width, reductions each tested exactly:
 
 1. **Narrow clones** (:func:`narrow_clone`): the same levels, patch grids, depths, steps, condition counts,
    guiding pixels and head counts, every head 8 wide (the MAR guiding-pixel heads, 128 wide in the model, too).
@@ -62,6 +62,11 @@ Exact for the published configs without running them at full width, two reductio
    And **count-only kernels** (``execute_kernels=False``): a Triton launch is recorded and its body skipped
    (the custom op's outputs are zero-filled: valid pixel ids), since nothing downstream branches on values.
    Test: executed == count-only on the tiny configs.
+
+3. **Depth**: every generator level is counted 1 and 2 blocks deep and extrapolated to its depth
+   (:func:`combine_depths`: a level's own counts are affine in its own depth).
+4. **Batch**: the published configs are counted at batch 1; launches/copies/syncs per batch do not depend on
+   the batch (:func:`at_batch`), so a batch-B row is the batch-1 count / B per image.
 
 The first call of a model builds a few per-module tables (the MAR step tables, the pixel heads' packed
 weights); the counted call is the second (steady state), the first call's extra launches are reported apart.
@@ -850,7 +855,7 @@ def level_depths(config: str) -> Dict[str, int]:
 
 def run_config(config: str, batches: Sequence[int], *, narrow: bool = True,
                num_iter_list: Optional[Sequence[int]] = None, extra_ref_batches: Sequence[int] = (),
-               depth_extrapolation: bool = True) -> Dict[str, Any]:
+               depth_extrapolation: bool = True, batch_extrapolation: bool = True) -> Dict[str, Any]:
     """Reference loop and fast engine (``backend="triton"``) counts of one config at ``batches``: on the narrow
     clone (or the model itself), every generator level counted at depths 1 and 2 and extrapolated to its real
     depth (:func:`combine_depths`), or counted at its real depth directly."""
@@ -870,17 +875,76 @@ def run_config(config: str, batches: Sequence[int], *, narrow: bool = True,
                               cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"], warmup=fast)
 
     t0 = time.perf_counter()
-    out: Dict[str, Any] = {"config": config, "narrow_clone": narrow, "depth_extrapolated": depth_extrapolation}
+    out: Dict[str, Any] = {"config": config, "narrow_clone": narrow, "depth_extrapolated": depth_extrapolation,
+                           "batch_extrapolated": batch_extrapolation}
     for path, fast, bs in (("ref", False, list(batches) + list(extra_ref_batches)), ("fast", True, list(batches))):
         t = time.perf_counter()
+        counted = [1] if batch_extrapolation else bs
         if depth_extrapolation:
-            one, two = count(model_at(1), fast, bs), count(model_at(2), fast, bs)
+            one, two = count(model_at(1), fast, counted), count(model_at(2), fast, counted)
             depths = level_depths(config)
-            out[path] = {b: combine_depths(one[b], two[b], depths) for b in bs}
+            res = {b: combine_depths(one[b], two[b], depths) for b in counted}
         else:
-            out[path] = count(model_at(None), fast, bs)
+            res = count(model_at(None), fast, counted)
+        out[path] = {b: res[b] if b in res else at_batch(res[1], b) for b in bs}
         out.setdefault("wall_s", {})[path] = time.perf_counter() - t
     out["wall_s"]["total"] = time.perf_counter() - t0
+    return out
+
+
+def at_batch(summary: Dict[str, Any], batch: int) -> Dict[str, Any]:
+    """A batch-1 count stated for ``batch``: launches, copies and syncs per *batch* do not depend on the batch
+    size (every loop batches over the images; no op's launch count depends on its rows), so per image they are
+    the batch-1 count / ``batch``. Tested exactly on the tiny configs (``tests/test_launches.py``)."""
+    out = dict(summary)
+    out.update(batch=batch, batch_extrapolated_from=summary["batch"],
+               launches_per_image=summary["launches"] / batch, copies_per_image=summary["copies"] / batch,
+               syncs_per_image=summary["syncs"] / batch)
+    out.pop("first_call_extra", None)
+    return out
+
+
+def run_job(config: str, path: str, depth: int, raw_dir: str) -> str:
+    """One piece of the published run: ``path`` ("ref"/"fast") of the narrow clone with every generator level
+    ``depth`` blocks deep, batch 1; saved as ``job_<config>_<path>_<depth>.json`` (pieces run in parallel)."""
+    import json
+
+    from .harness import atomic_write
+    from fractal_models import config_kwargs
+    kw = config_kwargs(config)
+    n_gen = len(kw["img_size_list"]) - 1
+    model = narrow_clone(config, num_blocks_list=(depth,) * n_gen + tuple(kw["num_blocks_list"][n_gen:]))
+    c0 = time.process_time()
+    fast = path == "fast"
+    r = count_generate(model, [1], fast=fast, backend="triton" if fast else "torch", cfg=SAMPLING["cfg"],
+                       temperature=SAMPLING["temperature"], warmup=fast)[1]
+    r["cpu_s"] = time.process_time() - c0
+    out = os.path.join(raw_dir, f"job_{config}_{path}_{depth}.json")
+    atomic_write(out, (json.dumps(r, indent=1, default=str) + "\n").encode())
+    return out
+
+
+def assemble_jobs(config: str, raw_dir: str, batches: Sequence[int], extra_ref_batches: Sequence[int] = ()):
+    """The published-config result from the job pieces (depths 1 and 2, both paths), or None if one is missing."""
+    import json
+    pieces = {}
+    for path in ("ref", "fast"):
+        for d in (1, 2):
+            f = os.path.join(raw_dir, f"job_{config}_{path}_{d}.json")
+            if not os.path.exists(f):
+                return None
+            with open(f) as fh:
+                pieces[path, d] = json.load(fh)
+    depths = level_depths(config)
+    out: Dict[str, Any] = {"config": config, "narrow_clone": True, "depth_extrapolated": True,
+                           "batch_extrapolated": True, "wall_s": {}, "cpu_s": 0.0}
+    for path in ("ref", "fast"):
+        one = combine_depths(pieces[path, 1], pieces[path, 2], depths)
+        bs = list(batches) + (list(extra_ref_batches) if path == "ref" else [])
+        out[path] = {b: (one if b == 1 else at_batch(one, b)) for b in bs}
+        out["wall_s"][path] = pieces[path, 1]["wall_s"] + pieces[path, 2]["wall_s"]
+        out["cpu_s"] += pieces[path, 1]["cpu_s"] + pieces[path, 2]["cpu_s"]
+    out["wall_s"]["total"] = out["wall_s"]["ref"] + out["wall_s"]["fast"]
     return out
 
 
@@ -948,8 +1012,11 @@ def markdown(doc: Dict[str, Any]) -> str:
          f"{doc['sampling']['temperature']}, the reference's iterations; random weights. `ref` = the reference loop "
          "(`generate(fast=False)`), `fast` = the fast engine on the kernel backend (`backend=\"triton\"`, Triton "
          "launches counted as a GPU makes them). Launches include host<->device copies; per image = per batch / "
-         "batch. Counts are exact for the classification in `benchmarks/launches.py` (narrow clones, memoised "
-         "sub-level calls, count-only kernels: each reduction is tested in `tests/test_launches.py`).", "",
+         "batch. Counts are exact for the classification in `benchmarks/launches.py`, through reductions each "
+         "tested exactly in `tests/test_launches.py`: narrow clones, memoised sub-level calls, count-only kernels, "
+         "every generator level counted at depths 1 and 2 and extrapolated to its depth (affine), and for the "
+         "published configs batch 1 counted, larger batches derived (counts per batch do not depend on the "
+         "batch).", "",
          "## Per image", "",
          "| config | batch | launches ref | launches fast | ref / fast | syncs ref | syncs fast | copies ref | "
          "copies fast | FLOPs | weight bytes ref | weight bytes fast | act. bytes ref (unfused) | "
@@ -1082,6 +1149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stem", default=None)
     p.add_argument("--exact-depth", action="store_true",
                    help="count every level at its real depth (default: depths 1 and 2, extrapolated exactly)")
+    p.add_argument("--exact-batch", action="store_true",
+                   help="count every batch (default for the published configs: batch 1, per batch = any batch)")
+    p.add_argument("--job", default=None, help="CONFIG:ref|fast:DEPTH -- one piece of the published run (batch 1)")
     p.add_argument("--force", action="store_true", help="recount configs whose raw counts are already saved")
     p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved raw counts")
     args = p.parse_args(argv)
@@ -1091,9 +1161,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     stem = args.stem or ("launches_tiny" if args.tiny else "launches")
     raw_dir = os.path.join(out_dir, "raw_" + stem)
     os.makedirs(raw_dir, exist_ok=True)
+    if args.job:
+        c, path, depth = args.job.split(":")
+        print("wrote " + run_job(c, path, int(depth), raw_dir))
+        return 0
     results = []
     t0, c0 = time.perf_counter(), time.process_time()
     for c in configs:
+        if not args.tiny:
+            extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
+            r = assemble_jobs(c, raw_dir, batches, extra)
+            if r is not None:
+                results.append(r)
+                continue
         raw = os.path.join(raw_dir, c + ".json")
         if os.path.exists(raw) and not args.force:
             with open(raw) as f:
@@ -1109,7 +1189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from fractal_models import config_kwargs
         iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
         r = run_config(c, batches, narrow=not args.tiny, num_iter_list=iters,
-                       extra_ref_batches=[] if args.tiny else extra, depth_extrapolation=not args.exact_depth)
+                       extra_ref_batches=[] if args.tiny else extra, depth_extrapolation=not args.exact_depth,
+                       batch_extrapolation=not args.tiny and not args.exact_batch)
         r["cpu_s"] = time.process_time() - tc0
         print(f"{c}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
                                    f"{r['fast'][b]['launches_per_image']:.0f} launches per image"

@@ -200,3 +200,16 @@ def test_depth_extrapolation_is_exact():
         for lbl, v in runs[3]["levels"].items():
             assert combined["levels"][lbl]["kinds"] == v["kinds"], lbl
             assert combined["levels"][lbl]["sync_kinds"] == v["sync_kinds"], lbl
+
+
+@pytest.mark.parametrize("config", ["tiny_mar_gp", "tiny_ar"])
+def test_counts_per_batch_do_not_depend_on_the_batch(config):
+    """Launches, copies and syncs per batch are the same at batch 1 and 3, level by level and kind by kind, so the
+    published configs' batch-256 rows are their batch-1 counts / 256 (``at_batch``)."""
+    from benchmarks.launches import at_batch
+    model = narrow_clone(config)
+    iters = SMALL[config]
+    for fast, backend in ((False, "torch"), (True, "triton")):
+        r = count_generate(model, [1, 3], fast=fast, backend=backend, num_iter_list=iters, warmup=fast)
+        assert _totals(r[1]) == _totals(r[3]), (config, fast)
+        assert at_batch(r[1], 3)["launches_per_image"] == r[3]["launches_per_image"]
