@@ -204,12 +204,18 @@ def test_depth_extrapolation_is_exact():
 
 @pytest.mark.parametrize("config", ["tiny_mar_gp", "tiny_ar"])
 def test_counts_per_batch_do_not_depend_on_the_batch(config):
-    """Launches, copies and syncs per batch are the same at batch 1 and 3, level by level and kind by kind, so the
-    published configs' batch-256 rows are their batch-1 counts / 256 (``at_batch``)."""
+    """Launches, copies and syncs per batch are the same at batch 1 and 3, level by level and kind by kind -- for
+    the reference loop, and for the fast engine on MAR configs -- so those published rows at batch 256 are the
+    batch-1 counts / 256 (``at_batch``). The fast engine's AR levels launch MORE per batch at batch 3 than at 1
+    (measured on tiny_ar: 9285 vs 9044), so for AR configs the derived fast batch-256 row is a lower bound
+    (flagged in the results)."""
     from benchmarks.launches import at_batch
     model = narrow_clone(config)
     iters = SMALL[config]
     for fast, backend in ((False, "torch"), (True, "triton")):
         r = count_generate(model, [1, 3], fast=fast, backend=backend, num_iter_list=iters, warmup=fast)
+        if fast and config == "tiny_ar":
+            assert r[3]["launches"] > r[1]["launches"] and r[3]["syncs"] == r[1]["syncs"]
+            continue
         assert _totals(r[1]) == _totals(r[3]), (config, fast)
         assert at_batch(r[1], 3)["launches_per_image"] == r[3]["launches_per_image"]
