@@ -52,7 +52,8 @@ from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights, pixel_
 try:
     import triton
     import triton.language as tl
-    from fractal_kernels.ops.sample_logits import _filter_cfg_mix, _inverse_cdf_draw, _philox_uniform, _sanitize
+    from fractal_kernels.ops.sample_logits import (_bisect_threshold, _filter_cfg_mix, _inverse_cdf_draw,
+                                                   _philox_uniform, _sanitize)
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
@@ -117,22 +118,6 @@ if HAS_TRITON:
             w = tl.load(w_ptr + nn[None, :] * LDW + kk[:, None])  # [KC, N]
             acc = _dot(acc, a, w, DOT16)
         return acc
-
-    @triton.jit
-    def _top_p_threshold(p, cmask, top_p, BLOCK_N: tl.constexpr):
-        # sample_logits' _bisect_threshold(p, cmask, top_p, USE_MASS=True, BLOCK_N) -- the same 31 bisection steps
-        # on the fp32 bit patterns, bit for bit -- as a runtime loop: unrolled it is 31 copies of a pass over the
-        # whole [BLOCK_N, V] tile, most of this kernel's code and compile time
-        lo = tl.zeros([BLOCK_N], dtype=tl.int32)
-        hi = tl.full([BLOCK_N], 0x3F800001, dtype=tl.int32)  # just above 1.0: nothing qualifies
-        for _ in tl.range(31):
-            mid = lo + (hi - lo) // 2
-            t = mid.to(tl.float32, bitcast=True)
-            sel = (p >= t[:, None]) & cmask[None, :]
-            ok = tl.sum(tl.where(sel, p, 0.0), axis=1) >= top_p
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid)
-        return lo.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _heads(t, R: tl.constexpr, H: tl.constexpr, DH: tl.constexpr):
@@ -299,7 +284,7 @@ if HAS_TRITON:
                 e = tl.where(valid[:, None] & vm2, tl.exp(x_s - shift[:, None]), 0.0)
                 pr = e / tl.where(valid & pmask, tl.sum(e, axis=1), 1.0)[:, None]
                 if do_top_p != 0:
-                    t = _top_p_threshold(pr, vmask, top_p, BLOCK_B)
+                    t = _bisect_threshold(pr, vmask, top_p, True, BLOCK_B)
                     pr = tl.where(pr >= t[:, None], pr, 0.0)
                     pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
                 if draw == 3:
