@@ -62,7 +62,7 @@ step "fresh venv: CPU torch 2.13.0 and the wheel's dependencies, then the wheel"
 python3 -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 # --no-compile: byte-compiling torch's ~20k modules would dominate this step; imports compile what they use
-"$VPY" -m pip install -q --no-compile torch==2.13.0 numpy tqdm || fail "installing torch into the fresh venv"
+"$VPY" -m pip install -q --no-compile torch==2.13.0 numpy tqdm scipy || fail "installing torch into the fresh venv"
 SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 ls "$SITE" | sort > "$WORK/site-before.txt"
 "$VPY" -m pip install -q "$WHEEL" || fail "installing the wheel"
