@@ -49,6 +49,8 @@ def _skip_reason(text: str) -> str:
         return "need a GPU"
     if "not importable" in t or "not installed" in t:
         return "optional library missing"
+    if t.startswith("quick mode"):
+        return "left to --full (quick mode)"
     if t.startswith("refused"):
         return "refused by the backend"
     if "memory" in t:

@@ -129,3 +129,25 @@ def test_smoke_run_summary_results_folder_schema_and_clean_checkout(tmp_path, ca
                    for r in attn)
     # the Triton/SDPA crossover that auto-dispatch reads is measured on GPUs only, and says so here
     assert any(r["name"] == "crossover" for r in attn)
+
+
+def test_quick_cpu_plan_is_trimmed_to_its_budget(monkeypatch):
+    """A CPU quick run (the README's main job) counts operator calls for one tiny config and times one N per
+    attention shape (measured 2 min 15 s on 2 cores; budget 3 min); --full keeps every config and size."""
+    import dataclasses
+
+    from benchmarks import attention, opcount
+    from benchmarks.cases import MODES, TINY
+    cpu = torch.device("cpu")
+    counted = []
+    monkeypatch.setattr(opcount, "opcount_rows", lambda config, *a, **k: counted.append(config) or [])
+    for name, expect in (("quick", TINY[:1]), ("full", TINY)):
+        counted.clear()
+        rows = [r for thunk in opcount.plan(dataclasses.replace(MODES[name], crossover_path=None), cpu)
+                for r in thunk()]
+        assert tuple(counted) == tuple(expect), name
+        left = {r.shape["config"] for r in rows if r.skipped and r.skipped.startswith("quick mode")}
+        assert left == set(TINY) - set(expect), name
+    for shape in attention.SHAPES:
+        assert len(attention.sizes("quick", shape, cuda=False)) == 1
+        assert len(attention.sizes("full", shape, cuda=False)) == 3
