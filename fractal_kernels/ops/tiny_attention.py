@@ -417,14 +417,15 @@ def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
         # [tile, tile] scores, masks and operands under 255 registers (64 rows: 0.1-2.8 KB of spills on
         # sm_80, the 32-register fallback with 8 KB of stack in fp32). The backward holds q, k, v, o, dO and
         # three [tile, tile] fp32 products: 32 rows everywhere, 8 warps for fp32 and for D = 80 (padded to 128).
+        # fp32 at D = 80 takes 32 warps: five [32, 128] fp32 operands plus the FMA dots' operand copies do not
+        # fit a thread's 255 registers at 8 warps (28 B of spills on sm_80) nor 128 at 16 (4-32 B); at 32
+        # warps ptxas needs 46 registers and spills nothing on either arch.
         if kind == "decode":
             return _Cfg(max(64 if arch >= 90 else 32, lp), 0, 4, 1)
         if kind == "fwd":
             tile = 64 if arch >= 90 and not f32 else 32
             return _Cfg(max(tile, lp), 0, 8 if bd >= 128 else 4, 1)
-        # (fp32 at D = 80 still spills a few bytes: 4 B with 16 warps on sm_90, 28 B with 8 on sm_80)
-        return _Cfg(max(32, lp), 0, (16 if arch >= 90 else 8) if f32 and bd >= 128 else
-                    8 if bd >= 128 or f32 else 4, 1)
+        return _Cfg(max(32, lp), 0, 32 if f32 and bd >= 128 else 8 if bd >= 128 or f32 else 4, 1)
     if kind == "decode":  # a few queries streaming over a long cache
         return _Cfg(16, STREAM_BLOCK, 4, 1)
     # Streaming kernels (L > PACK_MAX_L): 64 x 64 blocks spill on sm_80 and at D = 128 (dk/dv up to 1.5 KB).
@@ -433,7 +434,10 @@ def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
     if kind == "fwd_stream":
         return _Cfg(32, 32, 8 if bd >= 128 else 4, 2) if f32 else _Cfg(64, 32, 4, 3)
     if kind == "dkdv":  # one program: BLOCK_N keys held (k, v, dk, dv), BLOCK_M queries streamed
-        return _Cfg(32 if arch >= 90 else 16, 32, 8, 1) if f32 else _Cfg(32, 32, 4, 2)
+        # fp32 sm_80 at D = 80: 16 warps (ptxas settles at 80 registers and spills 8 B with 8; 64 with 16, none)
+        if f32:
+            return _Cfg(32, 32, 8, 1) if arch >= 90 else _Cfg(16, 32, 16 if bd >= 128 else 8, 1)
+        return _Cfg(32, 32, 4, 2)
     if kind == "dq":  # one program: BLOCK_M queries held (q, dO, dq), BLOCK_N keys streamed
         return _Cfg(32, 32, 8, 1) if f32 else _Cfg(32, 64, 4, 2)
     raise ValueError(f"kind: unknown attention launch {kind!r}")
