@@ -587,14 +587,28 @@ def instrumented(model, memo: bool) -> Iterator[None]:
             del obj.sample
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread (restored afterwards). Counting is many small ops: on a shared
+    2-core machine a second OpenMP thread only spins at every op's barrier waiting for a core (measured: one
+    fractalar_in64 job 41.5 s with 2 threads, 5.2 s with 1, same counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def count_generate(model, batches: Sequence[int], *, fast: bool, backend: str,
                    num_iter_list: Optional[Sequence[int]] = None, cfg: float = 11.0, temperature: float = 1.03,
                    memo: bool = True, execute_kernels: bool = False, warmup: bool = True,
                    seed: int = 0) -> Dict[int, Dict[str, Any]]:
-    """Count one ``generate`` batch of ``model`` (on the CPU) per entry of ``batches``; with ``warmup`` after a
-    batch-1 call that builds the per-module tables (steady state; the per-module caches do not depend on the
-    batch) -- its extra launches are reported as ``first_call_extra`` of the batch-1 row (without ``memo`` only:
-    a memoised warm-up would replay its cache building into every replayed call)."""
+    """Count one ``generate`` batch of ``model`` (on the CPU) per entry of ``batches``; with ``warmup`` each after
+    an uncounted call at the same batch (steady state: the per-module tables, and the per-process caches keyed by
+    the batch rows such as the decode kernels' length tensors, are built by then). The first call's extra launches
+    are reported as ``first_call_extra`` (without ``memo`` only: a memoised warm-up would replay its cache
+    building into every replayed call)."""
     from fractal_models import generate
     from fractal_models.sampling import default_num_iter_list
     iters = list(num_iter_list) if num_iter_list is not None else default_num_iter_list(model)
@@ -608,14 +622,14 @@ def count_generate(model, batches: Sequence[int], *, fast: bool, backend: str,
                      backend=backend)
         return st.counts, time.perf_counter() - t0
 
-    cold = run(1) if warmup else None
     out = {}
-    for b in batches:
-        c, wall = run(b)
-        # with memo the warm-up's first executions replay their cache building into every hit: no cold figure then
-        out[b] = summarize_counts(c, b, cold=cold[0] if cold is not None and b == 1 and not memo else None, wall_s=wall,
-                                  path="fast" if fast else "ref",
-                                  warmup_s=cold[1] if cold is not None else 0.0, num_iter_list=iters)
+    with one_thread():
+        for b in batches:
+            cold = run(b) if warmup else None
+            c, wall = run(b)
+            out[b] = summarize_counts(c, b, cold=cold[0] if cold is not None and not memo else None, wall_s=wall,
+                                      path="fast" if fast else "ref", warmup_s=cold[1] if cold is not None else 0.0,
+                                      num_iter_list=iters)
     return out
 
 
@@ -896,15 +910,10 @@ def run_config(config: str, batches: Sequence[int], *, narrow: bool = True,
 def at_batch(summary: Dict[str, Any], batch: int) -> Dict[str, Any]:
     """A batch-1 count stated for ``batch``: launches, copies and syncs per *batch* do not depend on the batch
     size (every loop batches over the images; no op's launch count depends on its rows), so per image they are
-    the batch-1 count / ``batch``. Tested exactly on the tiny configs (``tests/test_launches.py``) for the
-    reference loop and the fast engine's MAR levels; the fast engine's AR levels launch more per batch at larger
-    batches (tiny_ar: +2.7 % at batch 3), so for AR configs the derived fast row is a lower bound
-    (``lower_bound``)."""
+    the batch-1 count / ``batch``. Tested exactly on the tiny configs (``tests/test_launches.py``), reference loop
+    and fast engine, level by level and kind by kind, in the steady state (:func:`count_generate` warms up at the
+    counted batch: the decode kernels' per-(rows, length) tensors are built once per process)."""
     out = dict(summary)
-    ar = any(" AR" in lbl for lbl in summary["levels"])
-    if ar and summary.get("path") == "fast":
-        # measured on tiny_ar: the fast engine's AR steps launch more per batch at batch 3 than at batch 1
-        out["lower_bound"] = True
     out.update(batch=batch, batch_extrapolated_from=summary["batch"],
                launches_per_image=summary["launches"] / batch, copies_per_image=summary["copies"] / batch,
                syncs_per_image=summary["syncs"] / batch)
@@ -912,24 +921,73 @@ def at_batch(summary: Dict[str, Any], batch: int) -> Dict[str, Any]:
     return out
 
 
+def job_file(raw_dir: str, config: str, path: str, depth: int) -> str:
+    return os.path.join(raw_dir, f"job_{config}_{path}_{depth}.json")
+
+
 def run_job(config: str, path: str, depth: int, raw_dir: str) -> str:
     """One piece of the published run: ``path`` ("ref"/"fast") of the narrow clone with every generator level
-    ``depth`` blocks deep, batch 1; saved as ``job_<config>_<path>_<depth>.json`` (pieces run in parallel)."""
+    ``depth`` blocks deep, batch 1; saved as ``job_<config>_<path>_<depth>.json``."""
     import json
 
-    from .harness import atomic_write
+    from .harness import atomic_write, git_commit
     from fractal_models import config_kwargs
+    t0, c0 = time.perf_counter(), time.process_time()
     kw = config_kwargs(config)
     n_gen = len(kw["img_size_list"]) - 1
     model = narrow_clone(config, num_blocks_list=(depth,) * n_gen + tuple(kw["num_blocks_list"][n_gen:]))
-    c0 = time.process_time()
     fast = path == "fast"
-    r = count_generate(model, [1], fast=fast, backend="triton" if fast else "torch", cfg=SAMPLING["cfg"],
-                       temperature=SAMPLING["temperature"], warmup=fast)[1]
-    r["cpu_s"] = time.process_time() - c0
-    out = os.path.join(raw_dir, f"job_{config}_{path}_{depth}.json")
+    with torch.no_grad():
+        r = count_generate(model, [1], fast=fast, backend="triton" if fast else "torch", cfg=SAMPLING["cfg"],
+                           temperature=SAMPLING["temperature"], warmup=fast)[1]
+    r.update(cpu_s=time.process_time() - c0, job_wall_s=time.perf_counter() - t0, commit=git_commit())
+    out = job_file(raw_dir, config, path, depth)
     atomic_write(out, (json.dumps(r, indent=1, default=str) + "\n").encode())
     return out
+
+
+def published_jobs(configs: Sequence[str]) -> List[Tuple[str, str]]:
+    """(config, path) pieces of the published run, the longest first (a worker runs both depths of one)."""
+    order = {"fractalmar_huge_in256": 0, "fractalmar_large_in256": 1, "fractalmar_base_in256": 2,
+             "fractalmar_in64": 3, "fractalar_in64": 4}
+    jobs = [(c, p) for c in configs for p in ("ref", "fast")]
+    return sorted(jobs, key=lambda j: (order.get(j[0], -1), j[1] != "ref"))
+
+
+def run_jobs(jobs: Sequence[Tuple[str, str]], raw_dir: str, workers: int) -> Dict[str, Any]:
+    """Count the pieces: in this process one after another (``workers`` <= 1), or in ``workers`` child processes
+    (``python -m benchmarks.launches --job CONFIG:PATH:1,CONFIG:PATH:2``), the longest pieces first."""
+    import subprocess
+    import sys
+    t0 = time.perf_counter()
+    if workers <= 1:
+        for c, p in jobs:
+            for d in (1, 2):
+                print("wrote " + run_job(c, p, d, raw_dir), flush=True)
+        return {"workers": 1, "wall_s": time.perf_counter() - t0}
+    pending = list(jobs)
+    running: List[Tuple[Any, Tuple[str, str]]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < workers:
+            c, p = pending.pop(0)
+            spec = f"{c}:{p}:1,{c}:{p}:2"
+            cmd = [sys.executable, "-m", "benchmarks.launches", "--job", spec, "--out-dir", os.path.dirname(raw_dir),
+                   "--stem", os.path.basename(raw_dir)[len("raw_"):]]
+            running.append((subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            (c, p)))
+        time.sleep(0.5)
+        still = []
+        for proc, job in running:
+            rc = proc.poll()
+            if rc is None:
+                still.append((proc, job))
+            elif rc != 0:
+                failed.append(job)
+        running = still
+    if failed:
+        raise RuntimeError(f"launches: job pieces failed: {failed}")
+    return {"workers": workers, "wall_s": time.perf_counter() - t0}
 
 
 def assemble_jobs(config: str, raw_dir: str, batches: Sequence[int], extra_ref_batches: Sequence[int] = ()):
@@ -938,20 +996,21 @@ def assemble_jobs(config: str, raw_dir: str, batches: Sequence[int], extra_ref_b
     pieces = {}
     for path in ("ref", "fast"):
         for d in (1, 2):
-            f = os.path.join(raw_dir, f"job_{config}_{path}_{d}.json")
+            f = job_file(raw_dir, config, path, d)
             if not os.path.exists(f):
                 return None
             with open(f) as fh:
                 pieces[path, d] = json.load(fh)
     depths = level_depths(config)
     out: Dict[str, Any] = {"config": config, "narrow_clone": True, "depth_extrapolated": True,
-                           "batch_extrapolated": True, "wall_s": {}, "cpu_s": 0.0}
+                           "batch_extrapolated": True, "wall_s": {}, "cpu_s": 0.0,
+                           "commits": sorted({str(v.get("commit")) for v in pieces.values()})}
     for path in ("ref", "fast"):
         one = combine_depths(pieces[path, 1], pieces[path, 2], depths)
         one["path"] = path
         bs = list(batches) + (list(extra_ref_batches) if path == "ref" else [])
         out[path] = {b: (one if b == 1 else at_batch(one, b)) for b in bs}
-        out["wall_s"][path] = pieces[path, 1]["wall_s"] + pieces[path, 2]["wall_s"]
+        out["wall_s"][path] = sum(pieces[path, d].get("job_wall_s", pieces[path, d]["wall_s"]) for d in (1, 2))
         out["cpu_s"] += pieces[path, 1]["cpu_s"] + pieces[path, 2]["cpu_s"]
     out["wall_s"]["total"] = out["wall_s"]["ref"] + out["wall_s"]["fast"]
     return out
@@ -1161,9 +1220,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="count every level at its real depth (default: depths 1 and 2, extrapolated exactly)")
     p.add_argument("--exact-batch", action="store_true",
                    help="count every batch (default for the published configs: batch 1, per batch = any batch)")
-    p.add_argument("--job", default=None, help="CONFIG:ref|fast:DEPTH -- one piece of the published run (batch 1)")
-    p.add_argument("--force", action="store_true", help="recount configs whose raw counts are already saved")
-    p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved raw counts")
+    p.add_argument("--workers", type=int, default=1,
+                   help="published run: count its pieces in this many child processes (default 1: in this process)")
+    p.add_argument("--job", default=None,
+                   help="CONFIG:ref|fast:DEPTH[,...] -- pieces of the published run (batch 1), saved for assembly")
+    p.add_argument("--resume", action="store_true", help="published run: keep the pieces already saved")
+    p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved pieces")
     args = p.parse_args(argv)
     configs = args.configs.split(",") if args.configs else list(TINY if args.tiny else PUBLISHED)
     batches = [int(b) for b in args.batches.split(",")]
@@ -1172,51 +1234,52 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw_dir = os.path.join(out_dir, "raw_" + stem)
     os.makedirs(raw_dir, exist_ok=True)
     if args.job:
-        c, path, depth = args.job.split(":")
-        print("wrote " + run_job(c, path, int(depth), raw_dir))
+        for spec in args.job.split(","):
+            c, path, depth = spec.split(":")
+            print("wrote " + run_job(c, path, int(depth), raw_dir), flush=True)
         return 0
     results = []
     t0, c0 = time.perf_counter(), time.process_time()
-    for c in configs:
-        if not args.tiny:
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    run_info: Dict[str, Any] = {}
+    if not args.tiny:
+        if not args.build_only:
+            jobs = [(c, p_) for c, p_ in published_jobs(configs)
+                    if not (args.resume and all(os.path.exists(job_file(raw_dir, c, p_, d)) for d in (1, 2)))]
+            run_info = run_jobs(jobs, raw_dir, args.workers)
+        for c in configs:
             extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
             r = assemble_jobs(c, raw_dir, batches, extra)
-            if r is not None:
-                results.append(r)
+            if r is None:
+                print(f"{c}: pieces missing in {raw_dir}, left out", flush=True)
                 continue
-        raw = os.path.join(raw_dir, c + ".json")
-        if os.path.exists(raw) and not args.force:
-            with open(raw) as f:
-                r = json.load(f)
-            for path in ("ref", "fast"):
-                r[path] = {int(b): v for b, v in r[path].items()}
             results.append(r)
-            continue
-        if args.build_only:
-            continue
-        extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
-        tc0 = time.process_time()
-        from fractal_models import config_kwargs
-        iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
-        r = run_config(c, batches, narrow=not args.tiny, num_iter_list=iters,
-                       extra_ref_batches=[] if args.tiny else extra, depth_extrapolation=not args.exact_depth,
-                       batch_extrapolation=not args.tiny and not args.exact_batch)
-        r["cpu_s"] = time.process_time() - tc0
-        print(f"{c}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
-                                   f"{r['fast'][b]['launches_per_image']:.0f} launches per image"
-                                   for b in batches) + f" ({r['wall_s']['total']:.0f} s wall, {r['cpu_s']:.0f} s CPU)",
-              flush=True)
-        atomic_write(raw, (json.dumps(r, indent=1, default=str) + "\n").encode())
-        results.append(r)
+    else:
+        for c in configs:
+            tc0 = time.process_time()
+            from fractal_models import config_kwargs
+            iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
+            r = run_config(c, batches, narrow=False, num_iter_list=iters, depth_extrapolation=not args.exact_depth,
+                           batch_extrapolation=False)
+            r["cpu_s"] = time.process_time() - tc0
+            results.append(r)
+    for r in results:
+        print(f"{r['config']}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
+                                             f"{r['fast'][b]['launches_per_image']:.0f} launches per image"
+                                             for b in batches) + f" ({r['wall_s']['total']:.0f} s wall, "
+                                                                 f"{r['cpu_s']:.0f} s CPU)", flush=True)
     doc = build_document(results, batches)
     doc["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)
     doc["wall_s"] = sum(r["wall_s"]["total"] for r in results)
+    doc["run"] = {**run_info, "total_wall_s": time.perf_counter() - t0, "main_cpu_s": time.process_time() - c0,
+                  "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                  "build_only": bool(args.build_only), "resumed": bool(args.resume)}
     files = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
     png = plot(doc, os.path.join(out_dir, stem + ".png"))
     if png:
         files["png"] = png
     doc["files"] = files
-    md = markdown(doc) + "\n".join(lever_analysis(doc)) + f"\nCounting time (sum over configs): {doc['wall_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU of this process.\n"
+    md = markdown(doc) + "\n".join(lever_analysis(doc)) + timing_note(doc)
     atomic_write(files["md"], md.encode())
     atomic_write(files["json"], (json.dumps(doc, indent=1, default=str) + "\n").encode())
     print("wrote " + ", ".join(files.values()))
@@ -1228,6 +1291,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 # kernel backend: norm1, qkv, packed attention, proj, add, norm2, fc1, gelu, fc2, add; ar.py _sample_fast: rms_norm,
 # wqkv, cache copy, decode kernel, wo, add, rms_norm, w1, silu, w3, mul, w2, add). Used only by the lever analysis.
 BLOCK_LAUNCHES = {"MAR": 10, "AR": 13}
+
+
+def timing_note(doc: Dict[str, Any]) -> str:
+    run = doc.get("run", {})
+    la = lambda v: "n/a" if not v else ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
+    head = ""
+    if run.get("wall_s") is not None and not run.get("build_only"):
+        head = (f"Full run: {run['wall_s']:.0f} s wall counting ({run.get('workers', 1)} worker process(es), one "
+                f"intra-op thread each), {run['total_wall_s']:.0f} s end to end including the tables; load average "
+                f"(1, 5, 15 min) {la(run.get('loadavg_before'))} before, {la(run.get('loadavg_after'))} after "
+                "(the machine is shared). ")
+    return (f"\n{head}Sum over the counted pieces: {doc['wall_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU.\n")
 
 
 def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
