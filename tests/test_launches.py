@@ -103,13 +103,17 @@ def _totals(r):
         for lbl, v in r["levels"].items()}
 
 
-@pytest.mark.parametrize("config", ["tiny_mar_gp", "tiny_ar"])
-def test_narrow_clone_counts_equal_the_original(config):
-    """Counts do not depend on width or heads: the 16-wide, one-head clone (the 128-wide guiding-pixel heads
-    narrowed too) gives the original's counts, reference loop and fast engine."""
+@pytest.mark.parametrize("config, over", [
+    ("tiny_mar_gp", {}), ("tiny_ar", {}),
+    # 3 heads, as fractalmar_base_in256's level 2: a clone width of 3 x 8 = 24, not a power of two
+    ("tiny_mar", {"num_heads_list": (3, 3, 2), "embed_dim_list": (48, 48, 16)}),
+])
+def test_narrow_clone_counts_equal_the_original(config, over):
+    """Counts do not depend on the width, only on the heads: the clone with 8-wide heads (the 128-wide
+    guiding-pixel heads narrowed too) gives the original's counts, reference loop and fast engine."""
     torch.manual_seed(0)
-    orig = build_model(config).eval()
-    clone = narrow_clone(config)
+    orig = build_model(config, **over).eval()
+    clone = narrow_clone(config, **{k: v for k, v in over.items() if k != "embed_dim_list"})
     widths = lambda m: [g.patch_emb.out_features for g in m.levels()[:-1]]  # noqa: E731
     assert widths(clone) != widths(orig)
     for fast, backend in ((True, "triton"), (False, "torch")):
