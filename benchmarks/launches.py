@@ -1223,8 +1223,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="count every level at its real depth (default: depths 1 and 2, extrapolated exactly)")
     p.add_argument("--exact-batch", action="store_true",
                    help="count every batch (default for the published configs: batch 1, per batch = any batch)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="published run: count its pieces in this many child processes (default 1: in this process)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="published run: count its pieces in this many child processes (default: 2, or 1 on a "
+                        "one-core machine; 1 = in this process)")
     p.add_argument("--job", default=None,
                    help="CONFIG:ref|fast:DEPTH[,...] -- pieces of the published run (batch 1), saved for assembly")
     p.add_argument("--resume", action="store_true", help="published run: keep the pieces already saved")
