@@ -670,6 +670,12 @@ HARDWARE = {
 LAUNCH_COST_S = 4e-6  # ASSUMPTION: host cost of one eager launch (PyTorch dispatch + cudaLaunchKernel)
 SYNC_COST_S = 10e-6  # ASSUMPTION: extra cost of one host<->device round trip on a nearly empty queue
 BYTES = 2  # bf16 weights and activations (autocast on a GPU)
+# Bytes moved per attention score element by the reference's attention (fractal_kernels/reference/attention.py,
+# fp32 scores [heads, Lq, Lk] in memory): written by the QK^T matmul, read + written by the scale, the MAR levels'
+# max (read) and max subtraction (read + written), the AR decode's causal masked_fill (read + written), the
+# softmax (read + written), the cast to the value dtype (read fp32, write BYTES), the PV matmul (read BYTES).
+# The fast engine's attention kernels keep the scores on chip: none. (The pixel heads' 4 x 4 scores: left out.)
+SCORE_BYTES_REF = {"MAR": 4 * (1 + 2 + 1 + 2 + 2 + 1) + 2 * BYTES, "AR": 4 * (1 + 2 + 2 + 2 + 1) + 2 * BYTES}
 
 # Upstream figures the MODEL is calibrated against (reference loop, LTH14/fractalgen issues).
 CALIBRATION = [
@@ -765,6 +771,8 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             per_seq_f = steps * (tokens * depth * (2 * s["matmul_params"]) + depth * 4 * tokens * tokens * dim
                                  + seq_len * emb)
             act = steps * tokens * depth
+            heads = gen.blocks[0].attn.num_heads if depth else 0
+            scores = steps * depth * heads * tokens * tokens  # score elements per sequence
             ref_f = fast_f = per_seq_f
         else:
             label = f"L{lvl} AR"
@@ -772,6 +780,8 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             # KV-cached decode (the reference's sample uses the cache too): one token per step, t keys at step t
             per_seq_f = sum(depth * (2 * s["matmul_params"] + 4 * (t + 1) * dim) + emb for t in range(steps))
             act = steps * depth
+            heads = gen.blocks[0].attention.n_head if depth else 0
+            scores = depth * heads * sum(t + 1 for t in range(steps))
             ref_f = fast_f = per_seq_f
         inv = calls * steps  # step invocations per batch: each reads the level's weights once
         out[label] = {
@@ -779,8 +789,10 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             "weight_bytes_per_call": wbytes,
             "ref_flops": rows_per_image * ref_f, "fast_flops": rows_per_image * fast_f,
             "ref_weight_bytes": inv * wbytes / batch, "fast_weight_bytes": inv * wbytes / batch,
-            "ref_act_bytes": rows_per_image * act * s["act_unfused"] * BYTES,
+            "ref_act_bytes": rows_per_image * (act * s["act_unfused"] * BYTES
+                                               + scores * SCORE_BYTES_REF["MAR" if isinstance(gen, MAR) else "AR"]),
             "fast_act_bytes": rows_per_image * act * s["act_fused"] * BYTES,
+            "ref_score_bytes": rows_per_image * scores * SCORE_BYTES_REF["MAR" if isinstance(gen, MAR) else "AR"],
         }
         calls *= nonzero_steps
         rows_per_image *= seq_len
@@ -1044,7 +1056,8 @@ def build_document(results: List[Dict[str, Any]], batches: Sequence[int]) -> Dic
                                            "bytes_per_element": BYTES, "hardware": HARDWARE},
                            "configs": [], "calibration": []}
     for r in results:
-        entry = {"config": r["config"], "narrow_clone": r["narrow_clone"], "wall_s": r["wall_s"], "batches": {}}
+        entry = {"config": r["config"], "narrow_clone": r["narrow_clone"], "wall_s": r["wall_s"], "batches": {},
+                 "counted_at": r.get("commits")}
         for b in sorted(r["ref"]):
             ref, fast = r["ref"][b], r["fast"].get(b)
             model = roofline(r["config"], b, ref["num_iter_list"])
@@ -1077,8 +1090,12 @@ def build_document(results: List[Dict[str, Any]], batches: Sequence[int]) -> Dic
 
 def markdown(doc: Dict[str, Any]) -> str:
     m = doc["machine"]
+    counted = sorted({c for e in doc["configs"] for c in (e.get("counted_at") or [])})
+    where = f"commit `{m['commit']}`"
+    if counted and counted != [m["commit"]]:
+        where = f"counted at commit {', '.join(f'`{c}`' for c in counted)}, tables built at commit `{m['commit']}`"
     L = ["# Kernel launches, syncs, bytes and FLOPs per image (counted on a CPU; floors are a MODEL)", "",
-         f"Counted on {m['device']} · torch {m['torch']} · triton {m['triton']} · commit `{m['commit']}` · "
+         f"Counted on {m['device']} · torch {m['torch']} · triton {m['triton']} · {where} · "
          f"{m['date']}. Sampling: cfg {doc['sampling']['cfg']} (linear schedule), temperature "
          f"{doc['sampling']['temperature']}, the reference's iterations; random weights. `ref` = the reference loop "
          "(`generate(fast=False)`), `fast` = the fast engine on the kernel backend (`backend=\"triton\"`, Triton "
@@ -1090,7 +1107,7 @@ def markdown(doc: Dict[str, Any]) -> str:
          "batch).", "",
          "## Per image", "",
          "| config | batch | launches ref | launches fast | ref / fast | syncs ref | syncs fast | copies ref | "
-         "copies fast | FLOPs | weight bytes ref | weight bytes fast | act. bytes ref (unfused) | "
+         "copies fast | FLOPs | weight bytes ref | weight bytes fast | act. bytes ref (unfused, fp32 scores incl.) | "
          "act. bytes fast (fused) |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in doc["configs"]:
@@ -1108,7 +1125,7 @@ def markdown(doc: Dict[str, Any]) -> str:
           f"Floor = per level max(FLOPs / peak, bytes / bandwidth), summed over levels (bf16, "
           f"{BYTES} bytes per element; H100 989 TFLOP/s, 3.0 TB/s; A100 312 TFLOP/s, 2.0 TB/s). Launch term = "
           f"launches × {LAUNCH_COST_S * 1e6:.0f} µs + syncs × {SYNC_COST_S * 1e6:.0f} µs (ASSUMED host costs of an "
-          "eager launch / a round trip). The reference's floor counts unfused activations, the fast engine's the "
+          "eager launch / a round trip). The reference's floor counts unfused activations (the fp32 attention scores in memory included), the fast engine's the "
           "fused floor (block inputs/outputs once).", "",
           "| config | batch | H100 floor ref | H100 floor fast | H100 launch term ref | H100 launch term fast | "
           "H100 MODEL ref | H100 MODEL fast | A100 MODEL ref | A100 MODEL fast |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1275,9 +1292,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc = build_document(results, batches)
     doc["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)
     doc["wall_s"] = sum(r["wall_s"]["total"] for r in results)
-    doc["run"] = {**run_info, "total_wall_s": time.perf_counter() - t0, "main_cpu_s": time.process_time() - c0,
-                  "loadavg_before": load_before, "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                  "build_only": bool(args.build_only), "resumed": bool(args.resume)}
+    previous = os.path.join(out_dir, stem + ".json")
+    if args.build_only and os.path.exists(previous):  # the tables are rebuilt: the counting run stays described
+        with open(previous) as f:
+            doc["run"] = {**json.load(f).get("run", {}), "tables_rebuilt": True}
+    else:
+        doc["run"] = {**run_info, "total_wall_s": time.perf_counter() - t0, "main_cpu_s": time.process_time() - c0,
+                      "loadavg_before": load_before,
+                      "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                      "build_only": bool(args.build_only), "resumed": bool(args.resume)}
     files = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
     png = plot(doc, os.path.join(out_dir, stem + ".png"))
     if png:
