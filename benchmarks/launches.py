@@ -489,16 +489,19 @@ def _narrow_width(heads: int, head_dim: int) -> int:
 
 
 def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
-    """The config with every head ``head_dim`` wide (level width = heads x head_dim, at least 16, a power of two;
-    the MAR guiding-pixel heads, 128 wide in the model, too): same levels, grids, depths, steps, conditions and
-    **heads** (the head count changes counts: with one head ``o.transpose(1, 2).reshape`` is a view, with several
+    """The config with every head ``head_dim`` wide (generator level width = heads x head_dim; the pixel heads --
+    the last level's and the MAR guiding-pixel heads, 128 wide in the model -- at least 16 and a power of two):
+    same levels, grids, depths, steps, conditions and **heads** (the head count changes counts: with one head ``o.transpose(1, 2).reshape`` is a view, with several
     a copy). Random weights (seed 0)."""
     from fractal_models import config_kwargs
     from fractal_models.fractalgen import FractalGen
     from fractal_models.mar import MAR
     from fractal_models.pixelloss import PixelLoss
     kw = config_kwargs(config, **overrides)
-    kw["embed_dim_list"] = tuple(_narrow_width(h, head_dim) for h in kw["num_heads_list"])
+    heads = kw["num_heads_list"]
+    # generator levels: exactly heads x head_dim (12 heads x 8 is 96: a power of two would not divide by 12);
+    # the pixel head (last entry): a power of two, what its fused kernel takes
+    kw["embed_dim_list"] = tuple(h * head_dim for h in heads[:-1]) + (_narrow_width(heads[-1], head_dim),)
     torch.manual_seed(0)
     model = FractalGen(**kw)
     for m in list(model.modules()):
@@ -587,14 +590,28 @@ def instrumented(model, memo: bool) -> Iterator[None]:
             del obj.sample
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread (restored afterwards). Counting is many small ops: on a shared
+    2-core machine a second OpenMP thread only spins at every op's barrier waiting for a core (measured: one
+    fractalar_in64 job 41.5 s with 2 threads, 5.2 s with 1, same counts)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def count_generate(model, batches: Sequence[int], *, fast: bool, backend: str,
                    num_iter_list: Optional[Sequence[int]] = None, cfg: float = 11.0, temperature: float = 1.03,
                    memo: bool = True, execute_kernels: bool = False, warmup: bool = True,
                    seed: int = 0) -> Dict[int, Dict[str, Any]]:
-    """Count one ``generate`` batch of ``model`` (on the CPU) per entry of ``batches``; with ``warmup`` after a
-    batch-1 call that builds the per-module tables (steady state; the per-module caches do not depend on the
-    batch) -- its extra launches are reported as ``first_call_extra`` of the batch-1 row (without ``memo`` only:
-    a memoised warm-up would replay its cache building into every replayed call)."""
+    """Count one ``generate`` batch of ``model`` (on the CPU) per entry of ``batches``; with ``warmup`` each after
+    an uncounted call at the same batch (steady state: the per-module tables, and the per-process caches keyed by
+    the batch rows such as the decode kernels' length tensors, are built by then). The first call's extra launches
+    are reported as ``first_call_extra`` (without ``memo`` only: a memoised warm-up would replay its cache
+    building into every replayed call)."""
     from fractal_models import generate
     from fractal_models.sampling import default_num_iter_list
     iters = list(num_iter_list) if num_iter_list is not None else default_num_iter_list(model)
@@ -608,14 +625,14 @@ def count_generate(model, batches: Sequence[int], *, fast: bool, backend: str,
                      backend=backend)
         return st.counts, time.perf_counter() - t0
 
-    cold = run(1) if warmup else None
     out = {}
-    for b in batches:
-        c, wall = run(b)
-        # with memo the warm-up's first executions replay their cache building into every hit: no cold figure then
-        out[b] = summarize_counts(c, b, cold=cold[0] if cold is not None and b == 1 and not memo else None, wall_s=wall,
-                                  path="fast" if fast else "ref",
-                                  warmup_s=cold[1] if cold is not None else 0.0, num_iter_list=iters)
+    with one_thread():
+        for b in batches:
+            cold = run(b) if warmup else None
+            c, wall = run(b)
+            out[b] = summarize_counts(c, b, cold=cold[0] if cold is not None and not memo else None, wall_s=wall,
+                                      path="fast" if fast else "ref", warmup_s=cold[1] if cold is not None else 0.0,
+                                      num_iter_list=iters)
     return out
 
 
@@ -653,6 +670,12 @@ HARDWARE = {
 LAUNCH_COST_S = 4e-6  # ASSUMPTION: host cost of one eager launch (PyTorch dispatch + cudaLaunchKernel)
 SYNC_COST_S = 10e-6  # ASSUMPTION: extra cost of one host<->device round trip on a nearly empty queue
 BYTES = 2  # bf16 weights and activations (autocast on a GPU)
+# Bytes moved per attention score element by the reference's attention (fractal_kernels/reference/attention.py,
+# fp32 scores [heads, Lq, Lk] in memory): written by the QK^T matmul, read + written by the scale, the MAR levels'
+# max (read) and max subtraction (read + written), the AR decode's causal masked_fill (read + written), the
+# softmax (read + written), the cast to the value dtype (read fp32, write BYTES), the PV matmul (read BYTES).
+# The fast engine's attention kernels keep the scores on chip: none. (The pixel heads' 4 x 4 scores: left out.)
+SCORE_BYTES_REF = {"MAR": 4 * (1 + 2 + 1 + 2 + 2 + 1) + 2 * BYTES, "AR": 4 * (1 + 2 + 2 + 2 + 1) + 2 * BYTES}
 
 # Upstream figures the MODEL is calibrated against (reference loop, LTH14/fractalgen issues).
 CALIBRATION = [
@@ -748,6 +771,8 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             per_seq_f = steps * (tokens * depth * (2 * s["matmul_params"]) + depth * 4 * tokens * tokens * dim
                                  + seq_len * emb)
             act = steps * tokens * depth
+            heads = gen.blocks[0].attn.num_heads if depth else 0
+            scores = steps * depth * heads * tokens * tokens  # score elements per sequence
             ref_f = fast_f = per_seq_f
         else:
             label = f"L{lvl} AR"
@@ -755,6 +780,8 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             # KV-cached decode (the reference's sample uses the cache too): one token per step, t keys at step t
             per_seq_f = sum(depth * (2 * s["matmul_params"] + 4 * (t + 1) * dim) + emb for t in range(steps))
             act = steps * depth
+            heads = gen.blocks[0].attention.n_head if depth else 0
+            scores = depth * heads * sum(t + 1 for t in range(steps))
             ref_f = fast_f = per_seq_f
         inv = calls * steps  # step invocations per batch: each reads the level's weights once
         out[label] = {
@@ -762,8 +789,10 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
             "weight_bytes_per_call": wbytes,
             "ref_flops": rows_per_image * ref_f, "fast_flops": rows_per_image * fast_f,
             "ref_weight_bytes": inv * wbytes / batch, "fast_weight_bytes": inv * wbytes / batch,
-            "ref_act_bytes": rows_per_image * act * s["act_unfused"] * BYTES,
+            "ref_act_bytes": rows_per_image * (act * s["act_unfused"] * BYTES
+                                               + scores * SCORE_BYTES_REF["MAR" if isinstance(gen, MAR) else "AR"]),
             "fast_act_bytes": rows_per_image * act * s["act_fused"] * BYTES,
+            "ref_score_bytes": rows_per_image * scores * SCORE_BYTES_REF["MAR" if isinstance(gen, MAR) else "AR"],
         }
         calls *= nonzero_steps
         rows_per_image *= seq_len
@@ -896,15 +925,10 @@ def run_config(config: str, batches: Sequence[int], *, narrow: bool = True,
 def at_batch(summary: Dict[str, Any], batch: int) -> Dict[str, Any]:
     """A batch-1 count stated for ``batch``: launches, copies and syncs per *batch* do not depend on the batch
     size (every loop batches over the images; no op's launch count depends on its rows), so per image they are
-    the batch-1 count / ``batch``. Tested exactly on the tiny configs (``tests/test_launches.py``) for the
-    reference loop and the fast engine's MAR levels; the fast engine's AR levels launch more per batch at larger
-    batches (tiny_ar: +2.7 % at batch 3), so for AR configs the derived fast row is a lower bound
-    (``lower_bound``)."""
+    the batch-1 count / ``batch``. Tested exactly on the tiny configs (``tests/test_launches.py``), reference loop
+    and fast engine, level by level and kind by kind, in the steady state (:func:`count_generate` warms up at the
+    counted batch: the decode kernels' per-(rows, length) tensors are built once per process)."""
     out = dict(summary)
-    ar = any(" AR" in lbl for lbl in summary["levels"])
-    if ar and summary.get("path") == "fast":
-        # measured on tiny_ar: the fast engine's AR steps launch more per batch at batch 3 than at batch 1
-        out["lower_bound"] = True
     out.update(batch=batch, batch_extrapolated_from=summary["batch"],
                launches_per_image=summary["launches"] / batch, copies_per_image=summary["copies"] / batch,
                syncs_per_image=summary["syncs"] / batch)
@@ -912,24 +936,73 @@ def at_batch(summary: Dict[str, Any], batch: int) -> Dict[str, Any]:
     return out
 
 
+def job_file(raw_dir: str, config: str, path: str, depth: int) -> str:
+    return os.path.join(raw_dir, f"job_{config}_{path}_{depth}.json")
+
+
 def run_job(config: str, path: str, depth: int, raw_dir: str) -> str:
     """One piece of the published run: ``path`` ("ref"/"fast") of the narrow clone with every generator level
-    ``depth`` blocks deep, batch 1; saved as ``job_<config>_<path>_<depth>.json`` (pieces run in parallel)."""
+    ``depth`` blocks deep, batch 1; saved as ``job_<config>_<path>_<depth>.json``."""
     import json
 
-    from .harness import atomic_write
+    from .harness import atomic_write, git_commit
     from fractal_models import config_kwargs
+    t0, c0 = time.perf_counter(), time.process_time()
     kw = config_kwargs(config)
     n_gen = len(kw["img_size_list"]) - 1
     model = narrow_clone(config, num_blocks_list=(depth,) * n_gen + tuple(kw["num_blocks_list"][n_gen:]))
-    c0 = time.process_time()
     fast = path == "fast"
-    r = count_generate(model, [1], fast=fast, backend="triton" if fast else "torch", cfg=SAMPLING["cfg"],
-                       temperature=SAMPLING["temperature"], warmup=fast)[1]
-    r["cpu_s"] = time.process_time() - c0
-    out = os.path.join(raw_dir, f"job_{config}_{path}_{depth}.json")
+    with torch.no_grad():
+        r = count_generate(model, [1], fast=fast, backend="triton" if fast else "torch", cfg=SAMPLING["cfg"],
+                           temperature=SAMPLING["temperature"], warmup=fast)[1]
+    r.update(cpu_s=time.process_time() - c0, job_wall_s=time.perf_counter() - t0, commit=git_commit())
+    out = job_file(raw_dir, config, path, depth)
     atomic_write(out, (json.dumps(r, indent=1, default=str) + "\n").encode())
     return out
+
+
+def published_jobs(configs: Sequence[str]) -> List[Tuple[str, str]]:
+    """(config, path) pieces of the published run, the longest first (a worker runs both depths of one)."""
+    order = {"fractalmar_huge_in256": 0, "fractalmar_large_in256": 1, "fractalmar_base_in256": 2,
+             "fractalmar_in64": 3, "fractalar_in64": 4}
+    jobs = [(c, p) for c in configs for p in ("ref", "fast")]
+    return sorted(jobs, key=lambda j: (order.get(j[0], -1), j[1] != "ref"))
+
+
+def run_jobs(jobs: Sequence[Tuple[str, str]], raw_dir: str, workers: int) -> Dict[str, Any]:
+    """Count the pieces: in this process one after another (``workers`` <= 1), or in ``workers`` child processes
+    (``python -m benchmarks.launches --job CONFIG:PATH:1,CONFIG:PATH:2``), the longest pieces first."""
+    import subprocess
+    import sys
+    t0 = time.perf_counter()
+    if workers <= 1:
+        for c, p in jobs:
+            for d in (1, 2):
+                print("wrote " + run_job(c, p, d, raw_dir), flush=True)
+        return {"workers": 1, "wall_s": time.perf_counter() - t0}
+    pending = list(jobs)
+    running: List[Tuple[Any, Tuple[str, str]]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < workers:
+            c, p = pending.pop(0)
+            spec = f"{c}:{p}:1,{c}:{p}:2"
+            cmd = [sys.executable, "-m", "benchmarks.launches", "--job", spec, "--out-dir", os.path.dirname(raw_dir),
+                   "--stem", os.path.basename(raw_dir)[len("raw_"):]]
+            running.append((subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            (c, p)))
+        time.sleep(0.5)
+        still = []
+        for proc, job in running:
+            rc = proc.poll()
+            if rc is None:
+                still.append((proc, job))
+            elif rc != 0:
+                failed.append(job)
+        running = still
+    if failed:
+        raise RuntimeError(f"launches: job pieces failed: {failed}")
+    return {"workers": workers, "wall_s": time.perf_counter() - t0}
 
 
 def assemble_jobs(config: str, raw_dir: str, batches: Sequence[int], extra_ref_batches: Sequence[int] = ()):
@@ -938,20 +1011,21 @@ def assemble_jobs(config: str, raw_dir: str, batches: Sequence[int], extra_ref_b
     pieces = {}
     for path in ("ref", "fast"):
         for d in (1, 2):
-            f = os.path.join(raw_dir, f"job_{config}_{path}_{d}.json")
+            f = job_file(raw_dir, config, path, d)
             if not os.path.exists(f):
                 return None
             with open(f) as fh:
                 pieces[path, d] = json.load(fh)
     depths = level_depths(config)
     out: Dict[str, Any] = {"config": config, "narrow_clone": True, "depth_extrapolated": True,
-                           "batch_extrapolated": True, "wall_s": {}, "cpu_s": 0.0}
+                           "batch_extrapolated": True, "wall_s": {}, "cpu_s": 0.0,
+                           "commits": sorted({str(v.get("commit")) for v in pieces.values()})}
     for path in ("ref", "fast"):
         one = combine_depths(pieces[path, 1], pieces[path, 2], depths)
         one["path"] = path
         bs = list(batches) + (list(extra_ref_batches) if path == "ref" else [])
         out[path] = {b: (one if b == 1 else at_batch(one, b)) for b in bs}
-        out["wall_s"][path] = pieces[path, 1]["wall_s"] + pieces[path, 2]["wall_s"]
+        out["wall_s"][path] = sum(pieces[path, d].get("job_wall_s", pieces[path, d]["wall_s"]) for d in (1, 2))
         out["cpu_s"] += pieces[path, 1]["cpu_s"] + pieces[path, 2]["cpu_s"]
     out["wall_s"]["total"] = out["wall_s"]["ref"] + out["wall_s"]["fast"]
     return out
@@ -982,7 +1056,8 @@ def build_document(results: List[Dict[str, Any]], batches: Sequence[int]) -> Dic
                                            "bytes_per_element": BYTES, "hardware": HARDWARE},
                            "configs": [], "calibration": []}
     for r in results:
-        entry = {"config": r["config"], "narrow_clone": r["narrow_clone"], "wall_s": r["wall_s"], "batches": {}}
+        entry = {"config": r["config"], "narrow_clone": r["narrow_clone"], "wall_s": r["wall_s"], "batches": {},
+                 "counted_at": r.get("commits")}
         for b in sorted(r["ref"]):
             ref, fast = r["ref"][b], r["fast"].get(b)
             model = roofline(r["config"], b, ref["num_iter_list"])
@@ -1015,8 +1090,12 @@ def build_document(results: List[Dict[str, Any]], batches: Sequence[int]) -> Dic
 
 def markdown(doc: Dict[str, Any]) -> str:
     m = doc["machine"]
+    counted = sorted({c for e in doc["configs"] for c in (e.get("counted_at") or [])})
+    where = f"commit `{m['commit']}`"
+    if counted and counted != [m["commit"]]:
+        where = f"counted at commit {', '.join(f'`{c}`' for c in counted)}, tables built at commit `{m['commit']}`"
     L = ["# Kernel launches, syncs, bytes and FLOPs per image (counted on a CPU; floors are a MODEL)", "",
-         f"Counted on {m['device']} · torch {m['torch']} · triton {m['triton']} · commit `{m['commit']}` · "
+         f"Counted on {m['device']} · torch {m['torch']} · triton {m['triton']} · {where} · "
          f"{m['date']}. Sampling: cfg {doc['sampling']['cfg']} (linear schedule), temperature "
          f"{doc['sampling']['temperature']}, the reference's iterations; random weights. `ref` = the reference loop "
          "(`generate(fast=False)`), `fast` = the fast engine on the kernel backend (`backend=\"triton\"`, Triton "
@@ -1028,7 +1107,7 @@ def markdown(doc: Dict[str, Any]) -> str:
          "batch).", "",
          "## Per image", "",
          "| config | batch | launches ref | launches fast | ref / fast | syncs ref | syncs fast | copies ref | "
-         "copies fast | FLOPs | weight bytes ref | weight bytes fast | act. bytes ref (unfused) | "
+         "copies fast | FLOPs | weight bytes ref | weight bytes fast | act. bytes ref (unfused, fp32 scores incl.) | "
          "act. bytes fast (fused) |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in doc["configs"]:
@@ -1046,7 +1125,7 @@ def markdown(doc: Dict[str, Any]) -> str:
           f"Floor = per level max(FLOPs / peak, bytes / bandwidth), summed over levels (bf16, "
           f"{BYTES} bytes per element; H100 989 TFLOP/s, 3.0 TB/s; A100 312 TFLOP/s, 2.0 TB/s). Launch term = "
           f"launches × {LAUNCH_COST_S * 1e6:.0f} µs + syncs × {SYNC_COST_S * 1e6:.0f} µs (ASSUMED host costs of an "
-          "eager launch / a round trip). The reference's floor counts unfused activations, the fast engine's the "
+          "eager launch / a round trip). The reference's floor counts unfused activations (the fp32 attention scores in memory included), the fast engine's the "
           "fused floor (block inputs/outputs once).", "",
           "| config | batch | H100 floor ref | H100 floor fast | H100 launch term ref | H100 launch term fast | "
           "H100 MODEL ref | H100 MODEL fast | A100 MODEL ref | A100 MODEL fast |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1161,9 +1240,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="count every level at its real depth (default: depths 1 and 2, extrapolated exactly)")
     p.add_argument("--exact-batch", action="store_true",
                    help="count every batch (default for the published configs: batch 1, per batch = any batch)")
-    p.add_argument("--job", default=None, help="CONFIG:ref|fast:DEPTH -- one piece of the published run (batch 1)")
-    p.add_argument("--force", action="store_true", help="recount configs whose raw counts are already saved")
-    p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved raw counts")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="published run: count its pieces in this many child processes (default: 2, or 1 on a "
+                        "one-core machine; 1 = in this process)")
+    p.add_argument("--job", default=None,
+                   help="CONFIG:ref|fast:DEPTH[,...] -- pieces of the published run (batch 1), saved for assembly")
+    p.add_argument("--resume", action="store_true", help="published run: keep the pieces already saved")
+    p.add_argument("--build-only", action="store_true", help="only rebuild the tables from the saved pieces")
     args = p.parse_args(argv)
     configs = args.configs.split(",") if args.configs else list(TINY if args.tiny else PUBLISHED)
     batches = [int(b) for b in args.batches.split(",")]
@@ -1172,51 +1255,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw_dir = os.path.join(out_dir, "raw_" + stem)
     os.makedirs(raw_dir, exist_ok=True)
     if args.job:
-        c, path, depth = args.job.split(":")
-        print("wrote " + run_job(c, path, int(depth), raw_dir))
+        for spec in args.job.split(","):
+            c, path, depth = spec.split(":")
+            print("wrote " + run_job(c, path, int(depth), raw_dir), flush=True)
         return 0
     results = []
     t0, c0 = time.perf_counter(), time.process_time()
-    for c in configs:
-        if not args.tiny:
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    run_info: Dict[str, Any] = {}
+    if not args.tiny:
+        if not args.build_only:
+            jobs = [(c, p_) for c, p_ in published_jobs(configs)
+                    if not (args.resume and all(os.path.exists(job_file(raw_dir, c, p_, d)) for d in (1, 2)))]
+            run_info = run_jobs(jobs, raw_dir, args.workers)
+        for c in configs:
             extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
             r = assemble_jobs(c, raw_dir, batches, extra)
-            if r is not None:
-                results.append(r)
+            if r is None:
+                print(f"{c}: pieces missing in {raw_dir}, left out", flush=True)
                 continue
-        raw = os.path.join(raw_dir, c + ".json")
-        if os.path.exists(raw) and not args.force:
-            with open(raw) as f:
-                r = json.load(f)
-            for path in ("ref", "fast"):
-                r[path] = {int(b): v for b, v in r[path].items()}
             results.append(r)
-            continue
-        if args.build_only:
-            continue
-        extra = [cal["batch"] for cal in CALIBRATION if cal["config"] == c and cal["batch"] not in batches]
-        tc0 = time.process_time()
-        from fractal_models import config_kwargs
-        iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
-        r = run_config(c, batches, narrow=not args.tiny, num_iter_list=iters,
-                       extra_ref_batches=[] if args.tiny else extra, depth_extrapolation=not args.exact_depth,
-                       batch_extrapolation=not args.tiny and not args.exact_batch)
-        r["cpu_s"] = time.process_time() - tc0
-        print(f"{c}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
-                                   f"{r['fast'][b]['launches_per_image']:.0f} launches per image"
-                                   for b in batches) + f" ({r['wall_s']['total']:.0f} s wall, {r['cpu_s']:.0f} s CPU)",
-              flush=True)
-        atomic_write(raw, (json.dumps(r, indent=1, default=str) + "\n").encode())
-        results.append(r)
+    else:
+        for c in configs:
+            tc0 = time.process_time()
+            from fractal_models import config_kwargs
+            iters = [args.iters] * (len(config_kwargs(c)["img_size_list"]) - 1) if args.iters else None
+            r = run_config(c, batches, narrow=False, num_iter_list=iters, depth_extrapolation=not args.exact_depth,
+                           batch_extrapolation=False)
+            r["cpu_s"] = time.process_time() - tc0
+            results.append(r)
+    for r in results:
+        print(f"{r['config']}: " + ", ".join(f"B={b} ref {r['ref'][b]['launches_per_image']:.0f} / fast "
+                                             f"{r['fast'][b]['launches_per_image']:.0f} launches per image"
+                                             for b in batches) + f" ({r['wall_s']['total']:.0f} s wall, "
+                                                                 f"{r['cpu_s']:.0f} s CPU)", flush=True)
     doc = build_document(results, batches)
     doc["cpu_s"] = sum(r.get("cpu_s", 0.0) for r in results)
     doc["wall_s"] = sum(r["wall_s"]["total"] for r in results)
+    previous = os.path.join(out_dir, stem + ".json")
+    if args.build_only and os.path.exists(previous):  # the tables are rebuilt: the counting run stays described
+        with open(previous) as f:
+            doc["run"] = {**json.load(f).get("run", {}), "tables_rebuilt": True}
+    else:
+        doc["run"] = {**run_info, "total_wall_s": time.perf_counter() - t0, "main_cpu_s": time.process_time() - c0,
+                      "loadavg_before": load_before,
+                      "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                      "build_only": bool(args.build_only), "resumed": bool(args.resume)}
     files = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md")}
     png = plot(doc, os.path.join(out_dir, stem + ".png"))
     if png:
         files["png"] = png
     doc["files"] = files
-    md = markdown(doc) + "\n".join(lever_analysis(doc)) + f"\nCounting time (sum over configs): {doc['wall_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU of this process.\n"
+    md = markdown(doc) + "\n".join(lever_analysis(doc)) + timing_note(doc)
     atomic_write(files["md"], md.encode())
     atomic_write(files["json"], (json.dumps(doc, indent=1, default=str) + "\n").encode())
     print("wrote " + ", ".join(files.values()))
@@ -1230,16 +1320,32 @@ def main(argv: Optional[List[str]] = None) -> int:
 BLOCK_LAUNCHES = {"MAR": 10, "AR": 13}
 
 
+def timing_note(doc: Dict[str, Any]) -> str:
+    run = doc.get("run", {})
+    la = lambda v: "n/a" if not v else ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
+    head = ""
+    if run.get("wall_s") is not None and not run.get("build_only"):
+        head = (f"Full run: {run['wall_s']:.0f} s wall counting ({run.get('workers', 1)} worker process(es), one "
+                f"intra-op thread each), {run['total_wall_s']:.0f} s end to end including the tables; load average "
+                f"(1, 5, 15 min) {la(run.get('loadavg_before'))} before, {la(run.get('loadavg_after'))} after "
+                "(the machine is shared). ")
+    return (f"\n{head}Sum over the counted pieces: {doc['wall_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU.\n")
+
+
 def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
-    """Item 4 of the issue, as analysis: what each lever would leave, from the counted per-level tables (the
-    per-block launch counts are read off the code: ``BLOCK_LAUNCHES``)."""
+    """Item 4 of the issue, as analysis: what each lever would leave, from the counted per-level tables. The
+    launches of one block in one step are counted too: a depth-extrapolated level's depth-2 minus depth-1 count
+    over its steps (``BLOCK_LAUNCHES``, read off the code, where a level was counted at one depth only)."""
     from fractal_models import config_kwargs
     from fractal_models.sampling import default_num_iter_list
     lines = ["## Which levers cut the fast engine's launches most (analysis of the counted tables, batch "
              f"{batch})", "",
-             "Per level: launches per step of one call = launches / (calls × steps); the blocks' share assumes "
-             f"{BLOCK_LAUNCHES['MAR']} launches per MAR block and {BLOCK_LAUNCHES['AR']} per AR block step (read off "
-             "the code), the rest is per-step glue (embedding, mask/where, gathers, scatter, the final norm). "
+             "Per level: launches per step of one call = launches / (calls × steps); launches per block and step "
+             "= (count at depth 2 - count at depth 1) / (calls × steps), counted (the code has "
+             f"{BLOCK_LAUNCHES['MAR']} per MAR block: norm1, qkv, attention, proj, add, norm2, fc1, gelu, fc2, add; "
+             f"{BLOCK_LAUNCHES['AR']} per AR block step: rms_norm, wqkv, cache copy, decode attention, wo, add, "
+             "rms_norm, w1, silu, w3, mul, w2, add); the rest is per-step glue (embedding, mask/where, gathers, "
+             "scatter, the final norm). "
              "Scenarios: **A** one fused launch per block; **B** one launch per level step (all blocks and the "
              "glue of a step in one persistent kernel); **C** = B plus the pixel heads' value lookup folded into "
              "the pixel-head kernel.", "",
@@ -1264,12 +1370,15 @@ def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
                 depth = kw["num_blocks_list"][lvl]
                 cs = v["calls"] * steps
                 per_step = n / cs
-                glue = per_step - depth * BLOCK_LAUNCHES[kind]
-                a = n - cs * depth * (BLOCK_LAUNCHES[kind] - 1)
+                per_block = BLOCK_LAUNCHES[kind]
+                if "at_depth_1" in v:
+                    per_block = (v["at_depth_2"] - v["at_depth_1"]) / cs
+                glue = per_step - depth * per_block
+                a = n - cs * depth * (per_block - 1)
                 bb = cs * 1.0
                 cc = bb
                 lines.append(f"| {e['config']} | {lbl} | {_fmt(cs / b)} | {per_step:.1f} | {depth} × "
-                             f"{BLOCK_LAUNCHES[kind]} | {glue:.1f} | {_fmt(n / b)} | {_fmt(a / b)} | {_fmt(bb / b)} | "
+                             f"{per_block:.4g} | {glue:.1f} | {_fmt(n / b)} | {_fmt(a / b)} | {_fmt(bb / b)} | "
                              f"{_fmt(cc / b)} |")
             else:
                 a = bb = n
@@ -1282,10 +1391,12 @@ def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
             tot["C"] += cc
         ref = row["ref"]["launches"]
         summary.append(f"| {e['config']} | " + " | ".join(f"{_fmt(tot[k] / b)} ({ref / tot[k]:.1f}×)"
-                                                            for k in ("today", "A", "B", "C")) + " |")
+                                                            for k in ("today", "A", "B", "C"))
+                       + f" | {_fmt(ref / 20 / b)} | {tot['today'] / (ref / 20):.2f}× |")
     lines += ["", f"Launches per image and ratio reference / fast at batch {batch} (target: ≥ 20× for "
               "fractalar_in64 and fractalmar_large_in256):", "",
-              "| config | today | A: fused blocks | B: one launch per step | C: B + fused glue |", "|---|---|---|---|---|"]
+              "| config | today | A: fused blocks | B: one launch per step | C: B + fused glue | 20× allows | "
+              "today / allowed |", "|---|---|---|---|---|---|---|"]
     return lines + summary + [""]
 
 

@@ -235,13 +235,27 @@ class AR(nn.Module):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         return unpatchify(x, self.patch_size, self.grid)
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int, device=None, dtype=torch.float32) -> None:
-        """Attach an empty KV cache to every block (the reference keeps fp32 caches)."""
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, device=None, dtype=torch.float32,
+                     freqs_cis: Optional[torch.Tensor] = None) -> None:
+        """Attach an empty KV cache to every block (the reference keeps fp32 caches); ``freqs_cis``: the RoPE
+        table already on ``device`` (default: a copy of the host table, shared by every block's cache)."""
         head_dim = self.config.dim // self.config.n_head
-        freqs_cis = self.freqs_cis.to(device)  # one copy shared by every block's cache
+        if freqs_cis is None:
+            freqs_cis = self.freqs_cis.to(device)
         for b in self.blocks:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_head, head_dim, device, dtype,
                                            freqs_cis=freqs_cis)
+
+    def freqs_cis_on(self, device) -> torch.Tensor:
+        """The RoPE table on ``device``, copied once per device and kept: the host table is a plain attribute
+        (as in the reference), so copying it per call would be a blocking H2D copy -- a host sync -- in every
+        call of the fast loop, i.e. once per step of the level above."""
+        cache = self.__dict__.setdefault("_freqs_cis_on", {})
+        device = torch.device(device)
+        hit = cache.get(device)
+        if hit is None or hit[0] is not self.freqs_cis:  # rebuilt if the host table was replaced
+            hit = cache[device] = (self.freqs_cis, self.freqs_cis.to(device))
+        return hit[1]
 
     def clear_caches(self) -> None:
         for b in self.blocks:
@@ -362,8 +376,8 @@ class AR(nn.Module):
         bsz = rows // 2 if guided else rows
         device = cond_list[0].device
         dim = 3 * self.patch_size ** 2
-        self.setup_caches(rows, self.seq_len, device=device)
-        freqs = self.blocks[0].attention.kv_cache.freqs_cis if self.blocks else self.freqs_cis.to(device)
+        freqs = self.freqs_cis_on(device)
+        self.setup_caches(rows, self.seq_len, device=device, freqs_cis=freqs)
         prev = None  # the last sampled patch of every row [rows, 1, dim]
         pos_embed = self.pos_embed_learned.unbind(1)  # per-position [1, E] views, made once (no op per step)
         outs = []  # sampled patches [B, 1, dim], concatenated at the end

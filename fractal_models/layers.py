@@ -93,3 +93,14 @@ def known_patches(known: torch.Tensor, known_mask: torch.Tensor, p: int, dtype: 
     known_p = patchify(known.to(device=device, dtype=dtype), p)
     known_mask_p = patchify(known_mask.to(device=device, dtype=torch.float32), p).bool()
     return known_p, known_mask_p, known_mask_p.all(dim=-1)
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor ``t`` on ``device`` without a host sync: a blocking H2D copy waits for the device queue to
+    drain, so in a level loop it would stall the host once per call. On CUDA the data is staged in pinned memory
+    (PyTorch's caching host allocator keeps that block alive until the queued copy has run, so ``t`` may be
+    dropped at once); the values are the same as a blocking copy's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

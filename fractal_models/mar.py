@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_kernels.reference.attention import attention_reference
 from fractal_models.layers import (Mlp, attn_dropout, autocast_on, init_vit_weights, kernel_backend, known_patches,
-                                   patchify, unpatchify, use_kernel)
+                                   patchify, to_device_async, unpatchify, use_kernel)
 from fractal_models.pixelloss import PixelLoss, _is_one
 
 
@@ -356,8 +356,8 @@ class MAR(nn.Module):
         dim = 3 * self.patch_size ** 2
         patches = torch.zeros(bsz, seq_len, dim, device=device)
         orders = torch.argsort(torch.rand(bsz, seq_len), dim=1)  # CPU RNG, as the reference
-        if orders.device != device:
-            orders = orders.to(device)
+        if orders.device != device:  # queued, not waited for: no host sync in the level loops
+            orders = to_device_async(orders, device)
         num_iter = min(seq_len, num_iter)
         schedule = _mar_schedule(seq_len, num_iter, float(cfg), cfg_schedule)
         step_of_rank, neighbour_table = self._fast_tables(num_iter, schedule, device)
