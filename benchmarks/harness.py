@@ -13,13 +13,14 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from fractal_kernels._io import atomic_write  # noqa: F401  (the suite writes its files through it)
 
 SCHEMA_VERSION = 1
 
@@ -215,20 +216,6 @@ def dispatch_failure(d: Dispatched, row_backend: str, device: torch.device, requ
         if b not in ok:
             problems.append(f"{op} ran on {b}, not {'/'.join(ok)}")
     return failure("; ".join(problems)) if problems else None
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def results_document(rows: List[Row], device: torch.device, mode: str) -> Dict[str, Any]:

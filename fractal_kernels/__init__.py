@@ -8,7 +8,8 @@ Ops (each dispatches CUDA extension -> Triton -> PyTorch; ``backend=`` forces on
 * :func:`pixel_cross_entropy` / :func:`pixel_log_probs` -- fused logits + cross-entropy / log-probabilities;
 * :func:`tiny_attention`, :func:`tiny_attention_packed`, :func:`tiny_attention_decode` -- attention over many
   tiny sequences (forward/backward, packed qkv, KV-cache decode with fused RoPE);
-* :func:`swap_attention` (``fractal_kernels.modules``) -- put the attention kernels into a model in place.
+* :func:`swap_attention` (``fractal_kernels.nn``, with the ``nn.Module`` drop-ins) -- put the attention kernels
+  into a model in place.
 
 ``fractal_kernels.reference`` holds the pure-PyTorch math of every op.
 """
@@ -17,7 +18,7 @@ from fractal_kernels.ops.pixel_cross_entropy import pixel_cross_entropy, pixel_l
 from fractal_kernels.ops.pixel_head import pixel_head_sample
 from fractal_kernels.ops.sample_logits import sample_logits
 from fractal_kernels.ops.tiny_attention import tiny_attention, tiny_attention_decode, tiny_attention_packed
-from fractal_kernels.modules import swap_attention
+from fractal_kernels.nn import swap_attention
 
 __version__ = "0.1.0"
 __all__ = ["available_backends", "backend_report", "last_backend", "pixel_cross_entropy", "pixel_head_sample",

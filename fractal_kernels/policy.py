@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from fractal_kernels._io import atomic_write
 
 VERIFIED = "cuda_verified.json"
 CROSSOVER = "attention_crossover.json"
@@ -77,18 +78,7 @@ def read_document(path: str) -> Tuple[Optional[dict], str]:
 
 def write_document(path: str, doc: Mapping[str, Any]) -> str:
     """Write ``doc`` as JSON to a temp file beside ``path`` and rename it over ``path`` (never half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _verified_ops(doc: Optional[dict]) -> Tuple[FrozenSet[str], FrozenSet[str]]:

@@ -11,12 +11,12 @@ by rank 0 after a barrier (or by whichever process finds the set complete when t
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, List
 
 import numpy as np
 import torch
 
+from fractal_kernels._io import atomic_file
 from fractal_models.fractalgen import FractalGen
 from fractal_models.imageio import write_png
 
@@ -45,15 +45,8 @@ def _read_png(path: str) -> np.ndarray:
 
 
 def _write_npz(path: str, images: np.ndarray) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
-        np.savez(tmp, images)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, suffix=".npz") as f:
+        np.savez(f, images)
 
 
 def generate_many(model: FractalGen, num_images: int, out_dir: str, *, batch_size: int = 64, seed: int = 0,

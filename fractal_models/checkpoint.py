@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from fractal_kernels._io import atomic_file
 
 
 class CheckpointError(RuntimeError):
@@ -116,16 +117,5 @@ def save_checkpoint(path: str, model: nn.Module, *, optimizer: Optional[torch.op
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
                "epoch": epoch, "scaler": scaler.state_dict() if hasattr(scaler, "state_dict") else scaler,
                "args": args, **extra}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, suffix=".pth", fsync=True) as f:
+        torch.save(payload, f)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -38,6 +37,7 @@ from typing import Dict, Optional
 
 import torch
 
+from fractal_kernels._io import atomic_write
 from fractal_models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
 
@@ -162,18 +162,6 @@ def _sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def verify_cached(src: Source) -> None:
@@ -328,7 +316,7 @@ def download_weights(name_or_url: str, *, cache: Optional[str] = None, progress:
                              f"file was removed")
         size = os.path.getsize(part)
         os.replace(part, src.path)
-        _atomic_write_text(_meta_path(src.path), json.dumps(
+        atomic_write(_meta_path(src.path), json.dumps(
             {"url": src.url, "size": size, "sha256": digest, "name": src.name,
              "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
         return src.path

@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 import torch
+
+from fractal_kernels._io import atomic_write
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -41,12 +42,7 @@ def write_png(path: str, rgb: np.ndarray, scale: int = 1) -> None:
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
     data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data, suffix=".png")
 
 
 def load_images(path: str) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Small building blocks shared by the levels (ViT MLP, weight init)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
+
+# the drop-ins' backend helpers live with the drop-ins; re-exported for the levels and old imports
+from fractal_kernels.nn.backend import attn_dropout, autocast_on, kernel_backend, use_kernel  # noqa: F401
 
 
 class Mlp(nn.Module):
@@ -24,38 +25,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-def use_kernel(backend: str, device: Optional[torch.device] = None) -> bool:
-    """Whether a module runs the ``fractal_kernels`` ops instead of its reference math: any backend but
-    "torch", except "auto" on a non-CUDA device, where the ops would pick their PyTorch reference anyway and
-    the module's own reference math (fewer ops, reference-exact) is used instead. With attention dropout in
-    training the kernels draw their own Philox mask (same distribution as the reference's ``torch.dropout``,
-    another stream of random numbers)."""
-    if backend == "torch":
-        return False
-    if backend == "auto" and device is not None and device.type != "cuda":
-        return False
-    return True
-
-
-def autocast_on(device_type: str) -> bool:
-    """Whether autocast is enabled for ``device_type`` (torch >= 2.4 takes the device; older ones have per-device
-    functions)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def attn_dropout(module_training: bool, p: float) -> float:
-    """The dropout probability an attention call applies (0 in eval mode)."""
-    return p if module_training else 0.0
-
-
-def kernel_backend(backend: str):
-    """Model backend name -> the ops' ``backend`` argument ("auto" lets the dispatcher choose)."""
-    return None if backend == "auto" else backend
 
 
 def init_vit_weights(m: nn.Module) -> None:

@@ -24,42 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fractal_kernels.ops.tiny_attention import tiny_attention_packed
-from fractal_kernels.reference.attention import attention_reference
-from fractal_models.layers import (Mlp, attn_dropout, autocast_on, init_vit_weights, kernel_backend, known_patches,
-                                   patchify, to_device_async, unpatchify, use_kernel)
+from fractal_kernels.nn.attention import Attention
+from fractal_models.layers import (Mlp, autocast_on, init_vit_weights, known_patches, patchify, to_device_async,
+                                   unpatchify, use_kernel)
 from fractal_models.pixelloss import PixelLoss, _is_one
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.backend = "torch"  # "torch": the reference math; otherwise fractal_kernels.tiny_attention
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.project(x))
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention and output projection, without the final dropout (the fast path skips the no-op call)."""
-        bsz, seq, c = x.shape
-        if use_kernel(self.backend, x.device):
-            # the kernel reads q, k, v straight from the projection's [B, L, 3C] output (fp32 scores)
-            o = tiny_attention_packed(self.qkv(x), self.num_heads, scale=self.scale,
-                                      dropout_p=attn_dropout(self.training, self.attn_drop.p),
-                                      backend=kernel_backend(self.backend))
-            return self.proj(o)
-        q, k, v = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # Reference numerics: fp32 scores (autocast off), explicit max subtraction, fp32 softmax. [B, H, L, Dh]
-        o = attention_reference(q, k, v, causal=False, scale=self.scale, scores_fp32=True, subtract_max=True,
-                                dropout_p=self.attn_drop.p if self.training else 0.0)
-        return self.proj(o.transpose(1, 2).reshape(bsz, seq, c))
 
 
 class Block(nn.Module):

@@ -13,11 +13,10 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from fractal_kernels.ops.tiny_attention import tiny_attention_packed
-from fractal_kernels.reference.attention import attention_reference
+from fractal_kernels.nn.attention import CausalAttention
 from fractal_kernels.reference.pixel_head import VOCAB
 from fractal_kernels.reference.pixel_sampling import CfgLike, pixel_probs_reference
-from fractal_models.layers import Mlp, attn_dropout, autocast_on, init_vit_weights, kernel_backend, use_kernel
+from fractal_models.layers import Mlp, autocast_on, init_vit_weights, kernel_backend, use_kernel
 
 PIX_MEAN = (0.485, 0.456, 0.406)
 PIX_STD = (0.229, 0.224, 0.225)
@@ -29,37 +28,6 @@ PixelDraw = Callable[[torch.Tensor, int], torch.Tensor]
 def multinomial_draw(probs: torch.Tensor, channel: int) -> torch.Tensor:
     """The reference's draw: ``torch.multinomial`` on the global RNG."""
     return torch.multinomial(probs, num_samples=1).reshape(-1)
-
-
-class CausalAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.backend = "torch"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, seq, c = x.shape
-        if use_kernel(self.backend, x.device):
-            # fp32 scores in the kernel (the reference uses the input dtype here: identical in fp32)
-            o = tiny_attention_packed(self.qkv(x), self.num_heads, causal=True, scale=self.scale,
-                                      dropout_p=attn_dropout(self.training, self.attn_drop.p),
-                                      backend=kernel_backend(self.backend))
-            return self.proj_drop(self.proj(o))
-        qkv = self.qkv(x).reshape(bsz, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, 4, Dh]
-        # Reference numerics: scores in the input dtype here (pixelloss.py does not upcast).
-        o = attention_reference(q, k, v, causal=True, scale=self.scale, scores_fp32=False,
-                                dropout_p=self.attn_drop.p if self.training else 0.0)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(bsz, seq, c)))
 
 
 class CausalBlock(nn.Module):
