@@ -149,7 +149,7 @@ def _attention_cases() -> List[Case]:
         return run
 
     def decode(B, Lmax, H, D, dtype, rope=True, kv_len=None):
-        # one AR sampling step (fractal_models/ar.py _attend_step_kernel): q a permuted view of the projection,
+        # one AR sampling step (fractal_models/engine/ar.py _attend_step_kernel): q a permuted view of the projection,
         # k/v views of the [2, B, H, Lmax, D] cache, the 2-D RoPE table [Lmax, D/2, 2] fp32
         def run():
             qkv = torch.randn(B, 1, 3, H, D, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)

@@ -723,7 +723,8 @@ def roofline(config: str, batch: int, num_iter_list: Optional[Sequence[int]] = N
     and the fast engine, from the full-size model's own modules (built on the meta device) and the sampling
     schedule (CFG on: two rows per image). A MODEL: see the README section and the results markdown."""
     from fractal_models import build_model
-    from fractal_models.mar import MAR, _mar_schedule
+    from fractal_models.engine.mar import _mar_schedule
+    from fractal_models.mar import MAR
     from fractal_models.pixelloss import PixelLoss
     from fractal_models.sampling import default_num_iter_list
     with torch.device("meta"):
@@ -1314,8 +1315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 
-# Launches per transformer block in one fast-engine step, read off the code (fractal_models/mar.py _block_fast on a
-# kernel backend: norm1, qkv, packed attention, proj, add, norm2, fc1, gelu, fc2, add; ar.py _sample_fast: rms_norm,
+# Launches per transformer block in one fast-engine step, read off the code (fractal_models/engine/mar.py _block_fast on a
+# kernel backend: norm1, qkv, packed attention, proj, add, norm2, fc1, gelu, fc2, add; engine/ar.py sample: rms_norm,
 # wqkv, cache copy, decode kernel, wo, add, rms_norm, w1, silu, w3, mul, w2, add). Used only by the lever analysis.
 BLOCK_LAUNCHES = {"MAR": 10, "AR": 13}
 

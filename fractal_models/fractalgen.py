@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from fractal_models import likelihood, sampling
 from fractal_models.ar import AR
 from fractal_models.mar import MAR
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelLoss
@@ -186,10 +187,8 @@ class FractalGen(nn.Module):
 
     def generate(self, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Class-conditional images as uint8 ``[B, 3, S, S]``; see :func:`fractal_models.sampling.generate`."""
-        from fractal_models.sampling import generate
-        return generate(self, labels, **kwargs)
+        return sampling.generate(self, labels, **kwargs)
 
     def nll(self, imgs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Unconditional NLL in bits/dim; see :func:`fractal_models.likelihood.nll_bits_per_dim`."""
-        from fractal_models.likelihood import nll_bits_per_dim
-        return nll_bits_per_dim(self, imgs, **kwargs)
+        return likelihood.nll_bits_per_dim(self, imgs, **kwargs)

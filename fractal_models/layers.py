@@ -1,5 +1,8 @@
-"""Small building blocks shared by the levels (ViT MLP, weight init)."""
+"""Small building blocks shared by the levels and the fast engine (ViT MLP, weight init, patch helpers, the
+masking-order and CFG-off tests): the bottom layer of ``fractal_models``, importing only ``fractal_kernels``."""
 from __future__ import annotations
+
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
@@ -73,3 +76,26 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def mask_by_order(mask_len: torch.Tensor, order: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Mask (1.0) the first ``mask_len[b]`` positions of ``order[b]``. ``mask_len`` ``[B]`` or ``[B, 1]``."""
+    ranks = torch.arange(seq_len, device=order.device).expand(order.shape[0], seq_len)
+    first = (ranks < mask_len.reshape(-1, 1).to(order.device)).float()
+    return torch.zeros_like(first).scatter(-1, order, first)
+
+
+def is_one(cfg: Union[float, torch.Tensor]) -> bool:
+    """The reference's ``cfg == 1.0`` test, also for per-row tensors (guidance off only if all are 1)."""
+    if isinstance(cfg, torch.Tensor):
+        return bool((cfg == 1.0).all())
+    return cfg == 1.0
+
+
+# A pixel draw: (probs [B, 256], channel 0/1/2) -> int64 ids [B].
+PixelDraw = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def multinomial_draw(probs: torch.Tensor, channel: int) -> torch.Tensor:
+    """The reference's draw: ``torch.multinomial`` on the global RNG."""
+    return torch.multinomial(probs, num_samples=1).reshape(-1)

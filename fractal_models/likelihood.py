@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from fractal_models.fractalgen import FractalGen
-from fractal_models.sampling import _seeded, normalize_uint8
+from fractal_models.sampling import _seeded, check_top_level, normalize_uint8
+
+if TYPE_CHECKING:  # annotations only: fractalgen imports this module (FractalGen.nll), not the reverse
+    from fractal_models.fractalgen import FractalGen
 
 
 def nll_bits_per_dim(model: FractalGen, imgs: torch.Tensor, *, num_orders: int = 1, batch_size: int = 64,
                      seed: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None) -> float:
     """Unconditional NLL (bits/dim) of ``imgs`` (uint8 ``[N, 3, S, S]``, or already-normalised float)."""
-    if not isinstance(model, FractalGen) or model.fractal_level != 0:
-        raise TypeError("model: expected a top-level FractalGen")
+    check_top_level(model)
     if imgs.dim() != 4 or imgs.shape[1] != 3 or imgs.shape[2] != model.img_size or imgs.shape[3] != model.img_size:
         raise ValueError(f"imgs: expected shape [N, 3, {model.img_size}, {model.img_size}] for this model, "
                          f"got {tuple(imgs.shape)}")

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Union
 
 import torch
 
 from fractal_kernels.reference.pixel_sampling import inverse_cdf_draw
-from fractal_models.fractalgen import FractalGen
 from fractal_models.mar import MAR
 from fractal_models.pixelloss import PIX_MEAN, PIX_STD, PixelDraw
 from fractal_models.rng import fork_rng
+
+if TYPE_CHECKING:  # annotations only: fractalgen imports this module (FractalGen.generate), not the reverse
+    from fractal_models.fractalgen import FractalGen
 
 
 def uniform_draw(uniforms: Callable[[int, int], torch.Tensor]) -> PixelDraw:
@@ -57,6 +59,14 @@ def default_num_iter_list(model: FractalGen) -> List[int]:
     for level, gen in enumerate(model.levels()[:-1]):
         out.append(min(64, gen.seq_len) if level == 0 else gen.seq_len)
     return out
+
+
+def check_top_level(model: FractalGen) -> None:
+    """TypeError unless ``model`` is a top-level FractalGen. Duck-typed on what the entry points use (the level
+    index, the class embedding and the level tree): this module sits below ``fractalgen`` and does not import it."""
+    if not (isinstance(model, torch.nn.Module) and getattr(model, "fractal_level", None) == 0
+            and hasattr(model, "class_emb") and callable(getattr(model, "levels", None))):
+        raise TypeError(f"model: expected a top-level FractalGen, got {type(model).__name__}")
 
 
 def _seeded(seed: Optional[int], device: torch.device):
@@ -169,8 +179,7 @@ def generate(
       batch rows padded to powers of two so a few graphs serve every step); implies ``compile``. Not yet
       run on a GPU.
     """
-    if not isinstance(model, FractalGen) or model.fractal_level != 0:
-        raise TypeError("model: expected a top-level FractalGen")
+    check_top_level(model)
     device = model.class_emb.weight.device
     labels = torch.as_tensor(labels, device=device) if not isinstance(labels, torch.Tensor) else labels.to(device)
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

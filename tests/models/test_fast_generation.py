@@ -335,7 +335,7 @@ def test_fused_head_backend_choice(monkeypatch):
     """Which pixel_head_sample backend PixelLoss.sample_cached uses: on a GPU (use_kernel true) the model's kernel
     backend ("auto" lets the op dispatch; "cuda" has no version of this op and runs Triton); on a CPU "auto"
     takes the compiled CPU kernel when it builds (not under autocast, not for bf16 weights); "torch" never."""
-    import fractal_models.pixelloss as pl
+    import fractal_models.engine.pixel_head as pl  # where the choice is made (PixelLoss._fused_head_backend delegates)
     from fractal_kernels import cpu
     head = _random_head(16, 1, 2)
     dev = torch.device("cpu")

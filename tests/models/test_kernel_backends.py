@@ -197,7 +197,7 @@ def test_fused_pixel_head_failure_degrades_on_auto(monkeypatch):
     """On "auto" a fused pixel head that fails on the device (say, a Triton compile error on an untested GPU)
     warns once and falls back to the KV-cached PyTorch path; a forced backend raises instead."""
     import fractal_kernels.ops.pixel_head as ph_op
-    import fractal_models.pixelloss as pl
+    import fractal_models.engine.pixel_head as pl  # the KV-cached head's dispatch lives in the engine
     from fractal_models.pixelloss import PixelLoss
 
     def broken(*args, **kwargs):

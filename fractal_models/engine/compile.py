@@ -1,6 +1,6 @@
 """``generate(compile=True / cuda_graphs=True)``: compiled pieces of the fast generation engine.
 
-What is compiled: every MAR level's transformer stack (:meth:`MAR.blocks_eval`, the bulk of each step's
+What is compiled: every MAR level's transformer stack (``MAR.blocks_eval``, the bulk of each step's
 operators). The random draws, the schedule and the gathers stay eager, so a compiled run consumes the RNG
 exactly like an eager one. With ``cuda_graphs`` the stacks are compiled with ``mode="reduce-overhead"``
 (CUDA graphs) and their batch rows padded to the next power of two, so a handful of graphs serve every
@@ -17,8 +17,6 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
-
-from fractal_models.mar import MAR
 
 
 def _bucket(n: int) -> int:
@@ -41,11 +39,13 @@ def _padded(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tenso
 def compiled_levels(model: torch.nn.Module, *, cuda_graphs: bool = False) -> Iterator[None]:
     """Install compiled transformer stacks on every MAR level of ``model`` for the duration of the block.
 
-    The compiled functions are cached on the modules (``_compiled_cache``), so later calls reuse them."""
+    The MAR levels are the modules with a ``blocks_eval`` stack (found by that method: this package never imports
+    the paper's modules, which call into it). The compiled functions are cached on the modules
+    (``_compiled_cache``), so later calls reuse them; :func:`fractal_models.engine.mar.sample` runs the installed one."""
     installed = []
     try:
         for m in model.modules():
-            if isinstance(m, MAR):
+            if callable(getattr(m, "blocks_eval", None)):
                 cache = m.__dict__.setdefault("_compiled_cache", {})
                 if cuda_graphs not in cache:
                     if cuda_graphs:

@@ -1,0 +1,127 @@
+"""The fast engine's AR level loop: :meth:`fractal_models.ar.AR.sample` with ``fast=True`` (no known pixels)
+lands here.
+
+Functions of the level module ``m`` (a :class:`fractal_models.ar.AR`, read through its attributes, never
+imported). The reference's KV-cached loop with the per-step bookkeeping cut; on the torch backend the same math
+op for op (equal images in fp32), on a kernel backend each block is the decode kernel with RoPE inside.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fractal_kernels.ops.tiny_attention import tiny_attention_decode
+from fractal_models.layers import is_one as _is_one, kernel_backend, use_kernel
+
+
+def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature: float,
+                 filter_threshold: float, next_level_sample_function: Callable, visualize=False) -> torch.Tensor:
+    """The KV-cached loop of :meth:`AR.sample` with the per-step bookkeeping cut: only the newest patch is
+    embedded (no doubled copy of all patches per step), results are written in place (no clones), and the
+    no-op dropout modules are not called. On the torch backend the same math op for op (the tests check
+    equal images in fp32); on a kernel backend each block is the decode kernel (RoPE inside), a fused
+    RMSNorm and the Linear layers."""
+    guided = not _is_one(cfg)
+    rows = cond_list[0].size(0)
+    bsz = rows // 2 if guided else rows
+    device = cond_list[0].device
+    dim = 3 * m.patch_size ** 2
+    freqs = m.freqs_cis_on(device)
+    m.setup_caches(rows, m.seq_len, device=device, freqs_cis=freqs)
+    prev = None  # the last sampled patch of every row [rows, 1, dim]
+    pos_embed = m.pos_embed_learned.unbind(1)  # per-position [1, E] views, made once (no op per step)
+    outs = []  # sampled patches [B, 1, dim], concatenated at the end
+    try:
+        for step in range(m.seq_len):
+            h = m.cond_emb(cond_list[0]).unsqueeze(1) if step == 0 else m.patch_emb(prev)
+            h = m.patch_emb_ln(h + pos_embed[step])
+            cos = sin = None
+            for block in m.blocks:
+                att = block.attention
+                if use_kernel(att.backend, h.device):
+                    # kernel path: fused RMSNorm op and the decode kernel (RoPE inside), close to but not
+                    # bit-identical with the reference's op-by-op RMSNorm
+                    h = h + _attend_step_kernel(att, _rms_norm_fused(block.attention_norm, h), step)
+                    h = h + block.feed_forward.ffn(_rms_norm_fused(block.ffn_norm, h))
+                else:
+                    if cos is None:  # [1, D/2] each, shared by every block's q and k
+                        cos, sin = freqs[step:step + 1].unbind(-1)
+                    h = h + _attend_step(att, _rms_norm(block.attention_norm, h), step, cos, sin)
+                    h = h + block.feed_forward.ffn(_rms_norm(block.ffn_norm, h))
+            h = m.norm(h)[:, 0]
+            cfg_iter = 1 + (cfg - 1) * (step + 1) / m.seq_len if cfg_schedule == "linear" else cfg
+            sampled = next_level_sample_function(cond_list=[h], cfg=cfg_iter, temperature=temperature,
+                                                 filter_threshold=filter_threshold)
+            sampled = sampled.reshape(bsz, 1, dim)
+            if sampled.dtype != torch.float32:  # the reference's patches are fp32
+                sampled = sampled.float()
+            outs.append(sampled)
+            prev = torch.cat([sampled, sampled], dim=0) if guided else sampled
+            if visualize:
+                rest = sampled.new_zeros(bsz, m.seq_len - step - 1, dim)  # patches not sampled yet
+                visualize(m.unpatchify(torch.cat(outs + [rest], dim=1)))
+    finally:
+        m.clear_caches()
+    return m.unpatchify(torch.cat(outs, dim=1))
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`RMSNorm` without the no-op casts of fp32 inputs (same math, op for op)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + norm.eps)
+    return (out if out.dtype == x.dtype else out.type_as(x)) * norm.weight
+
+
+def _attend_step(att: nn.Module, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:meth:`Attention.attend` for one cached position ``pos`` on the reference math, with fewer operators:
+    q and k rotated together (RoPE is elementwise: the same products per element), no no-op casts, and no
+    causal mask (a single query at the newest position sees every cached key). ``x`` ``[B, 1, dim]``; ``cos``,
+    ``sin`` ``[1, D/2]`` of position ``pos``."""
+    bsz = x.shape[0]
+    n_head, head_dim, dim = att.n_head, att.head_dim, att.dim
+    qkv = att.wqkv(x)  # [B, 1, 3 dim]
+    qk = qkv[..., :2 * dim]
+    xs = (qk if qk.dtype == torch.float32 else qk.float()).reshape(bsz, 1, 2 * n_head, head_dim // 2, 2)
+    x0, x1 = xs.unbind(-1)
+    rot = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(3)  # [B, 1, 2H, D]
+    if rot.dtype != qkv.dtype:
+        rot = rot.to(qkv.dtype)
+    q, k = rot.transpose(1, 2).split(n_head, dim=1)  # [B, H, 1, D]
+    v = qkv[..., 2 * dim:].reshape(bsz, 1, n_head, head_dim).transpose(1, 2)
+    cache = att.kv_cache
+    cache.k[:, :, pos:pos + 1] = k
+    cache.v[:, :, pos:pos + 1] = v
+    cache.length = pos + 1
+    keys, values = cache.k[:, :, :pos + 1], cache.v[:, :, :pos + 1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        scores = ((q if q.dtype == torch.float32 else q.float()) @ keys.transpose(-2, -1)) * head_dim ** -0.5
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs if probs.dtype == values.dtype else probs.to(values.dtype)) @ values  # [B, H, 1, D]
+    return att.wo(out.transpose(1, 2).reshape(bsz, 1, dim))
+
+
+def _rms_norm_fused(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`RMSNorm` as one ``F.rms_norm`` op (fp32 math, cast back, then the weight): the kernel path's."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps=norm.eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
+
+
+def _attend_step_kernel(att: nn.Module, x: torch.Tensor, pos: int) -> torch.Tensor:
+    """:meth:`Attention.attend` for one cached position on the decode kernel, in the fewest ops: q, k, v as one
+    permuted view of the projection, key and value written into the cache with one copy, RoPE in the kernel
+    (the cache holds un-rotated keys), the ``[B, H, 1, D]`` output read as ``[B, 1, dim]`` without a copy."""
+    bsz = x.shape[0]
+    cache = att.kv_cache
+    qkv = att.wqkv(x).view(bsz, 1, 3, att.n_head, att.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, 1, D]
+    if getattr(cache, "slots", None) is None:  # per-position [2, B, H, 1, D] views of the cache, made once
+        cache.slots = cache.kv.split(1, dim=3)
+    cache.slots[pos].copy_(qkv[1:])
+    cache.length = pos + 1
+    q = qkv[0] if qkv.dtype == cache.kv.dtype else qkv[0].to(cache.kv.dtype)
+    out = tiny_attention_decode(q, cache.k, cache.v, pos + 1, freqs_cis=cache.freqs_cis,
+                                backend=kernel_backend(att.backend))
+    return att.wo(out.reshape(bsz, 1, att.dim))

@@ -1,0 +1,272 @@
+"""The fast engine's MAR level loops: :meth:`fractal_models.mar.MAR.sample` with ``fast=True`` lands here.
+
+Functions of the level module ``m`` (a :class:`fractal_models.mar.MAR`; read through its attributes, never
+imported, so the paper's module can call into this one). Same random draws in the same order and the same
+math op for op as the reference loop in :meth:`MAR.sample` on every value the reference keeps (the tests check
+equal images in fp32); the bookkeeping around it is planned on the host up front.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fractal_models.layers import autocast_on, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
+
+
+def sample(m, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_schedule: str,
+                 temperature: float, filter_threshold: float, next_level_sample_function: Callable,
+                 visualize=False, *, top_p: float = 1.0, draw=None) -> torch.Tensor:
+    """:meth:`sample` without host syncs and with far fewer operators; the same samples.
+
+    Without known patches every row masks the same number of patches at every step, so the whole
+    schedule (how many patches each step predicts, the linear CFG value) is known on the host up front:
+    no ``nonzero``/``.item()`` in the loop. Every step's predicted positions come from one stable sort made
+    before the loop (ascending within a step: the reference's row order), the five neighbour conditions of
+    exactly those positions are gathered in one indexing op, the condition tokens are embedded once per
+    call instead of once per step, and the results are scattered back in place. Same RNG draws in the same
+    order (the guiding pixel, then the CPU orders), same math op for op on every value the reference keeps;
+    the tests check the images are equal in fp32.
+    """
+    guided = not _is_one(cfg)
+    rows = cond_list[0].size(0)
+    bsz = rows // 2 if guided else rows
+    device = cond_list[0].device
+    seq_len = m.seq_len
+    if m.guiding_pixel:
+        cond_list = list(cond_list) + [m._sample_guiding_pixel(cond_list, guided, temperature, cfg,
+                                                                  filter_threshold, top_p, draw, use_cache=True)]
+
+    dim = 3 * m.patch_size ** 2
+    patches = torch.zeros(bsz, seq_len, dim, device=device)
+    orders = torch.argsort(torch.rand(bsz, seq_len), dim=1)  # CPU RNG, as the reference
+    if orders.device != device:  # queued, not waited for: no host sync in the level loops
+        orders = to_device_async(orders, device)
+    num_iter = min(seq_len, num_iter)
+    schedule = _mar_schedule(seq_len, num_iter, float(cfg), cfg_schedule)
+    step_of_rank, neighbour_table = _fast_tables(m, num_iter, schedule, device)
+
+    # Prefix tokens [pix?, cond_{n-1}, ..., cond_0] (the order predict builds), embedded once.
+    prefix = [m.cond_emb(cond_list[i]) for i in reversed(range(m.num_conds))]
+    if m.guiding_pixel:
+        prefix.insert(0, m.pix_proj(cond_list[-1]))
+    prefix = torch.stack(prefix, dim=1)  # [rows, n_prefix, E]
+    n_prefix = prefix.shape[1]
+    rank = orders.argsort(dim=1)  # [B, L]: rank of each position in the masking order
+    # Every step's predicted positions, ascending within the step (the reference's nonzero order): a stable
+    # sort of the positions by the step that predicts them (which follows from their rank).
+    pos = torch.sort(step_of_rank[rank], dim=1, stable=True).indices  # [B, L]: step 0's positions first
+    # prefix tokens rank past every patch (never masked)
+    ranks = F.pad(rank, (n_prefix, 0), value=seq_len)
+    if guided:
+        ranks = torch.cat([ranks, ranks], dim=0)
+        pos_rows = torch.cat([pos, pos], dim=0)
+    else:
+        pos_rows = pos
+    ranks = ranks.unsqueeze(-1)  # [rows, n_prefix + L, 1]
+    mask_token = m.mask_token
+    # fractal_models.engine.compiled_levels may install a compiled version for the call
+    run_blocks = m.__dict__.get("_compiled_blocks") or m.blocks_eval
+    # token indices of the 5 neighbour conditions of those positions; n_prefix + L is a zero token
+    sizes = [n_pred for n_pred, _, _ in schedule]
+    # per step, as views made once (slicing in the loop would be an op per step)
+    neighbour_tokens = neighbour_table[pos_rows].split(sizes, dim=1)  # [rows, k_step, 5] each
+    scatter_index = pos.unsqueeze(-1).expand(bsz, seq_len, dim).split(sizes, dim=1)  # [B, k_step, dim] each
+    row_index = torch.arange(rows, device=device).view(rows, 1, 1)
+    zero_token = None
+
+    masked = seq_len  # patches still masked (the same count in every row)
+    for step, (n_pred, n_next, cfg_iter) in enumerate(schedule):
+        x = m.patch_emb(torch.cat([patches, patches], dim=0) if guided else patches)
+        x = torch.cat([prefix, x], dim=1)
+        if mask_token.dtype != x.dtype:
+            mask_token = mask_token.to(x.dtype)
+        x = torch.where(ranks < masked, mask_token, x)
+        x = m.patch_emb_ln(x + m.pos_embed_learned)
+        x = run_blocks(x)
+        if n_pred > 0:
+            if zero_token is None or zero_token.dtype != x.dtype:
+                zero_token = x.new_zeros(rows, 1, x.shape[-1])
+            # [rows, k, 5, E]: middle, top, right, bottom, left conditions (zeros past the border)
+            cond = torch.cat([x, zero_token], dim=1)[row_index, neighbour_tokens[step]]
+            sampled = next_level_sample_function(cond_list=list(cond.reshape(rows * n_pred, 5, -1).unbind(1)),
+                                                 cfg=cfg_iter, temperature=temperature,
+                                                 filter_threshold=filter_threshold)
+            sampled = sampled.reshape(bsz, n_pred, dim)
+            patches.scatter_(1, scatter_index[step],
+                             sampled if sampled.dtype == patches.dtype else sampled.to(patches.dtype))
+        masked = n_next
+        if visualize:
+            visualize(m.unpatchify(patches))
+    return m.unpatchify(patches)
+
+def sample_known(m, cond_list: List[torch.Tensor], num_iter: int, cfg, cfg_schedule: str,
+                       temperature: float, filter_threshold: float, next_level_sample_function: Callable,
+                       visualize=False, *, known: torch.Tensor, known_mask: torch.Tensor, top_p: float = 1.0,
+                       draw=None) -> torch.Tensor:
+    """:meth:`sample` with known pixels, planned on the host: one device-to-host copy per call (which
+    patches are fully known, needed for the CPU-drawn orders anyway) instead of several syncs per step.
+
+    Every row has its own schedule here, so the plan (each step's mask, the predicted (row, patch) pairs
+    in the reference's ``nonzero`` order, the per-row CFG values) is computed on CPU tensors with the
+    reference's arithmetic, moved to the device once, and the loop only indexes. Same samples as the
+    reference loop (the tests check equal images in fp32)."""
+    guided = not _is_one(cfg)
+    rows = cond_list[0].size(0)
+    bsz = rows // 2 if guided else rows
+    device = cond_list[0].device
+    seq_len, p = m.seq_len, m.patch_size
+    if m.guiding_pixel:
+        cond_list = list(cond_list) + [m._sample_guiding_pixel(cond_list, guided, temperature, cfg,
+                                                                  filter_threshold, top_p, draw, use_cache=True)]
+
+    patches = torch.zeros(bsz, seq_len, 3 * p ** 2, device=device)
+    known_p, known_mask_p, full = known_patches(known, known_mask, p, patches.dtype, device)
+    # contiguous: results are written through a flat [B*L, D] view of it
+    patches = torch.where(full.unsqueeze(-1), known_p, patches).contiguous()
+    full_cpu = full.cpu()  # the one sync of the call
+    rand = torch.rand(bsz, seq_len) + 2.0 * full_cpu.float()  # CPU RNG; known patches go last
+    orders = torch.argsort(rand, dim=1)
+    num_iter = min(seq_len, num_iter)
+
+    # The plan, on CPU tensors, with the reference loop's arithmetic.
+    mask = (~full_cpu).float()
+    n_unknown = mask.sum(dim=-1, keepdim=True)  # [B, 1]
+    n_unknown_rows = torch.cat([n_unknown, n_unknown], dim=0) if guided else n_unknown
+    masks, picks, cfgs = [], [], []
+    for step in range(num_iter):
+        mask_rows = torch.cat([mask, mask], dim=0) if guided else mask
+        masks.append(mask_rows)
+        mask_ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+        mask_len = torch.floor(n_unknown_rows.double() * mask_ratio).float()
+        mask_len = torch.maximum(torch.ones(()), torch.minimum(mask_rows.sum(dim=-1, keepdim=True) - 1, mask_len))
+        mask_len = torch.minimum(mask_len, n_unknown_rows)
+        mask_next = mask_by_order(mask_len[:bsz, 0], orders, seq_len)
+        pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next.bool())
+        picks.append(pred.reshape(-1).nonzero()[:, 0])  # flat b * L + pos, the reference's nonzero order
+        if cfg_schedule == "linear":
+            progress = (n_unknown[:, 0] - mask_len[:bsz, 0]) / n_unknown[:, 0].clamp(min=1)
+            cfgs.append(progress)
+        mask = mask_next
+    masks = torch.stack(masks).to(device)  # [S, rows, L]
+    sizes = [int(t.numel()) for t in picks]
+    picks_dev = torch.cat(picks).to(device).split(sizes)
+    progress_dev = torch.stack(cfgs).to(device) if cfgs else None  # [S, B]
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [B, L, X] -> [B*L, X]
+    cfg_dev = cfg.reshape(-1).to(device) if isinstance(cfg, torch.Tensor) else cfg  # per row, or a float
+
+    for step in range(num_iter):
+        patch_rows = torch.cat([patches, patches], dim=0) if guided else patches
+        conds = m.predict(patch_rows, masks[step], cond_list)
+        n_pred = sizes[step]
+        if n_pred > 0:
+            pick = picks_dev[step]
+            sel = torch.cat([pick, pick + bsz * seq_len]) if guided else pick
+            cond_list_next = [flat(c)[sel] for c in conds]
+            row_of_pick = pick // seq_len
+            # per row as in the reference loop, then the rows of this step's picks
+            cfg_iter = cfg
+            if progress_dev is not None:
+                cfg_iter = 1 + (cfg_dev - 1) * progress_dev[step]
+            if isinstance(cfg_iter, torch.Tensor) and cfg_iter.numel() > 1:
+                cfg_iter = cfg_iter.reshape(-1).to(device)[row_of_pick]
+            sampled = next_level_sample_function(
+                cond_list=cond_list_next, cfg=cfg_iter, temperature=temperature, filter_threshold=filter_threshold,
+                known=flat(known_p)[pick].reshape(-1, 3, p, p), known_mask=flat(known_mask_p)[pick].reshape(-1, 3, p, p))
+            patches.view(-1, patches.shape[-1])[pick] = sampled.reshape(n_pred, -1).to(patches.dtype)
+        if visualize:
+            visualize(m.unpatchify(patches))
+    return m.unpatchify(patches)
+
+def _fast_tables(m, num_iter: int, schedule, device) -> tuple:
+    """Per (iterations, device), made once: which step predicts the patch of each rank ``[L]`` and the
+    ``[L, 5]`` token index of every patch's five neighbour conditions (``n_prefix + L`` = the zero token
+    past the border)."""
+    cache = m.__dict__.setdefault("_fast_tables_cache", {})
+    key = (num_iter, device)
+    if key not in cache:
+        seq_len = m.seq_len
+        step_of_rank, hi = [0] * seq_len, seq_len
+        for step, (n_pred, _, _) in enumerate(schedule):
+            step_of_rank[hi - n_pred:hi] = [step] * n_pred
+            hi -= n_pred
+        n_prefix = m.num_conds + int(m.guiding_pixel)
+        cache[key] = (torch.tensor(step_of_rank, device=device), _neighbour_table(m.grid, device) + n_prefix)
+    return cache[key]
+
+
+def blocks_eval(m, x: torch.Tensor) -> torch.Tensor:
+    """The transformer blocks and the final norm in eval mode, ``[N, T, E] -> [N, T, E]`` (no-op dropout
+    calls skipped): the part of :meth:`MAR.predict` that ``generate(compile=True)`` compiles."""
+    for block in m.blocks:
+        x = _block_fast(block, x)
+    return m.norm(x)
+
+
+def _mar_schedule(seq_len: int, num_iter: int, cfg: float, cfg_schedule: str):
+    """Per step (patches predicted, patches still masked after it, CFG value) of :meth:`MAR.sample` when no
+    patch is known: the reference's tensor arithmetic replayed on the host, with float32 rounding where the
+    reference computes in float32 (``mask_len``, ``cfg_iter``)."""
+    masked = seq_len
+    out = []
+    for step in range(num_iter):
+        mask_ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+        mask_len = np.float32(np.floor(seq_len * mask_ratio))
+        mask_len = max(1.0, min(float(masked - 1), float(mask_len)))
+        n_next = int(mask_len)
+        n_pred = masked if step >= num_iter - 1 else max(0, masked - n_next)
+        if cfg_schedule == "linear":
+            # reference: 1 + (cfg - 1) * (seq_len - mask_len[0]) / seq_len on a float32 0-d tensor
+            t = np.float32(np.float32(cfg - 1) * np.float32(seq_len - mask_len))
+            cfg_iter = float(np.float32(np.float32(1) + np.float32(t / np.float32(seq_len))))
+        else:
+            cfg_iter = cfg
+        out.append((n_pred, n_next, cfg_iter))
+        masked = n_next
+    return out
+
+
+def _neighbour_table(grid: int, device) -> torch.Tensor:
+    """``[L, 5]`` indices of each patch's middle, top, right, bottom, left neighbour (``L`` = past the border),
+    for gathering :func:`neighbour_conditions` of selected positions."""
+    p = torch.arange(grid * grid, device=device)
+    r, c = p // grid, p % grid
+    zero = grid * grid
+    return torch.stack([p, torch.where(r > 0, p - grid, zero), torch.where(c < grid - 1, p + 1, zero),
+                        torch.where(r < grid - 1, p + grid, zero), torch.where(c > 0, p - 1, zero)], dim=1)
+
+
+def _block_fast(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`Block` in eval mode without the no-op dropout calls (same math, op for op)."""
+    attn = block.attn
+    if (x.dtype == torch.float32 and not autocast_on(x.device.type)
+            and not use_kernel(attn.backend, x.device)):
+        return _block_fp32(block, x)
+    x = x + attn.project(block.norm1(x))
+    mlp = block.mlp
+    return x + mlp.fc2(mlp.act(mlp.fc1(block.norm2(x))))
+
+
+def _ln(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _block_fp32(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eval-mode block on fp32 without autocast, on the reference math with fewer dispatches: functional
+    calls instead of module calls, and no no-op casts, autocast context or explicit ``scores - max(scores)``.
+    Bit-identical to the reference: in fp32 the casts are no-ops, and softmax subtracts the row maximum itself
+    (``(s - m) - 0`` rounds exactly like ``s - m``), so the exponentials see the same fp32 values (the fast-engine
+    tests compare images bit for bit)."""
+    attn, mlp = block.attn, block.mlp
+    bsz, seq, c = x.shape
+    qkv = F.linear(_ln(block.norm1, x), attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.reshape(bsz, seq, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = torch.softmax((q @ k.transpose(-2, -1)) * attn.scale, dim=-1)
+    o = (probs @ v).transpose(1, 2).reshape(bsz, seq, c)
+    x = x + F.linear(o, attn.proj.weight, attn.proj.bias)
+    h = F.gelu(F.linear(_ln(block.norm2, x), mlp.fc1.weight, mlp.fc1.bias))
+    return x + F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
