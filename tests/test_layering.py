@@ -154,3 +154,42 @@ def test_the_scan_detects_a_cycle_and_skips_type_checking_imports(tmp_path):
     edges = _graph(tmp_path, ("pkg",))
     assert edges["pkg.b"] == {"pkg.c"} and edges["pkg.d"] == set()
     assert _cycles(edges) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+MAX_LINES = 450  # one sitting; an exception would be listed here with the reason
+
+
+def test_no_module_is_too_long_to_read_in_one_sitting():
+    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by layer): {long}"
+
+
+def _readme_layout_paths():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths = []
+    for line in block.splitlines():
+        first = line.split("  ", 1)[0].strip()
+        if "/" not in first:
+            continue
+        if "{" in first:  # fractal_models/{mar,ar}.py
+            head, rest = first.split("{", 1)
+            names, tail = rest.split("}", 1)
+            paths += [head + n + tail for n in names.split(",")]
+        else:
+            paths.append(first)
+    return paths
+
+
+def test_readme_layout_matches_the_tree():
+    paths = _readme_layout_paths()
+    assert len(paths) > 10
+    missing = [p for p in paths if "<" not in p and not (ROOT / p).exists()]
+    assert not missing, f"README's layout names paths that do not exist: {missing}"
+    listed = [p.rstrip("/") for p in paths]
+    templates = [p.split("<", 1)[0] for p in paths if "<" in p]  # fractal_kernels/ops/<family>/ covers ops/*
+    package_dirs = sorted({str(i.parent.relative_to(ROOT)) for pkg in PACKAGES for i in (ROOT / pkg).rglob("__init__.py")})
+    unlisted = [d for d in package_dirs
+                if not any(l == d or l.startswith(d + "/") for l in listed) and not any(d.startswith(t) for t in templates)]
+    assert not unlisted, f"packages missing from README's layout: {unlisted}"
