@@ -1,6 +1,6 @@
 // Fused pixel head on the CPU: FractalGen's whole pixel (R, G, B, both CFG halves, the sampler) in one call.
 //
-// The CPU twin of the Triton kernel in fractal_kernels/ops/pixel_head.py, for the same reason: done with
+// The CPU twin of the Triton kernel in fractal_kernels/ops/pixel_head/kernels.py, for the same reason: done with
 // PyTorch ops a pixel-head call is ~100 dispatches of tensors far too small to amortise them (a pixel is a
 // few thousand FLOPs). Here a tile of 16 pixels (their cond and uncond rows) goes through the 4-token causal
 // transformer with a KV cache (channel c runs token c only), each weight matrix read once per tile, then each

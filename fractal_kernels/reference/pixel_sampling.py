@@ -16,7 +16,7 @@ The sampler contract
 --------------------
 Written once, here; implemented by :func:`sample_logits_reference` / :func:`inverse_cdf_draw` (the ``torch``
 backend), the Triton sampler and the Triton pixel head (their shared ``_inverse_cdf_draw`` in
-``fractal_kernels/ops/sample_logits.py``), the CUDA sampler (``csrc/pixel_head/pixel_head_kernels.cu``) and the
+``fractal_kernels/ops/sample_logits/kernels.py``), the CUDA sampler (``csrc/pixel_head/pixel_head_kernels.cu``) and the
 C++ CPU pixel head (``fractal_kernels/cpu/pixel_head_cpu.cpp``). ``tests/fractal_kernels/
 test_sampler_conformance.py`` runs every backend present against it. Per row of ``V`` logits:
 

@@ -19,7 +19,7 @@ GRAD_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(ce_mod, "CHUNK_ROWS", 64)  # exercise several chunks with small N
+    monkeypatch.setattr(ce_mod.launch, "CHUNK_ROWS", 64)  # exercise several chunks with small N
 
 
 def make(n, c, v, dtype, seed=0, ignore=False):

@@ -307,7 +307,7 @@ def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp
     dispatch.reload()
     try:
         assert ta._measured_crossover(16, torch.float32) == 8 and ta._measured_crossover(32, torch.float32) is None
-        monkeypatch.setattr(ta, "resolve", lambda op, backend, device, **kw: record(op, "triton"))  # auto on a GPU
+        monkeypatch.setattr(ta.api, "resolve", lambda op, backend, device, **kw: record(op, "triton"))  # auto on a GPU
         q, k, v = qkv(2, 2, 9, 16)
         out = tiny_attention(q, k, v)
         assert last_backend("tiny_attention") == "sdpa"
@@ -447,7 +447,7 @@ def test_launch_configs_follow_the_target_arch(arch, monkeypatch):
             return lambda *a, **kw: launches.append((self.name, a[0].dtype, kw))
 
     for name in ("_attn_fwd_kernel", "_attn_bwd_packed_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        monkeypatch.setattr(ta, name, Rec(name))
+        monkeypatch.setattr(ta.launch, name, Rec(name))
     with target_arch(arch):
         for dtype in (torch.float32, torch.bfloat16):
             for length in (4, 21, 261):

@@ -1,0 +1,105 @@
+"""Fused pixel head: the public entry point :func:`pixel_head_sample` (validation, backend choice, the torch
+path or the custom op of :mod:`.register`)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from fractal_kernels.dispatch import BackendUnavailable, record, resolve
+from fractal_kernels.ops.pixel_head.kernels import MAX_W, MIN_W
+from fractal_kernels.ops.pixel_head.launch import _check, _kernel_supports
+from fractal_kernels.ops.pixel_head.register import _pixel_head_op
+from fractal_kernels.reference.philox import philox_uniform
+from fractal_kernels.reference.pixel_head import PixelHeadWeights, pixel_head_sample_reference
+
+
+def _choose(backend: Optional[str], device: torch.device, width: int) -> str:
+    choice = backend or os.environ.get("FRACTAL_KERNELS_BACKEND") or "auto"
+    if choice == "cuda":
+        # the extension has no pixel-head kernel (dispatch.CUDA_SYMBOLS has no entry, so auto never picks it)
+        raise BackendUnavailable("pixel_head_sample: no CUDA-extension kernel for this op; use backend='triton' "
+                                 "(GPU), 'torch' or None")
+    which = resolve("pixel_head_sample", backend, device)
+    if which == "triton" and not _kernel_supports(width):
+        if choice == "triton":
+            raise ValueError(f"weights: width W={width} unsupported by the triton kernel (a power of two in "
+                             f"{MIN_W}..{MAX_W}); use backend='torch' or None")
+        which = record("pixel_head_sample", "torch")
+    return which
+
+
+def pixel_head_sample(
+    cond: torch.Tensor,
+    weights: PixelHeadWeights,
+    num_heads: int,
+    *,
+    guided: Optional[bool] = None,
+    cfg: Union[float, torch.Tensor] = 1.0,
+    temperature: float = 1.0,
+    filter_threshold: float = 0.0,
+    top_p: float = 1.0,
+    uniforms: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
+    exponentials: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Sample whole pixels with FractalGen's pixel head; returns int64 ids ``[B, 3]`` (R, G, B in 0..255).
+
+    ``cond``: the pixel head's conditions, ``[2B, C]`` (B conditional rows, then the B unconditional rows)
+    when ``guided``, else ``[B, C]``; any float dtype. ``weights``: :class:`PixelHeadWeights` from
+    :func:`fractal_kernels.reference.pixel_head.pack_pixel_head_weights` (fp32 / bf16 / fp16, upcast on load;
+    all math fp32). ``num_heads`` divides the width W. ``guided`` defaults to ``cfg`` being a tensor or != 1.
+
+    Per channel: the head's logits, then exactly :func:`fractal_kernels.sample_logits`: ``logits /
+    temperature`` (``0`` = greedy argmax), the reference's low-probability filter, CFG with a scalar or
+    per-pixel ``cfg`` ``[B]``, softmax, top-p, inverse-CDF draw. The id drawn for pixel ``b`` is the next
+    token of both its cond and uncond rows. Guided with a scalar ``cfg == 1`` samples the conditional rows only.
+    Note: ``PixelLoss.sample``'s temperature *multiplies* the logits; pass ``1 / t`` here.
+
+    Randomness: ``uniforms`` ``[3, B]`` (channel-major) if given, else Philox ``(seed, offset + channel * B +
+    pixel)`` (``seed=None`` draws one from ``generator`` or the global RNG); identical on every backend. Or
+    ``exponentials`` ``[3, B, 256]`` of Exp(1) noise: channel ``c`` takes ``argmax(probs / exponentials[c])``,
+    ``torch.multinomial``'s algorithm, so passing the noise it would draw (``torch.empty(B, 256).exponential_()``
+    per channel) picks what ``torch.multinomial(probs, 1)`` picks (``PixelLoss`` uses this to keep the
+    reference's random stream on a CPU).
+    A pixel whose channel-``c`` logits have no finite value (NaN condition or weights) gets -1 for channel
+    ``c`` and every later channel. ``backend``: None/"auto" (Triton on CUDA tensors, the compiled C++ kernel
+    on CPU tensors when it builds, else PyTorch), "torch", "triton", "cpu"; there is no "cuda" kernel (forcing
+    it raises ``BackendUnavailable``). The Triton kernel takes widths that are powers of two in 16..128; auto
+    dispatch runs other widths on the torch backend. The CPU kernel takes any width; its logits agree with the
+    torch backend's to ~1e-6 (another summation order), so ids can differ where two candidates nearly tie.
+    """
+    w, guided, bsz = _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms,
+                            offset, exponentials)
+    which = _choose(backend, cond.device, w.ln_w.shape[0])
+    if bsz == 0:
+        return torch.empty(0, 3, dtype=torch.int64, device=cond.device)
+    greedy = temperature == 0
+    inv_temp = 1.0 if greedy else 1.0 / float(temperature)
+    if isinstance(cfg, torch.Tensor) and cfg.numel() == 1:
+        cfg = float(cfg)
+    if guided and not isinstance(cfg, torch.Tensor) and float(cfg) == 1.0:
+        # cfg = 1 is the conditional distribution (as in sample_logits): the uncond rows never matter
+        guided, cond = False, cond[:bsz]
+    if uniforms is None and exponentials is None and not greedy and seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    seed = int(seed or 0) & ((1 << 64) - 1)
+
+    if which == "torch":
+        u = uniforms
+        if u is None and not greedy and exponentials is None:
+            u = philox_uniform(seed, offset, 3 * bsz, cond.device).reshape(3, bsz)
+        return pixel_head_sample_reference(cond, w, num_heads, guided=guided, cfg=cfg, inv_temperature=inv_temp,
+                                           filter_threshold=float(filter_threshold), top_p=float(top_p), uniforms=u,
+                                           greedy=greedy, exponentials=exponentials)
+    cfg_t = cfg.reshape(-1).float().contiguous() if isinstance(cfg, torch.Tensor) else None
+    cfg_scalar = 1.0 if cfg_t is not None else float(cfg)
+    uni = uniforms.contiguous() if uniforms is not None else None  # fp64 uniforms stay fp64, as in sample_logits
+    exp = exponentials.contiguous() if exponentials is not None and not greedy else None
+    return _pixel_head_op(cond if cond.stride(1) == 1 else cond.contiguous(), list(w), num_heads, guided, cfg_t,
+                          cfg_scalar, inv_temp, float(filter_threshold), float(top_p), greedy, uni,
+                          seed & 0xFFFFFFFF, seed >> 32, int(offset), exp, which)

@@ -1,0 +1,30 @@
+"""Fused pixel head: the ``torch.library`` custom op ``fractal_kernels::pixel_head_sample`` (one op in a profiler
+or a ``torch.compile`` graph) and its fake kernel; it runs a launcher of :mod:`.launch`."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from fractal_kernels.ops.pixel_head.launch import _launch_cpu, _launch_triton
+from fractal_kernels.reference.pixel_head import PixelHeadWeights
+
+
+@torch.library.custom_op("fractal_kernels::pixel_head_sample", mutates_args=())
+def _pixel_head_op(cond: torch.Tensor, weights: List[torch.Tensor], num_heads: int, guided: bool,
+                   cfg: Optional[torch.Tensor], cfg_scalar: float, inv_temp: float, filter_threshold: float,
+                   top_p: float, greedy: bool, uniforms: Optional[torch.Tensor], seed_lo: int, seed_hi: int,
+                   offset: int, exponentials: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
+    bsz = cond.shape[0] // 2 if guided else cond.shape[0]
+    ids = torch.empty(bsz, 3, dtype=torch.int64, device=cond.device)
+    launch = _launch_cpu if kernel == "cpu" else _launch_triton
+    launch(cond, PixelHeadWeights(*weights), num_heads, guided, cfg, cfg_scalar, inv_temp, filter_threshold,
+           top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, exponentials=exponentials)
+    return ids
+
+
+@_pixel_head_op.register_fake
+def _(cond, weights, num_heads, guided, cfg, cfg_scalar, inv_temp, filter_threshold, top_p, greedy, uniforms,
+      seed_lo, seed_hi, offset, exponentials, kernel):
+    bsz = cond.shape[0] // 2 if guided else cond.shape[0]
+    return cond.new_empty(bsz, 3, dtype=torch.int64)

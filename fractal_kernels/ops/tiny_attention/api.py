@@ -1,0 +1,182 @@
+"""Tiny-sequence attention: the public entry points :func:`tiny_attention`, :func:`tiny_attention_packed` and
+:func:`tiny_attention_decode` (validation, backend choice, the torch / SDPA paths, then the custom ops of
+:mod:`.register`). Arguments and numerics: :mod:`fractal_kernels.ops.tiny_attention`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from fractal_kernels import dispatch, policy
+from fractal_kernels._checks import host_checks
+from fractal_kernels.dispatch import BackendUnavailable, record, resolve
+from fractal_kernels.ops.tiny_attention.kernels import MAX_L
+from fractal_kernels.ops.tiny_attention.launch import (_check_dtype, _check_head_dim_scale, _check_lens, _check_qkv,
+                                                       _check_strides, _dropout_seed, _shape, _uniform_lens)
+from fractal_kernels.ops.tiny_attention.register import _decode_op, _fwd_op, _packed_fwd_op, _split_qkv
+from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
+                                                 attention_reference, attention_varlen_reference)
+
+
+def _measured_crossover(D: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> Optional[int]:
+    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any; the
+    policy files and the device name are read once per process: the dispatch is hot)."""
+    if device is None:
+        device = torch.device("cuda") if dispatch._cuda_available() else torch.device("cpu")
+    name = dispatch.device_name(device.index) if device.type == "cuda" else ""
+    return policy.load().crossover_length(name, str(dtype).replace("torch.", ""), D)
+
+
+def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
+            dropout: bool = False, varlen: bool = False) -> str:
+    """The backend for this call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
+    if dtype == torch.float64:
+        if backend not in (None, "auto", "torch"):
+            raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
+        return resolve(op, "torch", device)
+    forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
+    if L > MAX_L:
+        if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
+            raise ValueError(f"q: sequence length L={L} over the kernels' limit {MAX_L}; use backend=None "
+                             f"(SDPA) or 'torch'")
+        if not forced:
+            return record(op, "sdpa" if device.type == "cuda" else "torch")
+    shape = dispatch.shape_class(D=D, dropout=dropout, varlen=varlen)
+    which = resolve(op, backend, device, dtype=dtype, shape_class=shape)
+    if not forced and which != "torch" and dispatch.unsupported(op, "torch", dtype, shape) is None:
+        cross = _measured_crossover(D, dtype, device)  # SDPA's path runs the reference for varlen/dropout
+        if cross is not None and L >= cross:
+            return record(op, "sdpa")
+    return which
+
+
+
+def _sdpa(q, k, v, causal, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def _reference(q, k, v, lens, causal, scale, dropout_p, seed):
+    if dropout_p > 0:
+        n, h, length, _ = q.shape
+        keep = attention_dropout_scale(seed, n, h, length, length, dropout_p, q.device)
+        if lens is not None:
+            raise ValueError("dropout_p: not supported together with seqlens on the torch backend")
+        return attention_reference(q, k, v, causal=causal, scale=scale, dropout_scale=keep)
+    if lens is not None:
+        return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
+    return attention_reference(q, k, v, causal=causal, scale=scale)
+
+
+def _no_cuda_dropout(which: str, backend: Optional[str], dropout_p: float) -> str:
+    if dropout_p > 0 and which == "cuda":
+        if backend == "cuda":
+            raise BackendUnavailable("tiny_attention: the CUDA kernels have no dropout; use backend='triton' or None")
+        return record("tiny_attention", "triton")
+    return which
+
+
+def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                   dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention over many tiny sequences.
+
+    q, k, v: ``[N, H, L, D]``, one dtype (fp32 / bf16 / fp16; fp64 on the torch backend), any strides with
+    ``stride(-1) == 1``. ``causal`` masks key j > query i. ``scale`` defaults to ``D ** -0.5``. ``seqlens``
+    (``[N]`` integers in [0, L]) gives each sequence its own length: keys past it are ignored, outputs past it
+    are zero. Returns ``[N, H, L, D]`` in the input dtype (a view of an ``[N, L, H, D]`` buffer). Autograd
+    flows to q, k, v. ``dropout_p`` drops attention probabilities (training) with a Philox mask keyed by
+    ``dropout_seed`` (any int, taken mod 2**64; None: drawn from torch's CPU generator), regenerated in the backward pass and identical
+    on the torch backend (:func:`fractal_kernels.reference.attention.attention_dropout_scale`).
+    ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
+    """
+    _check_qkv(q, k, v, scale)
+    N, H, L, D = q.shape
+    lens = _check_lens(seqlens, N, L, q.device)
+    scale = float(scale) if scale is not None else D ** -0.5
+    seed = _dropout_seed(dropout_p, dropout_seed)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, q.dtype, q.device, q.shape[-1], L,
+                                     dropout=dropout_p > 0, varlen=lens is not None), backend, dropout_p)
+    if which == "torch" or (which == "sdpa" and (lens is not None or dropout_p > 0)):
+        return _reference(q, k, v, lens, causal, scale, dropout_p, seed)
+    if which == "sdpa":
+        return _sdpa(q, k, v, causal, scale)
+    _check_strides(which, q=q, k=k, v=v)
+    o, _ = _fwd_op(q, k, v, lens, causal, scale, which, float(dropout_p), seed)
+    return o
+
+
+def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = False,
+                          scale: Optional[float] = None, seqlens: Optional[torch.Tensor] = None,
+                          dropout_p: float = 0.0, dropout_seed: Optional[int] = None,
+                          backend: Optional[str] = None) -> torch.Tensor:
+    """Attention straight from the qkv projection ``[N, L, 3*H*D]`` (q, k, v of each head in the reference's
+    ``reshape(N, L, 3, H, D)`` order) to ``[N, L, H*D]``; the kernels read and write through strides.
+    Other arguments as :func:`tiny_attention`."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv: expected a [N, L, 3*H*D] tensor, got {_shape(qkv)}")
+    if not isinstance(num_heads, int) or num_heads < 1 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"num_heads: expected a positive int dividing qkv's last dim / 3 "
+                         f"({qkv.shape[-1]} / 3), got {num_heads!r}")
+    N, L, three_hd = qkv.shape
+    D = three_hd // (3 * num_heads)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    # validated on qkv itself: the q/k/v views are made only where needed (each is an op on the hot path)
+    _check_dtype("qkv", qkv.dtype)
+    _check_head_dim_scale("qkv", D, scale)
+    lens = _check_lens(seqlens, N, L, qkv.device)
+    scale = float(scale) if scale is not None else D ** -0.5
+    seed = _dropout_seed(dropout_p, dropout_seed)
+    which = _no_cuda_dropout(_choose("tiny_attention", backend, qkv.dtype, qkv.device, D, L,
+                                     dropout=dropout_p > 0, varlen=lens is not None), backend, dropout_p)
+    if which in ("torch", "sdpa"):
+        q, k, v = _split_qkv(qkv, num_heads)
+        o = tiny_attention(q, k, v, causal=causal, scale=scale, seqlens=lens, dropout_p=dropout_p, dropout_seed=seed,
+                           backend="torch" if which == "torch" else None)
+        return o.transpose(1, 2).reshape(N, L, num_heads * D)
+    o, _ = _packed_fwd_op(qkv, num_heads, lens, causal, scale, which, float(dropout_p), seed)
+    return o
+
+
+def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          kv_lens: Union[int, torch.Tensor], *, freqs_cis: Optional[torch.Tensor] = None,
+                          scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Causal attention of the last ``Lq`` positions against a KV cache (the AR levels' sampling step).
+
+    q ``[N, H, Lq, D]``; k_cache, v_cache ``[N, H, Lmax, D]`` whose first ``kv_lens`` positions are filled
+    (an int, or ``[N]`` integers, each >= Lq); query i sits at position ``kv_lens - Lq + i`` and sees keys
+    ``j <= that``. ``freqs_cis`` ``[P, D/2, 2]`` (cos, sin; P >= Lmax) turns on the AR level's rotary
+    embedding inside the kernel: the cache then holds *un-rotated* keys and q and k are rotated by their
+    positions on load (fp32 math rounded to the input dtype, as the reference rotates before caching).
+    Forward only. Returns ``[N, H, Lq, D]``.
+    """
+    _check_qkv(q, k_cache, v_cache, scale, same_length=False)
+    N, H, LQ, D = q.shape
+    lmax = k_cache.shape[2]
+    if isinstance(kv_lens, int):
+        if not LQ <= kv_lens <= lmax:
+            raise ValueError(f"kv_lens: expected Lq={LQ} <= kv_lens <= Lmax={lmax}, got {kv_lens}")
+        lens = _uniform_lens(N, kv_lens, q.device)
+    else:
+        lens = _check_lens(kv_lens, N, lmax, q.device, "kv_lens")
+        if lens.numel() and host_checks(q.device) and int(lens.min()) < LQ:
+            raise ValueError(f"kv_lens: every length must be >= Lq={LQ}, got min {int(lens.min())}")
+    if freqs_cis is not None:
+        if freqs_cis.dim() != 3 or freqs_cis.shape[1:] != (D // 2, 2) or freqs_cis.shape[0] < lmax or D % 2:
+            raise ValueError(f"freqs_cis: expected [P >= {lmax}, D/2={D // 2}, 2] for an even D, got "
+                             f"{_shape(freqs_cis)}")
+        if freqs_cis.device != q.device or freqs_cis.dtype != torch.float32 or not freqs_cis.is_contiguous():
+            freqs_cis = freqs_cis.to(device=q.device, dtype=torch.float32).contiguous()  # (an op per call otherwise)
+    scale = float(scale) if scale is not None else D ** -0.5
+    which = resolve("tiny_attention_decode", backend, q.device) if q.dtype != torch.float64 else \
+        resolve("tiny_attention_decode", "torch", q.device)
+    if which == "torch":
+        return attention_decode_reference(q, k_cache, v_cache, lens, scale=scale, freqs_cis=freqs_cis)
+    if which == "cuda":
+        raise BackendUnavailable("tiny_attention_decode: no CUDA decode kernel; use backend='triton' or None")
+    _check_strides(which, q=q, k_cache=k_cache, v_cache=v_cache)
+    return _decode_op(q, k_cache, v_cache, lens, freqs_cis, scale)
