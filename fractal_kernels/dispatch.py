@@ -21,6 +21,11 @@ Cost per call: the support of a call is computed once per (op, device type, dtyp
 extension import, the policy files, triton's import and the device name are each looked up once per process.
 :func:`reload` forgets all of it (tests, and writers of the policy files).
 
+Per-op choices beyond the support predicates live here too, so every op's policy is in this module:
+:func:`choose_attention` (fp64 on torch, SDPA past ``ATTENTION_MAX_L`` or the measured crossover),
+:func:`choose_attention_decode` and :func:`choose_pixel_head` (widths the Triton kernel does not take go to
+torch); the other ops call :func:`resolve` directly.
+
 ``last_backend(op)`` tells which backend ran last for an op; ``FRACTAL_KERNELS_VERBOSE=1`` prints each choice.
 """
 from __future__ import annotations
@@ -216,6 +221,8 @@ def unsupported(op: str, backend: str, dtype: Optional[torch.dtype] = None,
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_V = 1024                        # csrc/bindings.cpp: one CUDA block per row
 CUDA_ATTENTION_D = (16, 32, 64, 80, 128)  # csrc/tiny_attention: tiny_attention_supports_head_dim
+ATTENTION_MAX_L = 512                     # longest sequence of the attention kernels; auto: SDPA past it
+PIXEL_HEAD_TRITON_W = (16, 128)           # widths of the Triton pixel head: powers of two in this range
 
 
 def _dtype_in(allowed, what):
@@ -335,6 +342,81 @@ def resolve(op: str, backend: Optional[str], device: torch.device, *, dtype: Opt
         raise BackendUnavailable(f"{op}: backend {choice!r} cannot run this call: {reason}; use another "
                                  f"backend or None")
     return record(op, choice)
+
+
+# ------------------------------------------------------------------------------------ per-op choices
+# What auto decides beyond the support predicates, for the ops whose choice is more than resolve(): SDPA for
+# long attention, the fp64 attention, the pixel head's widths. The ops call these; nothing else chooses.
+
+def attention_crossover(D: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> Optional[int]:
+    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any; the
+    policy files and the device name are read once per process: the dispatch is hot)."""
+    if device is None:
+        device = torch.device("cuda") if _cuda_available() else torch.device("cpu")
+    name = device_name(device.index) if device.type == "cuda" else ""
+    return policy.load().crossover_length(name, str(dtype).replace("torch.", ""), D)
+
+
+def choose_attention(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
+                     dropout: bool = False, varlen: bool = False) -> str:
+    """The backend for this attention call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
+    if dtype == torch.float64:
+        if backend not in (None, "auto", "torch"):
+            raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
+        return resolve(op, "torch", device)
+    forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
+    if L > ATTENTION_MAX_L:
+        if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
+            raise ValueError(f"q: sequence length L={L} over the kernels' limit {ATTENTION_MAX_L}; use backend=None "
+                             f"(SDPA) or 'torch'")
+        if not forced:
+            return record(op, "sdpa" if device.type == "cuda" else "torch")
+    shape = shape_class(D=D, dropout=dropout, varlen=varlen)
+    which = resolve(op, backend, device, dtype=dtype, shape_class=shape)
+    if not forced and which != "torch" and unsupported(op, "torch", dtype, shape) is None:
+        cross = attention_crossover(D, dtype, device)  # SDPA's path runs the reference for varlen/dropout
+        if cross is not None and L >= cross:
+            return record(op, "sdpa")
+    return which
+
+
+def attention_without_cuda_dropout(which: str, backend: Optional[str], dropout_p: float) -> str:
+    """A dropout call chosen for the CUDA attention kernels (which have none) goes to Triton, or raises if forced."""
+    if dropout_p > 0 and which == "cuda":
+        if backend == "cuda":
+            raise BackendUnavailable("tiny_attention: the CUDA kernels have no dropout; use backend='triton' or None")
+        return record("tiny_attention", "triton")
+    return which
+
+
+def choose_attention_decode(backend: Optional[str], dtype: torch.dtype, device: torch.device) -> str:
+    """The backend of a KV-cache decode step: fp64 on torch; there is no CUDA decode kernel."""
+    op = "tiny_attention_decode"
+    which = resolve(op, backend, device) if dtype != torch.float64 else resolve(op, "torch", device)
+    if which == "cuda":
+        raise BackendUnavailable("tiny_attention_decode: no CUDA decode kernel; use backend='triton' or None")
+    return which
+
+
+def pixel_head_triton_supports(width: int) -> bool:
+    lo, hi = PIXEL_HEAD_TRITON_W
+    return lo <= width <= hi and width & (width - 1) == 0
+
+
+def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) -> str:
+    """The pixel head's backend; auto runs widths the Triton kernel does not take on the torch backend."""
+    choice = backend or os.environ.get("FRACTAL_KERNELS_BACKEND") or "auto"
+    if choice == "cuda":
+        # the extension has no pixel-head kernel (CUDA_SYMBOLS has no entry, so auto never picks it)
+        raise BackendUnavailable("pixel_head_sample: no CUDA-extension kernel for this op; use backend='triton' "
+                                 "(GPU), 'torch' or None")
+    which = resolve("pixel_head_sample", backend, device)
+    if which == "triton" and not pixel_head_triton_supports(width):
+        if choice == "triton":
+            raise ValueError(f"weights: width W={width} unsupported by the triton kernel (a power of two in "
+                             f"{PIXEL_HEAD_TRITON_W[0]}..{PIXEL_HEAD_TRITON_W[1]}); use backend='torch' or None")
+        which = record("pixel_head_sample", "torch")
+    return which
 
 
 def record(op: str, choice: str) -> str:

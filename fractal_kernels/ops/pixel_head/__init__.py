@@ -40,20 +40,24 @@ Layers (each imports only the ones above it):
 * :mod:`.launch` -- the launch configuration (:func:`pixel_head_config`), the Triton and C++ CPU launchers and the
   input checks;
 * :mod:`.register` -- the ``torch.library`` custom op ``fractal_kernels::pixel_head_sample`` and its fake kernel;
-* :mod:`.api` -- the public :func:`pixel_head_sample` and its backend choice.
+* :mod:`.api` -- the public :func:`pixel_head_sample` (its backend choice: ``fractal_kernels.dispatch.choose_pixel_head``).
 
 This package re-exports their names, so ``fractal_kernels.ops.pixel_head.X`` keeps working; patch a name
 where it is looked up (e.g. ``pixel_head.launch._pixel_head_kernel``).
 """
 from fractal_kernels.dispatch import BackendUnavailable, record, resolve  # noqa: F401 (old import paths)
-from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON, MAX_W, MIN_W  # noqa: F401
+from fractal_kernels.dispatch import PIXEL_HEAD_TRITON_W
+from fractal_kernels.dispatch import pixel_head_triton_supports as _kernel_supports  # noqa: F401
+from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON  # noqa: F401
 from fractal_kernels.ops.pixel_head.launch import (_TRANSPOSED, PixelHeadConfig, _check, _check_weights,  # noqa: F401
-                                                   _gpu_launch, _kernel_supports, _launch_cpu, _launch_triton,
+                                                   _gpu_launch, _launch_cpu, _launch_triton,
                                                    _shape, _sm_count, _sm_count_cuda, _transposed_cpu,
                                                    pixel_head_config)
 from fractal_kernels.ops.pixel_head.register import _pixel_head_op  # noqa: F401
 from fractal_kernels.ops.pixel_head.api import _choose, pixel_head_sample  # noqa: F401
 from fractal_kernels.ops.pixel_head import api, kernels, launch, register  # noqa: F401
+
+MIN_W, MAX_W = PIXEL_HEAD_TRITON_W
 
 if HAS_TRITON:
     from fractal_kernels.ops.pixel_head.kernels import _pixel_head_kernel  # noqa: F401

@@ -1,33 +1,16 @@
 """Fused pixel head: the public entry point :func:`pixel_head_sample` (validation, backend choice, the torch
-path or the custom op of :mod:`.register`)."""
+path or the custom op of :mod:`.register`); the backend choice is ``fractal_kernels.dispatch.choose_pixel_head``."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 
-from fractal_kernels.dispatch import BackendUnavailable, record, resolve
-from fractal_kernels.ops.pixel_head.kernels import MAX_W, MIN_W
-from fractal_kernels.ops.pixel_head.launch import _check, _kernel_supports
+from fractal_kernels.dispatch import choose_pixel_head as _choose
+from fractal_kernels.ops.pixel_head.launch import _check
 from fractal_kernels.ops.pixel_head.register import _pixel_head_op
 from fractal_kernels.reference.philox import philox_uniform
 from fractal_kernels.reference.pixel_head import PixelHeadWeights, pixel_head_sample_reference
-
-
-def _choose(backend: Optional[str], device: torch.device, width: int) -> str:
-    choice = backend or os.environ.get("FRACTAL_KERNELS_BACKEND") or "auto"
-    if choice == "cuda":
-        # the extension has no pixel-head kernel (dispatch.CUDA_SYMBOLS has no entry, so auto never picks it)
-        raise BackendUnavailable("pixel_head_sample: no CUDA-extension kernel for this op; use backend='triton' "
-                                 "(GPU), 'torch' or None")
-    which = resolve("pixel_head_sample", backend, device)
-    if which == "triton" and not _kernel_supports(width):
-        if choice == "triton":
-            raise ValueError(f"weights: width W={width} unsupported by the triton kernel (a power of two in "
-                             f"{MIN_W}..{MAX_W}); use backend='torch' or None")
-        which = record("pixel_head_sample", "torch")
-    return which
 
 
 def pixel_head_sample(

@@ -13,8 +13,6 @@ try:
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
 
-MIN_W, MAX_W = 16, 128
-
 if HAS_TRITON:
 
     @triton.jit

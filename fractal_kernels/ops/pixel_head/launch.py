@@ -11,7 +11,7 @@ import torch
 
 from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import BackendUnavailable, triton_interpreting
-from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON, MAX_W, MIN_W
+from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights
 
 if HAS_TRITON:
@@ -202,10 +202,6 @@ def _check_weights(weights, cond: torch.Tensor, num_heads) -> PixelHeadWeights:
             raise ValueError(f"weights.{name}: expected shape {expected[name]} (W={width}, C={c_in} from cond, "
                              f"depth={depth}, M={hidden}), got {tuple(t.shape)}")
     return w
-
-
-def _kernel_supports(width: int) -> bool:
-    return MIN_W <= width <= MAX_W and width & (width - 1) == 0
 
 
 def _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms, offset,

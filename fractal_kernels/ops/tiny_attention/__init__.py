@@ -6,7 +6,7 @@ Layers (each imports only the ones above it):
 * :mod:`.kernels` -- the ``@triton.jit`` kernels and their inlined helpers (only with triton installed);
 * :mod:`.launch` -- launch configuration (:func:`_attn_config`), the launchers and the input checks;
 * :mod:`.register` -- the ``torch.library`` custom ops, their fake (meta) kernels and autograd;
-* :mod:`.api` -- the public entry points and their backend choice.
+* :mod:`.api` -- the public entry points (their backend choice: ``fractal_kernels.dispatch.choose_attention``).
 
 This package re-exports the names of all four, so ``fractal_kernels.ops.tiny_attention.X`` keeps working;
 patch a name where it is looked up (e.g. ``tiny_attention.launch._attn_fwd_kernel``).
@@ -37,12 +37,15 @@ rounds to the input dtype, as on a GPU (the backward's TF32 operand rounding is 
 Dispatch (``fractal_kernels.dispatch``): "torch" runs ``fractal_kernels.reference.attention``; "triton" these
 kernels; "cuda" the ``csrc/tiny_attention`` kernels (forward/backward; decode has no CUDA version). ``auto``
 on a GPU uses SDPA instead for lengths past the crossover measured by the benchmark
-(``attention_crossover.json``, see ``fractal_kernels.policy``), and always past ``MAX_L``.
+(``attention_crossover.json``, see ``fractal_kernels.policy``), and always past ``MAX_L``
+(``dispatch.ATTENTION_MAX_L``).
 """
 from __future__ import annotations
 
 from fractal_kernels.dispatch import BackendUnavailable, record, resolve  # noqa: F401 (old import paths)
-from fractal_kernels.ops.tiny_attention.kernels import (HAS_TRITON, MAX_D, MAX_L, PACK_MAX_L, STREAM_BLOCK,  # noqa: F401
+from fractal_kernels.dispatch import ATTENTION_MAX_L as MAX_L  # noqa: F401
+from fractal_kernels.dispatch import attention_crossover as _measured_crossover  # noqa: F401
+from fractal_kernels.ops.tiny_attention.kernels import (HAS_TRITON, MAX_D, PACK_MAX_L, STREAM_BLOCK,  # noqa: F401
                                                         SUPPORTED_D, TILE)
 from fractal_kernels.ops.tiny_attention.launch import (_attn_config, _block_d, _bwd_into, _Cfg,  # noqa: F401
                                                        _check_dtype, _check_head_dim_scale, _check_lens, _check_qkv,
@@ -51,9 +54,8 @@ from fractal_kernels.ops.tiny_attention.launch import (_attn_config, _block_d, _
                                                        _shape, _strides, _triton_bwd, _triton_fwd, _uniform_lens)
 from fractal_kernels.ops.tiny_attention.register import (_bwd_op, _decode_op, _fwd_op, _packed_bwd_op,  # noqa: F401
                                                          _packed_fwd_op, _split_qkv)
-from fractal_kernels.ops.tiny_attention.api import (_choose, _measured_crossover, _no_cuda_dropout,  # noqa: F401
-                                                    _reference, _sdpa, tiny_attention, tiny_attention_decode,
-                                                    tiny_attention_packed)
+from fractal_kernels.ops.tiny_attention.api import (_choose, _no_cuda_dropout, _reference, _sdpa,  # noqa: F401
+                                                    tiny_attention, tiny_attention_decode, tiny_attention_packed)
 from fractal_kernels.ops.tiny_attention import api, kernels, launch, register  # noqa: F401
 
 if HAS_TRITON:

@@ -1,57 +1,23 @@
 """Tiny-sequence attention: the public entry points :func:`tiny_attention`, :func:`tiny_attention_packed` and
-:func:`tiny_attention_decode` (validation, backend choice, the torch / SDPA paths, then the custom ops of
-:mod:`.register`). Arguments and numerics: :mod:`fractal_kernels.ops.tiny_attention`.
+:func:`tiny_attention_decode` (validation, the backend choice of ``fractal_kernels.dispatch``, the torch /
+SDPA paths, then the custom ops of :mod:`.register`). Arguments and numerics: :mod:`fractal_kernels.ops.tiny_attention`.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from fractal_kernels import dispatch, policy
 from fractal_kernels._checks import host_checks
-from fractal_kernels.dispatch import BackendUnavailable, record, resolve
-from fractal_kernels.ops.tiny_attention.kernels import MAX_L
+from fractal_kernels.dispatch import attention_without_cuda_dropout as _no_cuda_dropout
+from fractal_kernels.dispatch import choose_attention as _choose
+from fractal_kernels.dispatch import choose_attention_decode
 from fractal_kernels.ops.tiny_attention.launch import (_check_dtype, _check_head_dim_scale, _check_lens, _check_qkv,
                                                        _check_strides, _dropout_seed, _shape, _uniform_lens)
 from fractal_kernels.ops.tiny_attention.register import _decode_op, _fwd_op, _packed_fwd_op, _split_qkv
 from fractal_kernels.reference.attention import (attention_decode_reference, attention_dropout_scale,
                                                  attention_reference, attention_varlen_reference)
-
-
-def _measured_crossover(D: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> Optional[int]:
-    """Length from which SDPA beat the kernel in the benchmark run recorded for this device (if any; the
-    policy files and the device name are read once per process: the dispatch is hot)."""
-    if device is None:
-        device = torch.device("cuda") if dispatch._cuda_available() else torch.device("cpu")
-    name = dispatch.device_name(device.index) if device.type == "cuda" else ""
-    return policy.load().crossover_length(name, str(dtype).replace("torch.", ""), D)
-
-
-def _choose(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
-            dropout: bool = False, varlen: bool = False) -> str:
-    """The backend for this call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
-    if dtype == torch.float64:
-        if backend not in (None, "auto", "torch"):
-            raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
-        return resolve(op, "torch", device)
-    forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
-    if L > MAX_L:
-        if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
-            raise ValueError(f"q: sequence length L={L} over the kernels' limit {MAX_L}; use backend=None "
-                             f"(SDPA) or 'torch'")
-        if not forced:
-            return record(op, "sdpa" if device.type == "cuda" else "torch")
-    shape = dispatch.shape_class(D=D, dropout=dropout, varlen=varlen)
-    which = resolve(op, backend, device, dtype=dtype, shape_class=shape)
-    if not forced and which != "torch" and dispatch.unsupported(op, "torch", dtype, shape) is None:
-        cross = _measured_crossover(D, dtype, device)  # SDPA's path runs the reference for varlen/dropout
-        if cross is not None and L >= cross:
-            return record(op, "sdpa")
-    return which
-
 
 
 def _sdpa(q, k, v, causal, scale):
@@ -68,14 +34,6 @@ def _reference(q, k, v, lens, causal, scale, dropout_p, seed):
     if lens is not None:
         return attention_varlen_reference(q, k, v, lens, causal=causal, scale=scale)
     return attention_reference(q, k, v, causal=causal, scale=scale)
-
-
-def _no_cuda_dropout(which: str, backend: Optional[str], dropout_p: float) -> str:
-    if dropout_p > 0 and which == "cuda":
-        if backend == "cuda":
-            raise BackendUnavailable("tiny_attention: the CUDA kernels have no dropout; use backend='triton' or None")
-        return record("tiny_attention", "triton")
-    return which
 
 
 def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -172,11 +130,8 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         if freqs_cis.device != q.device or freqs_cis.dtype != torch.float32 or not freqs_cis.is_contiguous():
             freqs_cis = freqs_cis.to(device=q.device, dtype=torch.float32).contiguous()  # (an op per call otherwise)
     scale = float(scale) if scale is not None else D ** -0.5
-    which = resolve("tiny_attention_decode", backend, q.device) if q.dtype != torch.float64 else \
-        resolve("tiny_attention_decode", "torch", q.device)
+    which = choose_attention_decode(backend, q.dtype, q.device)
     if which == "torch":
         return attention_decode_reference(q, k_cache, v_cache, lens, scale=scale, freqs_cis=freqs_cis)
-    if which == "cuda":
-        raise BackendUnavailable("tiny_attention_decode: no CUDA decode kernel; use backend='triton' or None")
     _check_strides(which, q=q, k_cache=k_cache, v_cache=v_cache)
     return _decode_op(q, k_cache, v_cache, lens, freqs_cis, scale)

@@ -15,7 +15,6 @@ try:
 except ImportError:  # pragma: no cover - triton is optional
     HAS_TRITON = False
 
-MAX_L = 512
 SUPPORTED_D = (16, 32, 64, 80, 128)
 MAX_D = 128
 PACK_MAX_L = 64   # sequences up to this length are processed whole, several per program

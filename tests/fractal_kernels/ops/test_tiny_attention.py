@@ -307,7 +307,7 @@ def test_auto_hands_lengths_past_the_measured_crossover_to_sdpa(monkeypatch, tmp
     dispatch.reload()
     try:
         assert ta._measured_crossover(16, torch.float32) == 8 and ta._measured_crossover(32, torch.float32) is None
-        monkeypatch.setattr(ta.api, "resolve", lambda op, backend, device, **kw: record(op, "triton"))  # auto on a GPU
+        monkeypatch.setattr(dispatch, "resolve", lambda op, backend, device, **kw: record(op, "triton"))  # auto on a GPU
         q, k, v = qkv(2, 2, 9, 16)
         out = tiny_attention(q, k, v)
         assert last_backend("tiny_attention") == "sdpa"
