@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from fractal_kernels.nn.rope_attention import Attention, KVCache, apply_rotary_emb  # noqa: F401 (public here too)
 from fractal_models.engine import ar as _engine
 from fractal_models.layers import init_vit_weights, known_patches, patchify, unpatchify
-from fractal_models.pixelloss import _is_one
+from fractal_models.layers import is_one as _is_one
 
 
 def find_multiple(n: int, k: int) -> int:

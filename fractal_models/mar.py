@@ -28,7 +28,8 @@ from fractal_models.engine import mar as _engine
 from fractal_models.engine.mar import _mar_schedule  # noqa: F401 (moved to the engine; old import path)
 from fractal_models.layers import (Mlp, init_vit_weights, known_patches, mask_by_order, patchify,  # noqa: F401
                                    unpatchify)
-from fractal_models.pixelloss import PixelLoss, _is_one
+from fractal_models.layers import is_one as _is_one
+from fractal_models.pixelloss import PixelLoss
 
 
 class Block(nn.Module):

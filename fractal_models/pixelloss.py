@@ -18,7 +18,7 @@ from fractal_models.engine import pixel_head as _engine
 from fractal_models.engine.pixel_head import _gemm_pad  # noqa: F401 (moved to the engine; old import path)
 from fractal_models.layers import PixelDraw, multinomial_draw  # noqa: F401 (public here too)
 from fractal_models.layers import Mlp, init_vit_weights, kernel_backend, use_kernel
-from fractal_models.layers import is_one as _is_one  # noqa: F401 (mar, ar and old imports use this name)
+from fractal_models.layers import is_one as _is_one  # noqa: F401 (also the old import path)
 
 PIX_MEAN = (0.485, 0.456, 0.406)
 PIX_STD = (0.229, 0.224, 0.225)
