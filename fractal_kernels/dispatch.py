@@ -23,8 +23,8 @@ extension import, the policy files, triton's import and the device name are each
 
 Per-op choices beyond the support predicates live here too, so every op's policy is in this module:
 :func:`choose_attention` (fp64 on torch, SDPA past ``ATTENTION_MAX_L`` or the measured crossover),
-:func:`choose_attention_decode` and :func:`choose_pixel_head` (widths the Triton kernel does not take go to
-torch); the other ops call :func:`resolve` directly.
+:func:`choose_attention_decode`, :func:`choose_pixel_head` (widths the Triton kernel does not take go to
+torch) and :func:`choose_block_stack` (fuse a level's blocks or not); the other ops call :func:`resolve`.
 
 ``last_backend(op)`` tells which backend ran last for an op; ``FRACTAL_KERNELS_VERBOSE=1`` prints each choice.
 """
@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from fractal_kernels import policy
+from fractal_kernels._jit import JIT as _JIT, cuda_sources, jit_build as _jit_build  # noqa: F401 (re-exported)
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # ops with a compiled C++ CPU kernel (fractal_kernels/cpu): where PyTorch's per-op dispatch dominates on a CPU
@@ -52,44 +53,12 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this op here (or not this call's shape/dtype)."""
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_JIT: Dict[str, object] = {}
 # Per-process caches. Plain dicts, not functools.lru_cache: torch.compile traces through the dispatch and warns
 # about every lru_cache it meets.
 _EXT: Dict[str, object] = {}
 _NAMES: Dict[Optional[int], str] = {}
 _UNSUPPORTED: Dict[tuple, Optional[str]] = {}
 _ORDER: Dict[tuple, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {}
-
-def cuda_sources(root: str = _REPO) -> List[str]:
-    """The extension's sources (every ``csrc/**/*.cu`` and ``*.cpp``), as ``setup.py`` and CMake build them."""
-    import glob
-    csrc = os.path.join(root, "csrc")
-    return sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True)
-                  + glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
-
-
-def _jit_build():
-    """Compile the extension on first use with ``torch.utils.cpp_extension.load`` (``FRACTAL_KERNELS_JIT=1``):
-    the fallback when ``fractal_kernels._C`` was not built at install time. Needs a CUDA torch, nvcc and the
-    ``csrc/`` sources (a source checkout or editable install); minutes the first time, cached after."""
-    if "ext" not in _JIT:
-        _JIT["ext"] = None
-        sources = cuda_sources()
-        if not sources:
-            _JIT["why"] = "no csrc/ sources next to the package (JIT needs a source checkout)"
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-            _JIT["ext"] = load(name="fractal_kernels_C", sources=sources,
-                               extra_include_paths=[os.path.join(_REPO, "csrc")], extra_cflags=["-O3"],
-                               extra_cuda_cflags=["-O3", "-lineinfo"],
-                               verbose=os.environ.get("FRACTAL_KERNELS_VERBOSE") == "1")
-        except Exception as e:  # a failed build degrades to Triton/PyTorch, and says why
-            _JIT["why"] = f"JIT build failed: {type(e).__name__}: {str(e)[:300]}"
-            print(f"fractal_kernels: CUDA extension {_JIT['why']}", file=sys.stderr)
-    return _JIT["ext"]
-
 
 def _cuda_ext():
     """The compiled extension module, or None. The import is tried once per process (an absent extension
@@ -417,6 +386,21 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
                              f"{PIXEL_HEAD_TRITON_W[0]}..{PIXEL_HEAD_TRITON_W[1]}); use backend='torch' or None")
         which = record("pixel_head_sample", "torch")
     return which
+
+
+BLOCK_STACK_MAX_WIDTH = 512  # widest level whose blocks auto-fuse into one launch per step (see below)
+
+
+def choose_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
+                       fuse: Optional[bool] = None) -> Optional[str]:
+    """Backend of a fused block stack (``op``: ``mar_block_stack`` / ``ar_block_stack_decode``) for a level of
+    ``width``, or None: run its blocks op by op. Only the Triton kernel fuses (torch would be the op-by-op math
+    again). ``fuse`` (the level's ``fused_stack``) overrides the width rule: one program per sequence reads every
+    weight of the stack, cheap for the small levels, a MODEL trade against launches past 512 (unmeasured)."""
+    if fuse is False or (fuse is None and width > BLOCK_STACK_MAX_WIDTH):
+        return None
+    which = resolve(op, backend, device)
+    return which if which == "triton" else None
 
 
 def record(op: str, choice: str) -> str:
