@@ -54,7 +54,9 @@ Exact for the published configs without running them at full width, reductions e
    guiding pixels and head counts, every head 8 wide (the MAR guiding-pixel heads, 128 wide in the model, too).
    No code path branches on the width or the head dim (the kernels pad the head dim to a power of two inside;
    the pixel-head kernel takes 16..128 wide heads alike); the head count does matter (one head makes some
-   reshapes views), so it is kept. Test: a clone and its original give identical counts (tiny configs).
+   reshapes views), so it is kept. Each level's ``fused_stack`` is pinned to what the width rule decides at
+   the original width (:func:`pin_fused_stacks`: a clone fuses the levels its original fuses, and no other).
+   Test: a clone and its original give identical counts (tiny configs, also with a lowered width limit).
 2. **Memoised sub-level calls** (``memo=True``): every call below level 0 (a level's ``sample``, a pixel head's
    ``sample``) with the same structural key (level, rows, guided or not, cfg type, schedule, settings) launches
    the same ops, so it is executed once per key and replayed (its counts added again) afterwards. Test: memo
@@ -75,11 +77,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel backend on a CPU: before triton is imported
 
@@ -498,6 +499,7 @@ def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
     from fractal_models.mar import MAR
     from fractal_models.pixelloss import PixelLoss
     kw = config_kwargs(config, **overrides)
+    full_widths = kw["embed_dim_list"]
     heads = kw["num_heads_list"]
     # generator levels: exactly heads x head_dim (12 heads x 8 is 96: a power of two would not divide by 12);
     # the pixel head (last entry): a power of two, what its fused kernel takes
@@ -511,7 +513,17 @@ def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
             m.guiding_pixel_loss = PixelLoss(c_channels=old.cond_proj.in_features,
                                              width=_narrow_width(heads, head_dim), depth=len(old.blocks),
                                              num_heads=heads, r_weight=old.r_weight)
+    pin_fused_stacks(model, full_widths)
     return model.eval()
+
+
+def pin_fused_stacks(model, widths: Sequence[int]) -> None:
+    """Fix every generator level's ``fused_stack`` to what the width rule decides at the original ``widths``
+    (``dispatch.choose_block_stack``): a narrow clone must fuse exactly the levels its original fuses, not every
+    level (all clone levels are narrow)."""
+    from fractal_kernels import dispatch
+    for level, width in zip(model.levels()[:-1], widths):
+        level.fused_stack = width <= dispatch.BLOCK_STACK_MAX_WIDTH
 
 
 def _host_attributes(model: torch.nn.Module) -> List[torch.Tensor]:
@@ -1338,7 +1350,6 @@ def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
     launches of one block in one step are counted too: a depth-extrapolated level's depth-2 minus depth-1 count
     over its steps (``BLOCK_LAUNCHES``, read off the code, where a level was counted at one depth only)."""
     from fractal_models import config_kwargs
-    from fractal_models.sampling import default_num_iter_list
     lines = ["## Which levers cut the fast engine's launches most (analysis of the counted tables, batch "
              f"{batch})", "",
              "Per level: launches per step of one call = launches / (calls × steps); launches per block and step "
