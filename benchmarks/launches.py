@@ -1386,15 +1386,16 @@ def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
                 if "at_depth_1" in v:
                     per_block = (v["at_depth_2"] - v["at_depth_1"]) / cs
                 glue = per_step - depth * per_block
-                a = n - cs * depth * (per_block - 1)
-                bb = cs * 1.0
+                # a fused stack (one launch per step for every block: per_block 0) is past A already
+                a = n - cs * depth * (per_block - 1) if per_block >= 1 else n
+                bb = min(n, cs * 1.0)
                 cc = bb
                 lines.append(f"| {e['config']} | {lbl} | {_fmt(cs / b)} | {per_step:.1f} | {depth} × "
                              f"{per_block:.4g} | {glue:.1f} | {_fmt(n / b)} | {_fmt(a / b)} | {_fmt(bb / b)} | "
                              f"{_fmt(cc / b)} |")
             else:
                 a = bb = n
-                cc = n / 2 if "pixel" in lbl else n  # kernel + value lookup -> kernel
+                cc = min(n, v["calls"]) if "pixel" in lbl else n  # kernel (+ value lookup) -> kernel
                 lines.append(f"| {e['config']} | {lbl} | {_fmt(v['calls'] / b)} calls | | | | {_fmt(n / b)} | "
                              f"{_fmt(a / b)} | {_fmt(bb / b)} | {_fmt(cc / b)} |")
             tot["today"] += n

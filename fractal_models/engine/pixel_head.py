@@ -167,23 +167,29 @@ def sample_fused_head(head, cond: torch.Tensor, bsz: int, guided: bool, temperat
     ids = pixel_head_sample(cond, packed_weights(head, ), head.blocks[0].attn.num_heads if head.blocks else 1,
                             guided=guided, cfg=cfg_arg, temperature=1.0 / temperature,
                             filter_threshold=filter_threshold, top_p=top_p, uniforms=uniforms,
-                            exponentials=exponentials,
-                            backend=backend)
-    return ids_to_values(head, ids)
+                            exponentials=exponentials, backend=backend,
+                            value_table=value_table(head, device)[0])
+    return ids  # the values: the op looked them up
 
 
 def ids_to_values(head, ids: torch.Tensor) -> torch.Tensor:
     """Pixel ids ``[B, 3]`` -> normalised values ``[B, 3]`` by table lookup: one op instead of four, the
     table holding exactly ``(id / 255 - mean) / std`` in float32 (the reference's math). Id -1 (a row
     without a finite logit, see :func:`fractal_kernels.pixel_head_sample`) maps to NaN."""
-    cache = head.__dict__.setdefault("_value_table_cache", {})
-    if ids.device not in cache:
-        mean, std = head._stats(ids.device)
-        table = (torch.arange(256, device=ids.device, dtype=torch.float32) / 255 - mean[:, None]) / std[:, None]
-        table = torch.cat([table, table.new_full((3, 1), float("nan"))], dim=1)  # [3, 257]; column -1 = NaN
-        cache[ids.device] = (table, torch.arange(3, device=ids.device).view(1, 3))
-    table, channel = cache[ids.device]
+    table, channel = value_table(head, ids.device)
     return table[channel, ids]
+
+
+def value_table(head, device: torch.device) -> tuple:
+    """(``[3, 257]`` float32 table of each channel's value ``(id / 255 - mean) / std`` with NaN in column 256
+    for id -1, the ``[1, 3]`` channel index), made once per device."""
+    cache = head.__dict__.setdefault("_value_table_cache", {})
+    if device not in cache:
+        mean, std = head._stats(device)
+        table = (torch.arange(256, device=device, dtype=torch.float32) / 255 - mean[:, None]) / std[:, None]
+        table = torch.cat([table, table.new_full((3, 1), float("nan"))], dim=1)  # [3, 257]; column -1 = NaN
+        cache[device] = (table, torch.arange(3, device=device).view(1, 3))
+    return cache[device]
 
 
 def packed_weights(head):

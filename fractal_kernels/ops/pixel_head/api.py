@@ -29,6 +29,7 @@ def pixel_head_sample(
     generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
     exponentials: Optional[torch.Tensor] = None,
+    value_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample whole pixels with FractalGen's pixel head; returns int64 ids ``[B, 3]`` (R, G, B in 0..255).
 
@@ -55,12 +56,21 @@ def pixel_head_sample(
     it raises ``BackendUnavailable``). The Triton kernel takes widths that are powers of two in 16..128; auto
     dispatch runs other widths on the torch backend. The CPU kernel takes any width; its logits agree with the
     torch backend's to ~1e-6 (another summation order), so ids can differ where two candidates nearly tie.
+
+    ``value_table`` ``[3, 257]`` float32 (the channel's value of each id, column 256 that of id -1): return the
+    values ``value_table[c, ids[:, c]]`` ``[B, 3]`` float32 instead of the ids, looked up inside the kernel (no
+    separate gather launch).
     """
+    if value_table is not None and (not isinstance(value_table, torch.Tensor) or value_table.shape != (3, 257)
+                                    or value_table.dtype != torch.float32 or value_table.device != cond.device):
+        got = (f"{tuple(value_table.shape)} {value_table.dtype} on {value_table.device}"
+               if isinstance(value_table, torch.Tensor) else type(value_table).__name__)
+        raise ValueError(f"value_table: expected a [3, 257] float32 tensor on {cond.device}, got {got}")
     w, guided, bsz = _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms,
                             offset, exponentials)
     which = _choose(backend, cond.device, w.ln_w.shape[0])
     if bsz == 0:
-        return torch.empty(0, 3, dtype=torch.int64, device=cond.device)
+        return torch.empty(0, 3, dtype=torch.int64 if value_table is None else torch.float32, device=cond.device)
     greedy = temperature == 0
     inv_temp = 1.0 if greedy else 1.0 / float(temperature)
     if isinstance(cfg, torch.Tensor) and cfg.numel() == 1:
@@ -76,13 +86,17 @@ def pixel_head_sample(
         u = uniforms
         if u is None and not greedy and exponentials is None:
             u = philox_uniform(seed, offset, 3 * bsz, cond.device).reshape(3, bsz)
-        return pixel_head_sample_reference(cond, w, num_heads, guided=guided, cfg=cfg, inv_temperature=inv_temp,
-                                           filter_threshold=float(filter_threshold), top_p=float(top_p), uniforms=u,
-                                           greedy=greedy, exponentials=exponentials)
+        ids = pixel_head_sample_reference(cond, w, num_heads, guided=guided, cfg=cfg, inv_temperature=inv_temp,
+                                          filter_threshold=float(filter_threshold), top_p=float(top_p), uniforms=u,
+                                          greedy=greedy, exponentials=exponentials)
+        if value_table is None:
+            return ids
+        return value_table[torch.arange(3, device=ids.device).view(1, 3), ids]  # id -1: column -1, i.e. 256
     cfg_t = cfg.reshape(-1).float().contiguous() if isinstance(cfg, torch.Tensor) else None
     cfg_scalar = 1.0 if cfg_t is not None else float(cfg)
     uni = uniforms.contiguous() if uniforms is not None else None  # fp64 uniforms stay fp64, as in sample_logits
     exp = exponentials.contiguous() if exponentials is not None and not greedy else None
     return _pixel_head_op(cond if cond.stride(1) == 1 else cond.contiguous(), list(w), num_heads, guided, cfg_t,
                           cfg_scalar, inv_temp, float(filter_threshold), float(top_p), greedy, uni,
-                          seed & 0xFFFFFFFF, seed >> 32, int(offset), exp, which)
+                          seed & 0xFFFFFFFF, seed >> 32, int(offset), exp, which,
+                          None if value_table is None else value_table.contiguous())

@@ -77,21 +77,23 @@ if HAS_TRITON:
         return tl.reshape(t, [R, H, DH])
 
     @triton.jit(do_not_specialize=["B", "n_rows", "depth", "n_tiles", "ws_stride", "seed_lo", "seed_hi", "offset",
-                                   "cfg_rows", "draw", "do_top_p", "write_logits"])
+                                   "cfg_rows", "draw", "do_top_p", "write_logits", "write_values"])
     def _pixel_head_kernel(
         cond_ptr, cond_w, cond_b, cb_ptr, mlm_b, ln_w, ln_b,
         n1_w, n1_b, qkv_w, qkv_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, nf_w, nf_b,
-        cfg_ptr, u_ptr, e_ptr, ids_ptr, ws_ptr, logits_ptr,
+        cfg_ptr, u_ptr, e_ptr, ids_ptr, ws_ptr, logits_ptr, vt_ptr, vals_ptr,
         B, C, n_rows, stride_cond, depth, n_tiles, ws_stride,
         scale, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        cfg_rows, draw, do_top_p, write_logits,
+        cfg_rows, draw, do_top_p, write_logits, write_values,
         GUIDED: tl.constexpr, W: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, HID: tl.constexpr,
         HC: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, NC: tl.constexpr, BLOCK_B: tl.constexpr,
         V: tl.constexpr, DOT16: tl.constexpr,
     ):
         # Runtime switches (one compiled variant serves them all): cfg_rows 1 = per-pixel cfg at cfg_ptr, else
         # cfg_scalar; draw 0 = inverse CDF of Philox uniforms, 1 = of the fp64 uniforms at u_ptr, 2 = exponential
-        # race with the Exp(1) noise at e_ptr, 3 = greedy; do_top_p; write_logits (debug: raw logits out).
+        # race with the Exp(1) noise at e_ptr, 3 = greedy; do_top_p; write_logits (debug: raw logits out);
+        # write_values: each id's value from the [3, V + 1] table at vt_ptr (column V: id -1) to vals_ptr too,
+        # the lookup the caller would otherwise launch.
         NH: tl.constexpr = 2 if GUIDED else 1
         R: tl.constexpr = NH * BLOCK_B
         pid = tl.program_id(0)
@@ -260,6 +262,9 @@ if HAS_TRITON:
             idx = tl.where(valid & (dead == 0), idx, -1)
             dead = tl.where(idx < 0, 1, dead)
             tl.store(ids_ptr + p64 * 3 + c, idx.to(tl.int64), mask=pmask)
+            vmask_w = pmask & (pix * 0 + write_values != 0)
+            val = tl.load(vt_ptr + c * (V + 1) + tl.where(idx < 0, V, idx), mask=vmask_w, other=0.0)
+            tl.store(vals_ptr + p64 * 3 + c, val, mask=vmask_w)
             # the next token reads the ids (and every scratch region is rewritten) by other threads
             tl.debug_barrier()
 

@@ -81,8 +81,11 @@ def _sm_count(device: torch.device) -> int:
 
 def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
                    top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, block_b=None,
-                   exponentials=None, max_programs=None, config: Optional[PixelHeadConfig] = None) -> None:
-    """Run the kernel: ``ids`` ``[B, 3]`` int64 out; ``logits`` (debug) ``[3, rows, 256]`` fp32 raw logits out.
+                   exponentials=None, max_programs=None, config: Optional[PixelHeadConfig] = None,
+                   value_table=None, values=None) -> None:
+    """Run the kernel: ``ids`` ``[B, 3]`` int64 out; ``logits`` (debug) ``[3, rows, 256]`` fp32 raw logits out;
+    with ``value_table`` ``[3, 257]`` fp32 also ``values`` ``[B, 3]`` fp32 out (``value_table[c, ids[:, c]]``,
+    column 256 for id -1).
     ``config`` replaces :func:`pixel_head_config`'s choice, ``block_b`` / ``max_programs`` its tile size /
     persistent grid (tests)."""
     w = PixelHeadWeights(*(t.contiguous() for t in weights))
@@ -109,9 +112,10 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     _pixel_head_kernel[(nprog,)](
         cond, *w,
         cfg_t if cfg_t is not None else ws, uni, exp, ids, ws, logits if logits is not None else ws,
+        value_table if value_table is not None else ws, values if values is not None else ws,
         bsz, c_in, n_rows, cond.stride(0), depth, n_tiles, ws_stride,
         head_dim ** -0.5, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
-        int(cfg_t is not None), draw, int(top_p < 1.0), int(logits is not None),
+        int(cfg_t is not None), draw, int(top_p < 1.0), int(logits is not None), int(value_table is not None),
         GUIDED=guided, W=width, H=num_heads, DH=head_dim, HID=hidden, HC=cfg.hc, BK=cfg.bk, KC=cfg.kc, NC=cfg.nc,
         BLOCK_B=block_b, V=VOCAB, DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,

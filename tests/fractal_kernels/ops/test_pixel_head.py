@@ -352,3 +352,47 @@ def test_custom_op_is_one_profiler_event():
     names = [e.name for e in prof.events()]
     assert names.count("fractal_kernels::pixel_head_sample") == 1
     assert hasattr(torch.ops.fractal_kernels, "pixel_head_sample")
+
+
+# ---------------------------------------------------------------- value_table: the id -> value lookup in the op
+
+def _value_table(seed: int = 3) -> torch.Tensor:
+    t = torch.randn(3, 257, generator=torch.Generator().manual_seed(seed))
+    t[:, 256] = float("nan")  # the value of id -1
+    return t
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the NaN row's math
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_value_table_returns_the_ids_values(backend, guided):
+    """With ``value_table`` the op returns ``table[c, ids[:, c]]`` (fp32) for the very ids it draws without it;
+    a pixel without a finite logit (id -1) gets column 256."""
+    if backend == "cpu" and cpu.library() is None:
+        pytest.skip(f"compiled CPU kernel unavailable: {cpu.status()[1]}")
+    m = head(32, 2, 2)
+    w = pack_pixel_head_weights(m)
+    bsz = 7
+    cond, u = conds(bsz, guided), unis(bsz)
+    cond[2] = float("nan")
+    table = _value_table()
+    kw = dict(cfg=2.0 if guided else 1.0, filter_threshold=1e-4, uniforms=u, backend=backend)
+    ids = pixel_head_sample(cond, w, 2, **kw)
+    vals = pixel_head_sample(cond, w, 2, value_table=table, **kw)
+    assert (ids[2] == -1).all() and ids[[0, 1, 3]].ge(0).all()
+    assert vals.dtype == torch.float32 and vals.shape == (bsz, 3)
+    expect = table[torch.arange(3).view(1, 3), ids]
+    assert torch.equal(vals.isnan(), expect.isnan()) and vals[2].isnan().all()
+    assert torch.equal(torch.nan_to_num(vals), torch.nan_to_num(expect))
+
+
+def test_value_table_checks_and_empty_batch():
+    m = head(16, 1, 2)
+    w = pack_pixel_head_weights(m)
+    cond = conds(3, False)
+    for bad in (torch.zeros(3, 256), torch.zeros(3, 257, dtype=torch.float64), [[0.0] * 257] * 3):
+        with pytest.raises(ValueError, match="value_table"):
+            pixel_head_sample(cond, w, 2, value_table=bad, backend="torch")
+    for backend in ("torch", "triton"):
+        out = pixel_head_sample(cond[:0], w, 2, value_table=_value_table(), backend=backend)
+        assert out.shape == (0, 3) and out.dtype == torch.float32
