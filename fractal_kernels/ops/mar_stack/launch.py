@@ -3,10 +3,11 @@ checks of :func:`fractal_kernels.ops.mar_stack.mar_block_stack`."""
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
+from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import MAR_STACK_MAX_L, triton_interpreting
 from fractal_kernels.ops.mar_stack.kernels import HAS_TRITON
 from fractal_kernels.reference.mar_stack import WEIGHT_DTYPES, MarStackWeights
@@ -26,6 +27,7 @@ class MarStackConfig(NamedTuple):
     dc: int  # head-dim chunk of the attention
     dot16: int  # 16-bit weights: 1 tensor cores, 2 interpreter emulation
     num_warps: int
+    maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
     max_programs: int  # persistent grid cap (each program loops over sequences; bounds the workspace)
 
 
@@ -52,9 +54,15 @@ def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: t
     if device.type == "cpu" and triton_interpreting():
         wide = min(256, triton.next_power_of_2(max(3 * width, hidden)))
         return MarStackConfig(lp=lp, nc=wide, kc=min(256, triton.next_power_of_2(max(width, hidden))),
-                              dc=max(16, triton.next_power_of_2(head_dim)), dot16=2, num_warps=4, max_programs=4)
+                              dc=max(16, triton.next_power_of_2(head_dim)), dot16=2, num_warps=4, maxnreg=None,
+                              max_programs=4)
     kc = 16 if wdtype == torch.float32 else 32
-    return MarStackConfig(lp=lp, nc=64, kc=kc, dc=16, dot16=1, num_warps=4, max_programs=2 * _sm_count(device))
+    # AOT probes (D=512, L=22): 216-220 registers on sm_90, no spill; sm_80 16-bit weights settle at 168 and spill
+    # 16 B. Tried without success there: maxnreg=255 (28 B), 8 warps (200 B), NC=32 (24 B), NC=128 (20 B), KC=16
+    # (16 B), KC=64 (44 B), block-dependent scratch pointers against hoisting (8 B at 255 registers)
+    maxnreg = None
+    return MarStackConfig(lp=lp, nc=64, kc=kc, dc=16, dot16=1, num_warps=4, maxnreg=maxnreg,
+                          max_programs=2 * _sm_count(device))
 
 
 def workspace_floats(cfg: MarStackConfig, width: int, hidden: int) -> int:
@@ -76,7 +84,7 @@ def _launch_triton(x: torch.Tensor, w: MarStackWeights, num_heads: int, out: tor
         w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, w.norm_w, w.norm_b,
         n, seq, depth, ws_stride, head_dim ** -0.5, float(w.eps),
         D=width, H=num_heads, DH=head_dim, HID=hidden, LP=cfg.lp, NC=cfg.nc, KC=cfg.kc, DC=cfg.dc,
-        DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1,
+        DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
     )
 
 
