@@ -233,6 +233,7 @@ register_support("tiny_attention", "cuda", _cuda_attention)
 register_support("tiny_attention", "cuda", _dtype_in(_KERNEL_DTYPES, "q"))
 register_support("tiny_attention", "triton", _dtype_in(_KERNEL_DTYPES, "q"))
 register_support("tiny_attention", "torch", _torch_attention)
+register_support("mar_block_stack", "triton", _dtype_in(_KERNEL_DTYPES, "x"))
 
 
 # ----------------------------------------------------------------------------------------------- choice
@@ -389,6 +390,7 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
 
 
 BLOCK_STACK_MAX_WIDTH = 512  # widest level whose blocks auto-fuse into one launch per step (see below)
+MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel
 
 
 def choose_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,

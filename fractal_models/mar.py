@@ -75,7 +75,12 @@ def neighbour_conditions(middle: torch.Tensor) -> List[torch.Tensor]:
 
 
 class MAR(nn.Module):
-    """Masked autoregressive generator of one level (see module docstring)."""
+    """Masked autoregressive generator of one level (see module docstring).
+
+    ``fused_stack`` (a plain attribute, absent by default, never in the state dict): the fast engine's choice of
+    running each sampling step's blocks and final norm as one fused launch (:mod:`fractal_models.engine.mar`):
+    None = by width (``fractal_kernels.dispatch.choose_block_stack``), True = always where the backend is
+    Triton, False = never (the op-by-op blocks)."""
 
     def __init__(self, seq_len: int, patch_size: int, cond_embed_dim: int, embed_dim: int, num_blocks: int,
                  num_heads: int, attn_dropout: float, proj_dropout: float, num_conds: int = 1,

@@ -4,6 +4,16 @@ Functions of the level module ``m`` (a :class:`fractal_models.mar.MAR`; read thr
 imported, so the paper's module can call into this one). Same random draws in the same order and the same
 math op for op as the reference loop in :meth:`MAR.sample` on every value the reference keeps (the tests check
 equal images in fp32); the bookkeeping around it is planned on the host up front.
+
+Fused block stack: where :func:`fractal_kernels.dispatch.choose_block_stack` picks the Triton kernel for a level
+(its blocks' backend is "triton", or "auto" on CUDA; width <= ``BLOCK_STACK_MAX_WIDTH``; its sequence <=
+``MAR_STACK_MAX_L`` tokens; eval mode; no compiled blocks installed), :func:`sample` runs each step's blocks and
+final norm as ONE launch (:func:`fractal_kernels.ops.mar_stack.mar_block_stack`) instead of
+:meth:`MAR.blocks_eval`. The level's plain attribute ``fused_stack`` (not in the state dict; absent = None)
+overrides the width rule: None = the rule, True = fuse whatever the width, False = never fuse. Its weights are
+packed once per (dtype, device) and cached on the level (rebuilt when a parameter changes): in the autocast
+dtype under autocast, else in the parameters' dtype. Numerics: the fused op's (fp32 math, 16-bit weights'
+inputs rounded to their dtype), close to but not bit-equal with the op-by-op blocks.
 """
 from __future__ import annotations
 
@@ -15,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractal_models.layers import autocast_on, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
+from fractal_kernels.dispatch import MAR_STACK_MAX_L, choose_block_stack
+from fractal_kernels.ops.mar_stack import mar_block_stack, pack_mar_stack
+from fractal_models.layers import autocast_on, kernel_backend, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
 
 
 def sample(m, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_schedule: str,
@@ -70,7 +82,7 @@ def sample(m, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_sche
     ranks = ranks.unsqueeze(-1)  # [rows, n_prefix + L, 1]
     mask_token = m.mask_token
     # fractal_models.engine.compiled_levels may install a compiled version for the call
-    run_blocks = m.__dict__.get("_compiled_blocks") or m.blocks_eval
+    run_blocks = m.__dict__.get("_compiled_blocks") or fused_blocks(m, device, n_prefix + seq_len) or m.blocks_eval
     # token indices of the 5 neighbour conditions of those positions; n_prefix + L is a zero token
     sizes = [n_pred for n_pred, _, _ in schedule]
     # per step, as views made once (slicing in the loop would be an op per step)
@@ -205,6 +217,39 @@ def blocks_eval(m, x: torch.Tensor) -> torch.Tensor:
     for block in m.blocks:
         x = _block_fast(block, x)
     return m.norm(x)
+
+
+def fused_blocks(m, device: torch.device, seq: int):
+    """``x -> mar_block_stack(x, ...)`` for a level whose blocks run fused on this device (see the module
+    docstring), or None: run :meth:`MAR.blocks_eval`. Host work only; the packing happens once per weights."""
+    blocks = m.blocks
+    if m.training or len(blocks) == 0 or seq > MAR_STACK_MAX_L:
+        return None
+    attn = blocks[0].attn
+    heads = attn.num_heads
+    if any(b.attn.num_heads != heads for b in blocks):
+        return None
+    which = choose_block_stack("mar_block_stack", kernel_backend(attn.backend), device,
+                               m.norm.normalized_shape[0], fuse=m.__dict__.get("fused_stack"))
+    if which != "triton":
+        return None
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
+    weights = _packed_stack(m, dtype)
+    return lambda x: mar_block_stack(x, weights, heads, backend=which)
+
+
+def _packed_stack(m, dtype: torch.dtype):
+    """:func:`pack_mar_stack` of the level in ``dtype``, cached on the module per (dtype, device) and rebuilt when
+    a parameter's storage or version counter changes (an optimizer step, ``load_state_dict``, ``.to``)."""
+    params = list(m.blocks.parameters()) + list(m.norm.parameters())
+    state = tuple((p.data_ptr(), p._version) for p in params)
+    cache = m.__dict__.setdefault("_fused_stack_cache", {})
+    key = (dtype, params[0].device)
+    hit = cache.get(key)
+    if hit is None or hit[0] != state:
+        with torch.no_grad():
+            hit = cache[key] = (state, pack_mar_stack(m.blocks, m.norm, dtype))
+    return hit[1]
 
 
 def _mar_schedule(seq_len: int, num_iter: int, cfg: float, cfg_schedule: str):
