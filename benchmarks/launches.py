@@ -492,7 +492,8 @@ def _narrow_width(heads: int, head_dim: int) -> int:
 def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
     """The config with every head ``head_dim`` wide (generator level width = heads x head_dim; the pixel heads --
     the last level's and the MAR guiding-pixel heads, 128 wide in the model -- at least 16 and a power of two):
-    same levels, grids, depths, steps, conditions and **heads** (the head count changes counts: with one head ``o.transpose(1, 2).reshape`` is a view, with several
+    same levels, grids, depths, steps, conditions and **heads** (an ``embed_dim_list`` override names the
+    original's widths: they decide which levels fuse their blocks, :func:`pin_fused_stacks`) (the head count changes counts: with one head ``o.transpose(1, 2).reshape`` is a view, with several
     a copy). Random weights (seed 0)."""
     from fractal_models import config_kwargs
     from fractal_models.fractalgen import FractalGen
