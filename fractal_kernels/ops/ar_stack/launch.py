@@ -2,7 +2,7 @@
 :func:`fractal_kernels.ops.ar_stack.ar_block_stack_decode`."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -24,6 +24,7 @@ class ArStackConfig(NamedTuple):
     kb: int  # keys per attention chunk ([BM, KB, HD] products)
     dot16: int  # 16-bit weights: 1 tensor cores, 2 interpreter emulation
     num_warps: int
+    maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
 
 
 def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torch.device) -> ArStackConfig:
@@ -31,15 +32,16 @@ def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torc
 
     GPU: K chunks of 16 for fp32 weights (an "ieee" fp32 dot is an FMA loop whose operands must stay small),
     32 for 16-bit ones; 64-column output chunks; attention chunks of ``2048 / HD`` keys so the ``[16, KB, HD]``
-    products stay at 16 fp32 registers a thread (4 warps). The interpreter pays per op, not per element: whole-K
-    chunks, wide columns and all keys at once."""
+    products stay at 16 fp32 registers a thread; 4 warps and a register cap of 255 (ptxas' own choice, 128-168,
+    spills 4-40 B at D=512; with the cap 0 B, ~200 registers, still 2 CTAs/SM). The interpreter pays per op, not
+    per element: whole-K chunks, wide columns and 16 keys at once."""
     hdp = triton.next_power_of_2(head_dim)
     if device.type == "cpu" and triton_interpreting():
         wide = max(16, min(256, triton.next_power_of_2(width)))
-        return ArStackConfig(kc=wide, nc=max(64, wide), kb=16, dot16=2, num_warps=4)
+        return ArStackConfig(kc=wide, nc=max(64, wide), kb=16, dot16=2, num_warps=4, maxnreg=None)
     fp32 = wdtype == torch.float32
     return ArStackConfig(kc=16 if fp32 else 32, nc=64, kb=max(1, min(16, 2048 // (BM * hdp))),
-                         dot16=1, num_warps=4)
+                         dot16=1, num_warps=4, maxnreg=255)
 
 
 def launch_triton(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: int, freqs_cis: torch.Tensor,
@@ -55,9 +57,10 @@ def launch_triton(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: 
     _ar_stack_decode_kernel[(n_prog,)](
         x, out, w.wqkv, w.wo, w.w1, w.w3, w.w2, w.attn_norm, w.ffn_norm, w.rms_eps, w.norm_w, w.norm_b, cache,
         freqs_cis, ws, bsz, x.stride(0), out.stride(0), w.wqkv.shape[0], pos, cache.shape[3], ws_stride,
-        head_dim ** -0.5, float(w.norm_eps),
+        head_dim ** -0.5, float(w.norm_eps), dim, num_heads, hidden,
         D=dim, H=num_heads, HD=head_dim, HDP=triton.next_power_of_2(head_dim), HID=hidden, BM=BM, KC=cfg.kc,
-        NC=cfg.nc, KB=cfg.kb, DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1,
+        NC=cfg.nc, KB=cfg.kb, EVEN=all(n % c == 0 for n in (dim, hidden) for c in (cfg.kc, cfg.nc)),
+        DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
     )
 
 
