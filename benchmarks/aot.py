@@ -104,6 +104,8 @@ CI_SUBSET: List[Tuple[str, str]] = [
     ("_ce_rows_kernel", "ce_rows V=256 train (grad)"),
     ("_mar_stack_kernel", "mar_stack D=512 H=8 depth=8 L=22 fp32 (large L1)"),
     ("_mar_stack_kernel", "mar_stack D=512 H=8 depth=8 L=22 bf16 (large L1)"),
+    ("_ar_stack_decode_kernel", "ar_stack D=512 H=8 depth=8 T=16 fp32"),
+    ("_ar_stack_decode_kernel", "ar_stack D=512 H=8 depth=8 T=16 bf16"),
 ]
 # Cost of the subset (committed run, 2026-12-01): 28 compiles, 157 CPU-s of compiles and 197 CPU-s for the whole
 # run (capture, compiles, disassembly) -> about 3.5 min at -j 1, under 2 min at -j 2 on 2 idle cores (CI: 8-min
@@ -320,8 +322,39 @@ def _mar_stack_cases() -> List[Case]:
     return c
 
 
+
+def _ar_block_stack_decode_cases() -> List[Case]:
+    import torch
+    from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache
+
+    def step(D, H, depth, T, dtype, B=64, pos=None):
+        # one sampling step of an AR level (fractal_models/engine/ar.py): all blocks + the final norm, one launch
+        def run():
+            M = -(-int(8 * D / 3) // 256) * 256  # FeedForward's hidden width: find_multiple(int(8 D / 3), 256)
+            lin = lambda *s: torch.randn(*s, device="cuda", dtype=dtype) * D ** -0.5  # noqa: E731
+            ones = lambda *s: torch.ones(*s, device="cuda")  # noqa: E731
+            w = ArStackWeights(lin(depth, 3 * D, D), lin(depth, D, D), lin(depth, M, D), lin(depth, M, D),
+                               lin(depth, D, M), ones(depth, D), ones(depth, D), ones(depth, 2) * 1e-5, ones(D),
+                               torch.zeros(D, device="cuda"), 1e-6)
+            freqs = torch.randn(T + 1, D // H // 2, 2, device="cuda")
+            ar_block_stack_decode(torch.randn(B, D, device="cuda"), w, ar_stack_cache(w, B, T, "cuda"),
+                                  T // 2 if pos is None else pos, freqs, H, backend="triton")
+        return run
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    c = []
+    ar = lambda label, fn: c.append(Case(label, "ar_stack", "sample", fn))  # noqa: E731
+    # fractalar_in64's level 1 (D=512, 8 heads, 8 blocks, 16 positions) and a 128-wide level
+    ar("ar_stack D=512 H=8 depth=8 T=16 fp32", step(512, 8, 8, 16, fp32))
+    ar("ar_stack D=512 H=8 depth=8 T=16 bf16", step(512, 8, 8, 16, bf16))
+    ar("ar_stack D=512 H=8 depth=8 T=16 fp16", step(512, 8, 8, 16, fp16))
+    ar("ar_stack D=128 H=4 depth=3 T=16 fp32", step(128, 4, 3, 16, fp32))
+    ar("ar_stack D=128 H=4 depth=3 T=16 bf16", step(128, 4, 3, 16, bf16))
+    return c
+
 def cases() -> List[Case]:
-    return _attention_cases() + _pixel_head_cases() + _sampler_ce_cases() + _mar_stack_cases()
+    return (_attention_cases() + _pixel_head_cases() + _sampler_ce_cases() + _mar_stack_cases()
+            + _ar_block_stack_decode_cases())
 
 
 # ---- capture ---------------------------------------------------------------------------------------------

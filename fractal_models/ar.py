@@ -107,7 +107,12 @@ class TransformerBlock(nn.Module):
 
 
 class AR(nn.Module):
-    """Raster-order autoregressive generator of one level (see module docstring)."""
+    """Raster-order autoregressive generator of one level (see module docstring).
+
+    ``fused_stack`` (plain attribute, not in the state dict): whether the fast engine's sampling runs each
+    step's blocks and final norm as one fused launch (``fractal_kernels.ops.ar_stack``) on a kernel backend:
+    None = ``fractal_kernels.dispatch.choose_block_stack``'s width rule, True / False = force on / off.
+    """
 
     def __init__(self, seq_len: int, patch_size: int, cond_embed_dim: int, embed_dim: int, num_blocks: int,
                  num_heads: int, grad_checkpointing: bool = False, **kwargs) -> None:
@@ -129,6 +134,7 @@ class AR(nn.Module):
         # Plain attribute (not a buffer), as in the reference: not part of the state_dict.
         self.freqs_cis = precompute_freqs_cis_2d(self.grid, embed_dim // num_heads, self.config.rope_base, 1)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fused_stack: Optional[bool] = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

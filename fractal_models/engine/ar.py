@@ -13,8 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fractal_kernels import dispatch
+from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache, pack_ar_stack
 from fractal_kernels.ops.tiny_attention import tiny_attention_decode
-from fractal_models.layers import is_one as _is_one, kernel_backend, use_kernel
+from fractal_models.layers import autocast_on, is_one as _is_one, kernel_backend, use_kernel
 
 
 def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature: float,
@@ -23,14 +25,21 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     embedded (no doubled copy of all patches per step), results are written in place (no clones), and the
     no-op dropout modules are not called. On the torch backend the same math op for op (the tests check
     equal images in fp32); on a kernel backend each block is the decode kernel (RoPE inside), a fused
-    RMSNorm and the Linear layers."""
+    RMSNorm and the Linear layers -- or, when ``dispatch.choose_block_stack`` fuses the level (eval mode, width
+    <= 512 or ``m.fused_stack``), all blocks and ``m.norm`` of a step are one :func:`ar_block_stack_decode`
+    launch on its own cache (weights packed once, :func:`_packed_stack`)."""
     guided = not _is_one(cfg)
     rows = cond_list[0].size(0)
     bsz = rows // 2 if guided else rows
     device = cond_list[0].device
     dim = 3 * m.patch_size ** 2
     freqs = m.freqs_cis_on(device)
-    m.setup_caches(rows, m.seq_len, device=device, freqs_cis=freqs)
+    fused = _fused_stack_backend(m, device)
+    if fused is not None:  # every block and m.norm as one launch per step, on the op's own cache
+        stack = _packed_stack(m, device)
+        stack_cache = ar_stack_cache(stack, rows, m.seq_len, device)
+    else:
+        m.setup_caches(rows, m.seq_len, device=device, freqs_cis=freqs)
     prev = None  # the last sampled patch of every row [rows, 1, dim]
     pos_embed = m.pos_embed_learned.unbind(1)  # per-position [1, E] views, made once (no op per step)
     outs = []  # sampled patches [B, 1, dim], concatenated at the end
@@ -38,20 +47,10 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
         for step in range(m.seq_len):
             h = m.cond_emb(cond_list[0]).unsqueeze(1) if step == 0 else m.patch_emb(prev)
             h = m.patch_emb_ln(h + pos_embed[step])
-            cos = sin = None
-            for block in m.blocks:
-                att = block.attention
-                if use_kernel(att.backend, h.device):
-                    # kernel path: fused RMSNorm op and the decode kernel (RoPE inside), close to but not
-                    # bit-identical with the reference's op-by-op RMSNorm
-                    h = h + _attend_step_kernel(att, _rms_norm_fused(block.attention_norm, h), step)
-                    h = h + block.feed_forward.ffn(_rms_norm_fused(block.ffn_norm, h))
-                else:
-                    if cos is None:  # [1, D/2] each, shared by every block's q and k
-                        cos, sin = freqs[step:step + 1].unbind(-1)
-                    h = h + _attend_step(att, _rms_norm(block.attention_norm, h), step, cos, sin)
-                    h = h + block.feed_forward.ffn(_rms_norm(block.ffn_norm, h))
-            h = m.norm(h)[:, 0]
+            if fused is not None:
+                h = ar_block_stack_decode(h[:, 0], stack, stack_cache, step, freqs, m.config.n_head, backend=fused)
+            else:
+                h = _blocks_step(m, h, step, freqs)
             cfg_iter = 1 + (cfg - 1) * (step + 1) / m.seq_len if cfg_schedule == "linear" else cfg
             sampled = next_level_sample_function(cond_list=[h], cfg=cfg_iter, temperature=temperature,
                                                  filter_threshold=filter_threshold)
@@ -66,6 +65,49 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     finally:
         m.clear_caches()
     return m.unpatchify(torch.cat(outs, dim=1))
+
+
+def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor) -> torch.Tensor:
+    """The blocks and ``m.norm`` of one step, op by op: ``h`` ``[rows, 1, E]`` -> ``[rows, E]``."""
+    cos = sin = None
+    for block in m.blocks:
+        att = block.attention
+        if use_kernel(att.backend, h.device):
+            # kernel path: fused RMSNorm op and the decode kernel (RoPE inside), close to but not
+            # bit-identical with the reference's op-by-op RMSNorm
+            h = h + _attend_step_kernel(att, _rms_norm_fused(block.attention_norm, h), step)
+            h = h + block.feed_forward.ffn(_rms_norm_fused(block.ffn_norm, h))
+        else:
+            if cos is None:  # [1, D/2] each, shared by every block's q and k
+                cos, sin = freqs[step:step + 1].unbind(-1)
+            h = h + _attend_step(att, _rms_norm(block.attention_norm, h), step, cos, sin)
+            h = h + block.feed_forward.ffn(_rms_norm(block.ffn_norm, h))
+    return m.norm(h)[:, 0]
+
+
+def _fused_stack_backend(m, device: torch.device):
+    """"triton" when this step's blocks and ``m.norm`` run as one :func:`ar_block_stack_decode` launch, else None:
+    the level in eval mode and ``dispatch.choose_block_stack``'s choice (the width rule, or the level's
+    ``fused_stack`` attribute: None = the rule, True / False = force)."""
+    if m.training or len(m.blocks) == 0:
+        return None
+    return dispatch.choose_block_stack("ar_block_stack_decode", kernel_backend(m.blocks[0].attention.backend),
+                                       device, m.config.dim, fuse=m.__dict__.get("fused_stack"))
+
+
+def _packed_stack(m, device: torch.device) -> ArStackWeights:
+    """The level's stacked weights for the fused step, packed once per (dtype, device) and kept on the module
+    (``_fused_stack_cache``, not in the state dict); repacked when a parameter is replaced or changed in place
+    (data pointer or version counter). Linear weights in the autocast dtype under autocast, else their own."""
+    dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type)
+             else m.blocks[0].attention.wqkv.weight.dtype)
+    params = list(m.blocks.parameters()) + list(m.norm.parameters())
+    sig = tuple((p.data_ptr(), p._version) for p in params)
+    cache = m.__dict__.setdefault("_fused_stack_cache", {})
+    hit = cache.get((dtype, device))
+    if hit is None or hit[0] != sig:
+        hit = cache[(dtype, device)] = (sig, pack_ar_stack(m.blocks, m.norm, dtype))
+    return hit[1]
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

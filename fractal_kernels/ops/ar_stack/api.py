@@ -1,0 +1,40 @@
+"""Fused AR block stack decode step: the public entry point :func:`ar_block_stack_decode` (validation, backend
+choice through :func:`fractal_kernels.dispatch.resolve`, the torch reference or the Triton launcher)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fractal_kernels import dispatch
+from fractal_kernels.ops.ar_stack.launch import check, launch_triton
+from fractal_kernels.reference.ar_stack import ArStackWeights, ar_block_stack_decode_reference
+
+OP = "ar_block_stack_decode"
+dispatch.register_support(OP, "triton", dispatch._dtype_in(dispatch._KERNEL_DTYPES, "weights"))
+
+
+def ar_block_stack_decode(x: torch.Tensor, weights: ArStackWeights, cache: torch.Tensor, pos: int,
+                          freqs_cis: torch.Tensor, num_heads: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """One KV-cached decode step of an AR level's whole block stack and its final LayerNorm; returns ``[B, D]``
+    in ``x``'s dtype and writes position ``pos`` of ``cache`` (math: :mod:`fractal_kernels.reference.ar_stack`).
+
+    ``x`` ``[B, D]``: the new token of every row (after the level's ``patch_emb_ln``), each row its own sequence;
+    ``weights`` from :func:`~fractal_kernels.reference.ar_stack.pack_ar_stack`; ``cache`` ``[NB, 2, B, T, D]``
+    from :func:`~fractal_kernels.reference.ar_stack.ar_stack_cache` (rotated keys); ``pos`` in ``[0, T)`` (a
+    runtime kernel argument: one compile serves every step); ``freqs_cis`` the level's fp32 RoPE table
+    ``[>pos, HD/2, 2]``. ``backend``: None/"auto" (Triton on CUDA tensors, torch elsewhere), "triton" (CPU
+    tensors need ``TRITON_INTERPRET=1``), "torch". An empty batch returns ``[0, D]`` without a launch.
+    """
+    w = check(x, weights, cache, pos, freqs_cis, num_heads)
+    which = dispatch.resolve(OP, backend, x.device, dtype=w.wqkv.dtype)
+    if which not in ("triton", "torch"):
+        raise dispatch.BackendUnavailable(f"{OP}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
+    bsz, dim = x.shape
+    if bsz == 0:
+        return torch.empty(0, dim, dtype=x.dtype, device=x.device)
+    if which == "torch":
+        return ar_block_stack_decode_reference(x, w, cache, pos, freqs_cis, num_heads)
+    out = torch.empty(bsz, dim, dtype=x.dtype, device=x.device)
+    launch_triton(x, w, cache, pos, freqs_cis, num_heads, out)
+    return out
