@@ -294,7 +294,7 @@ def _sampler_ce_cases() -> List[Case]:
 def _mar_stack_cases() -> List[Case]:
     import torch
     import torch.nn as nn
-    import fractal_kernels as fk  # noqa: F401 (the dispatch's support predicates)
+    import fractal_kernels  # noqa: F401 (the dispatch's support predicates)
     from fractal_kernels.ops.mar_stack import mar_block_stack, pack_mar_stack
     from fractal_models.mar import Block
 
