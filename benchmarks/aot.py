@@ -76,11 +76,7 @@ REG_ALLOC_UNIT = 256           # registers are allocated per warp in units of 25
 #: (``python -m benchmarks.aot --print-known``). To enable the gate fully after the kernel fixes are merged:
 #: run ``python -m benchmarks.aot --ci --check``; every "stale" line is a fix -> delete that entry; what is
 #: left are budgets still broken (fix the kernel, do not re-add); when the dict is empty the gate is strict.
-KNOWN_OVER_BUDGET: Dict[str, List[str]] = {
-    # the fused MAR stack (h/mar16): ptxas 12.9 settles 16-bit weights at 168 registers and spills 16 B on sm_80;
-    # sm_90 and fp32 are clean. Configurations tried are listed in fractal_kernels/ops/mar_stack/launch.py.
-    "_mar_stack_kernel | mar_stack D=512 H=8 depth=8 L=22 bf16 (large L1) | sm_80": ["spill"],
-}
+KNOWN_OVER_BUDGET: Dict[str, List[str]] = {}
 
 #: the gate's subset: (kernel, case) pairs compiled for both arches by tests/test_aot_gate.py. One per kernel x
 #: dtype class (fp32 / 16-bit) plus the decode path; every launched kernel appears (a test checks it). The

@@ -46,9 +46,10 @@ def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: t
                      device: torch.device) -> MarStackConfig:
     """The one place the fused stack's launch configuration is chosen.
 
-    GPU: 64-column output chunks, K chunks of 16 for fp32 weights ("ieee" dots are FMA loops: small operands) and
-    32 for 16-bit ones, 16-wide head-dim chunks, 4 warps; registers hold one [LP, 64] accumulator, one operand
-    pair and the [LP, LP] scores, so they do not grow with the width; a persistent grid of 2 programs per SM.
+    GPU: 64-column output chunks (32 at LP = 64), K chunks of 16 for fp32 weights ("ieee" dots are FMA loops:
+    small operands) and 32 for 16-bit ones, 16-wide head-dim chunks, 4 warps; registers hold one [LP, NC]
+    accumulator, one operand pair and the [LP, LP] scores, so they do not grow with the width; a 255-register
+    cap; a persistent grid of 2 programs per SM.
     The interpreter pays per op, not per element: whole-width chunks."""
     lp = max(16, triton.next_power_of_2(max(seq, 1)))
     if device.type == "cpu" and triton_interpreting():
@@ -57,11 +58,13 @@ def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: t
                               dc=max(16, triton.next_power_of_2(head_dim)), dot16=2, num_warps=4, maxnreg=None,
                               max_programs=4)
     kc = 16 if wdtype == torch.float32 else 32
-    # AOT probes (D=512, L=22): 216-220 registers on sm_90, no spill; sm_80 16-bit weights settle at 168 and spill
-    # 16 B. Tried without success there: maxnreg=255 (28 B), 8 warps (200 B), NC=32 (24 B), NC=128 (20 B), KC=16
-    # (16 B), KC=64 (44 B), block-dependent scratch pointers against hoisting (8 B at 255 registers)
-    maxnreg = None
-    return MarStackConfig(lp=lp, nc=64, kc=kc, dc=16, dot16=1, num_warps=4, maxnreg=maxnreg,
+    # Spills (AOT, ptxas 12.9 / 13.4): the kernel passes D, H, DH, HID again as runtime loop bounds (constexpr
+    # ones were unrolled), drops the column masks when the chunks divide the shapes (EVEN), builds offset tiles
+    # inside the chunk loops (tiles hoisted out of the block loop stayed live across it: 255 registers and
+    # 28-32 B spills on sm_90) and caps registers at 255 (ptxas' own 128-168 spilled 4 B on sm_80 16-bit rows).
+    # LP = 64 (the longest L) takes 32-column chunks: its [64, 64] scores leave no room for [64, 64] accumulators.
+    maxnreg = 255
+    return MarStackConfig(lp=lp, nc=64 if lp <= 32 else 32, kc=kc, dc=16, dot16=1, num_warps=4, maxnreg=maxnreg,
                           max_programs=2 * _sm_count(device))
 
 
@@ -82,8 +85,9 @@ def _launch_triton(x: torch.Tensor, w: MarStackWeights, num_heads: int, out: tor
     _mar_stack_kernel[(nprog,)](
         x, out, ws, w.norm1_w, w.norm1_b, w.qkv_w, w.qkv_b, w.proj_w, w.proj_b, w.norm2_w, w.norm2_b,
         w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, w.norm_w, w.norm_b,
-        n, seq, depth, ws_stride, head_dim ** -0.5, float(w.eps),
+        n, seq, depth, ws_stride, head_dim ** -0.5, float(w.eps), width, num_heads, head_dim, hidden,
         D=width, H=num_heads, DH=head_dim, HID=hidden, LP=cfg.lp, NC=cfg.nc, KC=cfg.kc, DC=cfg.dc,
+        EVEN=all(m % c == 0 for m in (width, hidden) for c in (cfg.nc, cfg.kc)) and head_dim % cfg.dc == 0,
         DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
     )
 
