@@ -389,17 +389,34 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
     return which
 
 
-BLOCK_STACK_MAX_WIDTH = 512  # widest level whose blocks auto-fuse into one launch per step (see below)
+# widest level the fused stacks were built and AOT-checked for (the launch counting pins fused levels up to it);
+# no longer the dispatch rule: that is block_stack_wins (issue #28: the modeled time, not the width)
+BLOCK_STACK_MAX_WIDTH = 512
 MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel
 
 
+def block_stack_wins(op: str, width: int, n: Optional[int], dtype: Optional[torch.dtype],
+                     device: torch.device) -> bool:
+    """Whether the fused block stack ``op`` beats the level's op-by-op kernels at ``n`` sequences / rows per call
+    for this weight ``dtype``, ``width`` and GPU: the modeled crossover data (``fractal_kernels/data/
+    block_stack_model.json``, written by ``python -m benchmarks.costmodel --write-policy``, a MODEL) or a measured
+    one in the overlay (a GPU run; it overrides the package's entry). False without ``n`` / ``dtype``, off a CUDA
+    device, or where no file has an entry: op by op is the safe default."""
+    if n is None or dtype is None or device.type != "cuda":
+        return False
+    from fractal_kernels._target import device_arch
+    runs = policy.block_stack_ranges(op, str(dtype).replace("torch.", ""), device_arch(device), width)
+    return bool(runs) and any(lo <= n <= hi for lo, hi in runs)
+
+
 def choose_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
-                       fuse: Optional[bool] = None) -> Optional[str]:
+                       fuse: Optional[bool] = None, n: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Backend of a fused block stack (``op``: ``mar_block_stack`` / ``ar_block_stack_decode``) for a level of
     ``width``, or None: run its blocks op by op. Only the Triton kernel fuses (torch would be the op-by-op math
-    again). ``fuse`` (the level's ``fused_stack``) overrides the width rule: one program per sequence reads every
-    weight of the stack, cheap for the small levels, a MODEL trade against launches past 512 (unmeasured)."""
-    if fuse is False or (fuse is None and width > BLOCK_STACK_MAX_WIDTH):
+    again). ``fuse`` (the level's ``fused_stack``): True forces the fused kernel where the backend is Triton,
+    False forbids it, None follows :func:`block_stack_wins` at ``n`` rows of weight ``dtype`` (no data: op by op)."""
+    if fuse is False or (fuse is None and not block_stack_wins(op, width, n, dtype, device)):
         return None
     which = resolve(op, backend, device)
     return which if which == "triton" else None

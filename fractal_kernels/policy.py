@@ -179,6 +179,7 @@ def clear() -> None:
     """Forget the cached policy; the next :func:`load` reads the files again."""
     with _LOCK:
         _CACHE.pop("policy", None)
+        _CACHE.pop("block_stack", None)
 
 
 def reload() -> Policy:
@@ -212,3 +213,53 @@ def describe(device_name: Optional[str] = None, ops: Tuple[str, ...] = ()) -> Li
     elif device_name is None and not p.crossover:
         lines.append("attention crossover: none recorded: auto runs the kernel up to its maximum length")
     return lines
+
+
+# ------------------------------------------------------------------------------ fused block stacks: crossovers
+BLOCK_STACK = "block_stack_model.json"
+
+
+def _block_stack_entries(doc: Optional[dict]) -> Dict[Tuple[str, str, str, str], Tuple[Tuple[int, int], ...]]:
+    """``{(op, dtype, arch, width): ((lo, hi), ...)}`` of a block-stack crossover document (malformed entries
+    skipped)."""
+    out: Dict[Tuple[str, str, str, str], Tuple[Tuple[int, int], ...]] = {}
+    entries = (doc or {}).get("entries")
+    if not isinstance(entries, dict):
+        return out
+    for op, by_dtype in entries.items():
+        for dtype, by_arch in (by_dtype.items() if isinstance(by_dtype, dict) else ()):
+            for arch, by_width in (by_arch.items() if isinstance(by_arch, dict) else ()):
+                for width, entry in (by_width.items() if isinstance(by_width, dict) else ()):
+                    try:
+                        runs = tuple((int(lo), int(hi)) for lo, hi in entry["fused_n"])
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    out[(str(op), str(dtype), str(arch), str(width))] = runs
+    return out
+
+
+def block_stack_table() -> Dict[Tuple[str, str, str, str], Tuple[Tuple[Tuple[int, int], ...], str]]:
+    """``{(op, dtype, "sm_XX", width): (fused N ranges, file)}``: the package's modeled crossovers
+    (``benchmarks.costmodel``, a MODEL) with the overlay's entries (a measured GPU run) over them, per entry.
+    Read once per process; :func:`clear` forgets it."""
+    table = _CACHE.get("block_stack")
+    if table is None:
+        with _LOCK:
+            table = _CACHE.get("block_stack")
+            if table is None:
+                table = {}
+                for path in (package_path(BLOCK_STACK), overlay_path(BLOCK_STACK)):
+                    doc, status = read_document(path)
+                    if status.startswith("unreadable"):
+                        warnings.warn(f"fractal_kernels: dispatch policy file {path} is {status}; ignoring it",
+                                      RuntimeWarning, stacklevel=3)
+                    table.update({k: (v, path) for k, v in _block_stack_entries(doc).items()})
+                _CACHE["block_stack"] = table
+    return table
+
+
+def block_stack_ranges(op: str, dtype: str, arch: int, width: int) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """The N ranges (inclusive) where the fused block stack ``op`` wins for this dtype (``"bfloat16"``...), GPU
+    arch (90, 80) and level width, or None where no file has an entry (then dispatch does not fuse by itself)."""
+    hit = block_stack_table().get((op, dtype, f"sm_{arch}", str(width)))
+    return None if hit is None else hit[0]

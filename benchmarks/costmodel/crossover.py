@@ -1,0 +1,78 @@
+"""The modeled crossovers of the fused block stacks, written as package data for the dispatch (a MODEL).
+
+For every published level that has a fused block stack (``mar_block_stack``: MAR levels of length <= 64;
+``ar_block_stack_decode``: AR levels), and each modeled GPU (H100 -> sm_90, A100 -> sm_80), the level step's
+modeled time fused and op by op at N = 1, 2, 4, ..., 65536 sequences / rows. Per (op, dtype, arch, width) the
+document lists the N ranges where the fused step's modeled time is lower at every level of that width
+(``fused_n``: inclusive ``[lo, hi]`` of grid points; an N between grid points counts as fused only inside a
+range). ``fractal_kernels.policy.block_stack_ranges`` reads it, ``dispatch.choose_block_stack`` follows it; a
+measured file of the same form in the overlay (``$FRACTAL_HOME/block_stack_model.json``, a GPU run) overrides
+an entry. ``tests/test_costmodel.py`` checks that the committed file equals what the model regenerates.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Sequence
+
+from benchmarks.costmodel import constants as C
+from benchmarks.costmodel.levels import build_levels, step_time, with_n
+from benchmarks.costmodel.workload import STACK_OPS
+
+N_GRID = tuple(2 ** k for k in range(17))
+PUBLISHED = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
+             "fractalmar_huge_in256")
+DTYPE = "bfloat16"  # precision="auto" on a GPU: bf16 weights in the fused stacks
+
+
+def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]]:
+    """Inclusive ``[lo, hi]`` runs of grid points where ``wins`` is true."""
+    out: List[List[int]] = []
+    last = False
+    for n, w in zip(grid, wins):
+        if w and last:
+            out[-1][1] = n
+        elif w:
+            out.append([n, n])
+        last = w
+    return out
+
+
+def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100", "A100")) -> Dict[str, object]:
+    """The crossover document (see the module docstring)."""
+    entries: Dict[str, Dict[str, Dict[str, Dict[str, dict]]]] = {}
+    for config in configs:
+        for lv in build_levels(config, 1):
+            if not lv.fusable:
+                continue
+            op = STACK_OPS[lv.kind]
+            for name in hardware:
+                hw, arch = C.HARDWARE[name], C.ARCH[name]
+                times = [(step_time(with_n(lv, n), "fused", hw, arch), step_time(with_n(lv, n), "op_by_op", hw, arch))
+                         for n in N_GRID]
+                e = entries.setdefault(op, {}).setdefault(DTYPE, {}).setdefault(f"sm_{arch}", {}).setdefault(
+                    str(lv.width), {"levels": [], "wins": [True] * len(N_GRID), "best_ratio": None})
+                e["levels"].append(f"{config} {lv.label} (depth {lv.depth}, L {lv.tokens})")
+                e["wins"] = [a and f < o for a, (f, o) in zip(e["wins"], times)]
+                ratio = min(o / f for f, o in times)  # op-by-op / fused at the fused kernel's best N
+                e["best_ratio"] = ratio if e["best_ratio"] is None else min(e["best_ratio"], ratio)
+    for by_dtype in entries.values():
+        for by_arch in by_dtype.values():
+            for by_width in by_arch.values():
+                for e in by_width.values():
+                    e["fused_n"] = ranges(e.pop("wins"))
+                    e["best_ratio"] = round(e["best_ratio"], 4)
+    return {
+        "schema": 1,
+        "kind": "MODEL",
+        "source": "python -m benchmarks.costmodel --write-policy (benchmarks/costmodel: per-launch cost MODEL with the "
+                  "constants of shared/PERFORMANCE.md; nothing measured)",
+        "n_grid": list(N_GRID),
+        "note": "fused_n: inclusive [lo, hi] ranges of N (sequences / rows per call) where the fused block stack's "
+                "modeled step time beats op-by-op at every published level of that width; best_ratio: op-by-op / "
+                "fused modeled time at the fused kernel's best N (< 1: fused loses everywhere)",
+        "entries": entries,
+    }
+
+
+def dumps(doc: Dict[str, object]) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
