@@ -115,9 +115,19 @@ def test_fractal_kernels_never_imports_fractal_models():
     assert not bad, "fractal_kernels imports the model layer above it:\n" + "\n".join(bad)
 
 
+def test_neither_package_imports_the_benchmarks():
+    """``benchmarks`` sits above both packages: the cost model writes package data that ``fractal_kernels`` reads,
+    it is never imported by it."""
+    files = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    bad = [f"{p.relative_to(ROOT)}:{line}: {mod}" for p in files for line, mod in _imported_modules(p)
+           if mod == "benchmarks" or mod.startswith("benchmarks.")]
+    assert not bad, "a package imports the benchmarks above it:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles_in_either_package():
-    edges = _graph()
+    edges = _graph(packages=PACKAGES + ("benchmarks",))
     assert "fractal_models.engine.mar" in edges and "fractal_kernels.dispatch" in edges  # the scan sees both
+    assert "benchmarks.costmodel.launch" in edges  # and the benchmarks
     cycles = _cycles(edges)
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
@@ -156,9 +166,16 @@ def test_the_scan_detects_a_cycle_and_skips_type_checking_imports(tmp_path):
 MAX_LINES = 450  # one sitting; an exception would be listed here with the reason
 
 
+# benchmarks modules over the limit, each with its reason (issue #28 item 6: the counting joins the cost-model
+# package as modules of <= 450 lines; not done yet)
+LONG_BENCHMARKS = {"benchmarks/launches.py": "launch counting + roofline + tables: to split into a package",
+                   "benchmarks/aot.py": "AOT capture, compile and report: to split",
+                   "benchmarks/attention.py": "one line over: to split with the others"}
+
+
 def test_no_module_is_too_long_to_read_in_one_sitting():
-    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES + ("benchmarks",) for p in sorted((ROOT / pkg).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and str(p.relative_to(ROOT)) not in LONG_BENCHMARKS}
     assert not long, f"modules over {MAX_LINES} lines (split them by layer): {long}"
 
 

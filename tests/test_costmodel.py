@@ -1,0 +1,158 @@
+"""The per-launch cost MODEL (``benchmarks.costmodel``): hand-computed bounds of synthetic launches, the CLI on
+the tiny configs (CI: seconds), the committed package data against what the model regenerates, and the
+dispatch rule that reads it. Nothing here needs a GPU; every figure is a MODEL."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from benchmarks.costmodel import constants as C
+from benchmarks.costmodel import crossover, report
+from benchmarks.costmodel.__main__ import POLICY_PATH, main
+from benchmarks.costmodel.launch import Launch, launch_time, occupancy
+from benchmarks.costmodel.workload import gemm
+from fractal_kernels import dispatch, policy
+
+H100 = C.HARDWARE["H100"]
+MB64 = 64e6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_constants_are_performance_md_s():
+    """The table as shared/PERFORMANCE.md states it (change only with a GPU measurement, never fitted)."""
+    assert (H100.sms, H100.hbm_bytes_per_s, H100.l2_bytes_per_s, H100.l2_plan_bytes) == (132, 3.0e12, 5.5e12, 25e6)
+    assert (H100.hbm_latency_s, H100.l2_latency_s) == (0.6e-6, 0.3e-6)
+    assert (H100.hgmma_flops, H100.hmma_flops, H100.fma_flops) == (800e12, 400e12, 50e12)
+    assert (H100.launch_eager_s, H100.launch_triton_s, H100.launch_graph_s, H100.sync_s) == (5e-6, 3e-6, 2e-6, 10e-6)
+
+
+def _stream(grid, per_cta, in_flight, **kw):
+    return Launch(kernel="synthetic", grid_ctas=grid, ctas_per_sm=kw.pop("ctas_per_sm", 1), bytes_per_cta=per_cta,
+                  in_flight_bytes=in_flight, unique_bytes=kw.pop("unique", per_cta * grid), launch_kind="triton", **kw)
+
+
+def test_one_cta_streaming_64mb_without_and_with_pipelining():
+    # 64 MB > the L2: one HBM round trip (0.6 us) per 4 KB tile with num_stages = 1 (max(1, 0) = 1 tile ahead)
+    t = launch_time(_stream(1, MB64, 4096))
+    assert t["bound"] == "latency"
+    assert t["seconds"] == pytest.approx(MB64 / 4096 * 0.6e-6 + 3e-6)  # 9.375 ms + the Triton launch
+    # num_stages = 3: two tiles in flight, half the time
+    t3 = launch_time(_stream(1, MB64, 2 * 4096))
+    assert t3["seconds"] == pytest.approx(MB64 / 8192 * 0.6e-6 + 3e-6)
+
+
+def test_132_ctas_streaming_64mb_are_bound_by_hbm():
+    per = MB64 / 132
+    t = launch_time(_stream(132, per, 16384))
+    assert t["terms"]["latency"] == pytest.approx(per * 0.6e-6 / 16384)  # 17.8 us
+    assert t["bound"] == "HBM" and t["seconds"] == pytest.approx(MB64 / 3.0e12 + 3e-6)  # 21.3 us + launch
+
+
+def test_a_big_gemm_is_compute_bound_near_the_measured_peak():
+    """8192^3 bf16 on sm_90: 128 x 256 tiles, 2048 CTAs, 2 per SM -> 8 waves; PERFORMANCE.md measures ~800
+    TFLOP/s on this matmul, the MODEL must agree to within its wave quantisation."""
+    g = gemm("mm", 8192, 8192, 8192, H100, 90)
+    assert g.grid_ctas == 64 * 32 and g.unit == "HGMMA"
+    t = launch_time(g)
+    waves = math.ceil(2048 / (132 * 2))
+    per_wave = 2 * (2 * 128 * 256 * 8192) / (800e12 / 132)  # two CTAs share an SM's peak
+    assert t["bound"] == "compute (HGMMA)"
+    assert t["seconds"] == pytest.approx(waves * per_wave + 5e-6)
+    assert 2 * 8192 ** 3 / t["seconds"] > 700e12
+
+
+def test_a_persistent_grid_runs_its_items_one_after_another():
+    # 264 CTAs (2 per SM), 3 items each, 1 MB per item, 4 KB in flight, a 50 MB working set (> L2: HBM latency)
+    launch = _stream(264, 1e6, 4096, ctas_per_sm=2, items_per_cta=3, unique=50e6, working_set_bytes=50e6)
+    t = launch_time(launch)
+    assert t["rounds"] == 3 and t["bound"] == "latency"
+    assert t["terms"]["latency"] == pytest.approx(3 * 1e6 * 0.6e-6 / 4096)
+    assert t["terms"]["HBM"] == pytest.approx(264 * 3 * 1e6 / 3.0e12)  # re-reads miss past the L2
+
+
+def test_occupancy_from_registers_warps_and_shared_memory():
+    assert occupancy(255, 4) == 2  # the fused stacks' cap: 255 x 128 threads
+    assert occupancy(128, 4, smem=100 * 1024) == 2
+    assert occupancy(32, 1) == 32
+
+
+@pytest.fixture(scope="module")
+def tiny_doc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("costmodel")
+    assert main(["--tiny", "--batches", "1", "8", "--json", str(d / "c.json"), "--md", str(d / "c.md")]) == 0
+    with open(d / "c.json") as f:
+        return json.load(f), (d / "c.md").read_text()
+
+
+def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
+    doc, md = tiny_doc
+    assert doc["kind"] == "MODEL" and "MODEL" in md.splitlines()[0]
+    recs = doc["records"]
+    assert recs and set(report.KEYS) <= set(recs[0])
+    combos = {(r["config"], r["batch"], r["path"]) for r in recs}
+    assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
+                      for p in ("fast", "op_by_op", "fused", "reference")}
+    for h in doc["headline"]:
+        rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
+        assert h["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in rs) * 1e-6)
+        assert h["fast_s"] > 0 and h["reference_s"] > 0
+    assert all(r["modeled_us"] > 0 for r in recs)
+
+
+def test_the_committed_crossovers_are_what_the_model_regenerates():
+    with open(POLICY_PATH, encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == crossover.dumps(crossover.sweep()), \
+        "fractal_kernels/data/block_stack_model.json is stale: run python -m benchmarks.costmodel --write-policy"
+
+
+def test_the_committed_results_add_up():
+    path = os.path.join(ROOT, "benchmarks", "results", "costmodel", "costmodel.json")
+    with open(path) as f:
+        doc = json.load(f)
+    assert doc["kind"] == "MODEL"
+    fast = [r for r in doc["records"] if r["config"] == "fractalar_in64" and r["batch"] == 1 and r["path"] == "fast"]
+    head = next(h for h in doc["headline"] if h["config"] == "fractalar_in64" and h["batch"] == 1)
+    assert head["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in fast) * 1e-6,
+                                           rel=1e-6)
+
+
+def test_ranges():
+    assert crossover.ranges([True, True, False, True], (1, 2, 4, 8)) == [[1, 2], [8, 8]]
+    assert crossover.ranges([False] * 3, (1, 2, 4)) == []
+
+
+def test_dispatch_follows_the_crossover_data(tmp_path, monkeypatch):
+    from fractal_kernels._target import target_arch
+    doc = {"entries": {"mar_block_stack": {"bfloat16": {"sm_90": {"64": {"fused_n": [[1, 8]]}}}}}}
+    monkeypatch.setenv("FRACTAL_HOME", str(tmp_path))
+    (tmp_path / policy.BLOCK_STACK).write_text(json.dumps(doc))
+    dispatch.reload()
+    try:
+        cuda = torch.device("cuda")
+        with target_arch(90):
+            assert dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, cuda)
+            assert not dispatch.block_stack_wins("mar_block_stack", 64, 9, torch.bfloat16, cuda)
+            assert not dispatch.block_stack_wins("mar_block_stack", 64, None, torch.bfloat16, cuda)  # no N: op by op
+            assert not dispatch.block_stack_wins("mar_block_stack", 128, 8, torch.bfloat16, cuda)  # no entry
+        with target_arch(80):
+            assert not dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, cuda)
+        assert not dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, torch.device("cpu"))
+        assert policy.block_stack_table()[("mar_block_stack", "bfloat16", "sm_90", "64")][1] == \
+            str(tmp_path / policy.BLOCK_STACK)
+        # fuse=None and no winning range: op by op, without asking any backend
+        assert dispatch.choose_block_stack("mar_block_stack", None, torch.device("cpu"), 64, n=8,
+                                           dtype=torch.bfloat16) is None
+    finally:
+        monkeypatch.delenv("FRACTAL_HOME")
+        dispatch.reload()
+
+
+def test_the_package_data_fuses_no_published_level():
+    """The MODEL's verdict today (fused stacks: 4 KB in flight per CTA, every weight per sequence): op by op wins
+    at every N of every published width; a measured overlay can say otherwise."""
+    dispatch.reload()
+    table = {k: v for k, v in policy.block_stack_table().items() if v[1] == policy.package_path(policy.BLOCK_STACK)}
+    assert table and all(not runs for runs, _ in table.values())
