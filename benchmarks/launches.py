@@ -519,12 +519,15 @@ def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
 
 
 def pin_fused_stacks(model, widths: Sequence[int]) -> None:
-    """Fix every generator level's ``fused_stack`` to what the width rule decides at the original ``widths``
-    (``dispatch.choose_block_stack``): a narrow clone must fuse exactly the levels its original fuses, not every
-    level (all clone levels are narrow)."""
-    from fractal_kernels import dispatch
+    """Fix every generator level's ``fused_stack`` to what ``dispatch.choose_block_stack`` decides at the original
+    ``widths``: fused where the block-stack crossover data (``fractal_kernels.policy.block_stack_ranges``, bf16 on
+    an H100) has a winning range for that width, else op by op. A narrow clone's own widths have no entry, so it
+    must be pinned. With the data of the cost MODEL today (op by op wins at every N) no level fuses."""
+    from fractal_kernels import policy
+    from fractal_models.mar import MAR
     for level, width in zip(model.levels()[:-1], widths):
-        level.fused_stack = width <= dispatch.BLOCK_STACK_MAX_WIDTH
+        op = "mar_block_stack" if isinstance(level, MAR) else "ar_block_stack_decode"
+        level.fused_stack = bool(policy.block_stack_ranges(op, "bfloat16", 90, width))
 
 
 def _host_attributes(model: torch.nn.Module) -> List[torch.Tensor]:

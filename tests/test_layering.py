@@ -174,7 +174,8 @@ LONG_BENCHMARKS = {"benchmarks/launches.py": "launch counting + roofline + table
 
 
 def test_no_module_is_too_long_to_read_in_one_sitting():
-    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES + ("benchmarks",) for p in sorted((ROOT / pkg).rglob("*.py"))
+    long = {str(p.relative_to(ROOT)): n for pkg in PACKAGES + ("benchmarks",)
+            for p in sorted((ROOT / pkg).rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_LINES and str(p.relative_to(ROOT)) not in LONG_BENCHMARKS}
     assert not long, f"modules over {MAX_LINES} lines (split them by layer): {long}"
 

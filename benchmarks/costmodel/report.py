@@ -129,7 +129,8 @@ def upstream_rows(doc: Optional[dict], hw_name: str = "H100") -> List[dict]:
     for u in C.UPSTREAM:
         recs = config_records(u["config"], u["batch"], doc, hw_name, paths=("reference",))
         model = seconds(recs)
-        launch_s = sum(r["launches_per_image"] * r["modeled_us"] for r in recs if r["bound"] in ("launch", "sync")) * 1e-6
+        launch_s = sum(r["launches_per_image"] * r["modeled_us"] for r in recs
+                       if r["bound"] in ("launch", "sync")) * 1e-6
         rows.append(dict(u, model_s_per_image=model, ratio=u["measured_s_per_image"] / model,
                          launch_or_sync_bound_s=launch_s))
     return rows

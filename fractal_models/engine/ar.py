@@ -34,7 +34,7 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     device = cond_list[0].device
     dim = 3 * m.patch_size ** 2
     freqs = m.freqs_cis_on(device)
-    fused = _fused_stack_backend(m, device)
+    fused = _fused_stack_backend(m, device, rows)
     if fused is not None:  # every block and m.norm as one launch per step, on the op's own cache
         stack = _packed_stack(m, device)
         stack_cache = ar_stack_cache(stack, rows, m.seq_len, device)
@@ -85,14 +85,16 @@ def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor) -> torch.Te
     return m.norm(h)[:, 0]
 
 
-def _fused_stack_backend(m, device: torch.device):
+def _fused_stack_backend(m, device: torch.device, rows: int = None):
     """"triton" when this step's blocks and ``m.norm`` run as one :func:`ar_block_stack_decode` launch, else None:
-    the level in eval mode and ``dispatch.choose_block_stack``'s choice (the width rule, or the level's
-    ``fused_stack`` attribute: None = the rule, True / False = force)."""
+    the level in eval mode and ``dispatch.choose_block_stack``'s choice at ``rows`` rows (the modeled / measured
+    crossover data, or the level's ``fused_stack`` attribute: None = the data, True / False = force)."""
     if m.training or len(m.blocks) == 0:
         return None
+    dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type)
+             else m.blocks[0].attention.wqkv.weight.dtype)
     return dispatch.choose_block_stack("ar_block_stack_decode", kernel_backend(m.blocks[0].attention.backend),
-                                       device, m.config.dim, fuse=m.__dict__.get("fused_stack"))
+                                       device, m.config.dim, fuse=m.__dict__.get("fused_stack"), n=rows, dtype=dtype)
 
 
 def _packed_stack(m, device: torch.device) -> ArStackWeights:

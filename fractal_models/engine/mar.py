@@ -6,11 +6,12 @@ math op for op as the reference loop in :meth:`MAR.sample` on every value the re
 equal images in fp32); the bookkeeping around it is planned on the host up front.
 
 Fused block stack: where :func:`fractal_kernels.dispatch.choose_block_stack` picks the Triton kernel for a level
-(its blocks' backend is "triton", or "auto" on CUDA; width <= ``BLOCK_STACK_MAX_WIDTH``; its sequence <=
+(its blocks' backend is "triton", or "auto" on CUDA; the modeled crossover data says it wins at this many
+sequences, ``dispatch.block_stack_wins``; its sequence <=
 ``MAR_STACK_MAX_L`` tokens; eval mode; no compiled blocks installed), :func:`sample` runs each step's blocks and
 final norm as ONE launch (:func:`fractal_kernels.ops.mar_stack.mar_block_stack`) instead of
 :meth:`MAR.blocks_eval`. The level's plain attribute ``fused_stack`` (not in the state dict; absent = None)
-overrides the width rule: None = the rule, True = fuse whatever the width, False = never fuse. Its weights are
+overrides that rule: None = the rule, True = fuse whatever the width, False = never fuse. Its weights are
 packed once per (dtype, device) and cached on the level (rebuilt when a parameter changes): in the autocast
 dtype under autocast, else in the parameters' dtype. Numerics: the fused op's (fp32 math, 16-bit weights'
 inputs rounded to their dtype), close to but not bit-equal with the op-by-op blocks.
@@ -82,7 +83,8 @@ def sample(m, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_sche
     ranks = ranks.unsqueeze(-1)  # [rows, n_prefix + L, 1]
     mask_token = m.mask_token
     # fractal_models.engine.compiled_levels may install a compiled version for the call
-    run_blocks = m.__dict__.get("_compiled_blocks") or fused_blocks(m, device, n_prefix + seq_len) or m.blocks_eval
+    run_blocks = (m.__dict__.get("_compiled_blocks") or fused_blocks(m, device, n_prefix + seq_len, ranks.shape[0])
+                  or m.blocks_eval)
     # token indices of the 5 neighbour conditions of those positions; n_prefix + L is a zero token
     sizes = [n_pred for n_pred, _, _ in schedule]
     # per step, as views made once (slicing in the loop would be an op per step)
@@ -219,7 +221,7 @@ def blocks_eval(m, x: torch.Tensor) -> torch.Tensor:
     return m.norm(x)
 
 
-def fused_blocks(m, device: torch.device, seq: int):
+def fused_blocks(m, device: torch.device, seq: int, n: int = None):
     """``x -> mar_block_stack(x, ...)`` for a level whose blocks run fused on this device (see the module
     docstring), or None: run :meth:`MAR.blocks_eval`. Host work only; the packing happens once per weights."""
     blocks = m.blocks
@@ -229,11 +231,11 @@ def fused_blocks(m, device: torch.device, seq: int):
     heads = attn.num_heads
     if any(b.attn.num_heads != heads for b in blocks):
         return None
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
     which = choose_block_stack("mar_block_stack", kernel_backend(attn.backend), device,
-                               m.norm.normalized_shape[0], fuse=m.__dict__.get("fused_stack"))
+                               m.norm.normalized_shape[0], fuse=m.__dict__.get("fused_stack"), n=n, dtype=dtype)
     if which != "triton":
         return None
-    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
     weights = _packed_stack(m, dtype)
     return lambda x: mar_block_stack(x, weights, heads, backend=which)
 

@@ -55,8 +55,10 @@ def test_fused_steps_match_kernel_path(index, guided):
 def test_width_rule_and_torch_backend():
     model, _ = model_for("tiny_ar", "triton")
     level = model.levels()[0]
-    assert level.fused_stack is None  # default: the width rule (64 <= 512 fuses)
-    assert engine_ar._fused_stack_backend(level, torch.device("cpu")) == "triton"
+    assert level.fused_stack is None  # default: the modeled crossover data, which never fuses off a GPU
+    assert engine_ar._fused_stack_backend(level, torch.device("cpu"), 2) is None
+    level.fused_stack = True
+    assert engine_ar._fused_stack_backend(level, torch.device("cpu"), 2) == "triton"
     level.train()
     assert engine_ar._fused_stack_backend(level, torch.device("cpu")) is None  # train mode: never fused
     level.eval()
@@ -89,6 +91,7 @@ def test_generate_runs_the_fused_stack(monkeypatch):
         for blk in levels[1].blocks:
             blk.attention.backend = "torch"
         levels[-1].backend = "torch"
+        levels[0].fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
         g = torch.Generator().manual_seed(0)
         draw = uniform_draw(lambda n, c: torch.rand(n, generator=g, dtype=torch.float64))
         out[b] = generate(model, torch.tensor([3, 7]), cfg=2.0, num_iter_list=[1, 1], seed=0, draw=draw, backend=None)

@@ -34,6 +34,7 @@ def test_fused_level_equals_blocks_eval(name):
     levels = mar_levels(model)
     assert levels
     for i, m in enumerate(levels):
+        m.fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
         seq, width = seq_of(m), m.norm.normalized_shape[0]
         run = fused_blocks(m, torch.device("cpu"), seq)
         assert run is not None, f"level {i} not fused"
@@ -60,6 +61,7 @@ def test_fused_level_equals_blocks_eval(name):
 def test_bf16_autocast_packs_in_the_autocast_dtype():
     model = model_for("tiny_mar", "triton")
     m = mar_levels(model)[0]
+    m.fused_stack = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run = fused_blocks(m, torch.device("cpu"), seq_of(m))
     assert run is not None
@@ -72,8 +74,10 @@ def test_fused_stack_attribute_and_backends_choose_the_path():
     seq = seq_of(m)
     m.fused_stack = False
     assert fused_blocks(m, torch.device("cpu"), seq) is None
-    m.fused_stack = None
-    assert fused_blocks(m, torch.device("cpu"), seq) is not None
+    m.fused_stack = None  # the modeled crossover data: never fused off a GPU (and op by op wins on one)
+    assert fused_blocks(m, torch.device("cpu"), seq, 8) is None
+    m.fused_stack = True
+    assert fused_blocks(m, torch.device("cpu"), seq, 8) is not None
     assert fused_blocks(m, torch.device("cpu"), 65) is None  # past the kernel's sequence limit
     m.train()
     assert fused_blocks(m, torch.device("cpu"), seq) is None
@@ -96,6 +100,8 @@ def _generate(model, backend):
 @pytest.mark.parametrize("name", ["tiny_mar", "tiny_mar_gp"])
 def test_generate_runs_the_fused_stack(name):
     model = model_for(name, "torch")
+    for m in mar_levels(model):
+        m.fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
     dispatch.forget(OP)
     fused = _generate(model, "triton")
     assert dispatch.last_backend(OP) == "triton"
