@@ -93,7 +93,7 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
     assert recs and set(report.KEYS) <= set(recs[0])
     combos = {(r["config"], r["batch"], r["path"]) for r in recs}
     assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
-                      for p in ("fast", "op_by_op", "fused", "reference")}
+                      for p in ("fast", "op_by_op", "fused", "pre28_default", "reference")}
     for h in doc["headline"]:
         rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
         assert h["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in rs) * 1e-6)
@@ -116,7 +116,7 @@ def test_the_committed_results_add_up():
     fast = [r for r in doc["records"] if r["config"] == "fractalar_in64" and r["batch"] == 1 and r["path"] == "fast"]
     head = next(h for h in doc["headline"] if h["config"] == "fractalar_in64" and h["batch"] == 1)
     assert head["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in fast) * 1e-6,
-                                           rel=1e-6)
+                                           rel=1e-4)
 
 
 def test_ranges():

@@ -14,12 +14,16 @@ import sys
 import time
 from typing import List, Optional
 
-from benchmarks.costmodel import constants as C
-from benchmarks.costmodel import crossover, report
+from . import constants as C
+from . import crossover, report
 
 TINY = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
 POLICY_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "fractal_kernels", "data", "block_stack_model.json")
+
+
+def _round(x):
+    return float(f"{x:.6g}") if isinstance(x, float) else x
 
 
 def run(configs, batches, doc, hw: str = "H100"):
@@ -67,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = {"kind": "MODEL", "hardware": C.HARDWARE[a.hardware]._asdict(), "sources": C.SOURCES,
                "batches": a.batches, "configs": configs, "headline": head, "upstream": upstream,
                "violations_8mb": [{k: r[k] for k in report.KEYS} for r in violations],
-               "records": [{k: r[k] for k in keep} for r in records]}
+               "records": [{k: _round(r[k]) for k in keep} for r in records]}
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1, sort_keys=False)
             f.write("\n")

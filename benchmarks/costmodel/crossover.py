@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Sequence
 
-from benchmarks.costmodel import constants as C
-from benchmarks.costmodel.levels import build_levels, step_time, with_n
-from benchmarks.costmodel.workload import STACK_OPS
+from . import constants as C
+from .levels import build_levels, step_time, with_n
+from .workload import STACK_OPS
 
 N_GRID = tuple(2 ** k for k in range(17))
 PUBLISHED = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",

@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
-from benchmarks.costmodel.constants import HARDWARE, Hardware
+from .constants import HARDWARE, Hardware
 
 LAUNCH_KINDS = ("eager", "triton", "graph")
 UNITS = ("HGMMA", "HMMA", "FMA", "none")

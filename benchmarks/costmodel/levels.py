@@ -14,14 +14,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks.costmodel import constants as C
-from benchmarks.costmodel.launch import Launch, launch_time
-from benchmarks.costmodel.workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, attention_decode,
+from . import constants as C
+from .launch import Launch, launch_time
+from .workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, attention_decode,
                                            attention_mar, elementwise, gemm, mar_stack, pixel_head)
 
 LAUNCHES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "launches",
                              "launches.json")
-PATHS = ("fast", "op_by_op", "fused", "reference")
+PATHS = ("fast", "op_by_op", "fused", "pre28_default", "reference")
+PRE28_MAX_WIDTH = 512  # the width rule of dispatch before issue #28: levels up to it fused by default
 
 
 # ------------------------------------------------------------------------------------------------------ counts
@@ -42,7 +43,7 @@ def level_counts(config: str) -> Dict[str, Dict[str, dict]]:
     model itself (the tiny configs: ~1 s each)."""
     done = _committed_counts().get(config)
     if done is None:
-        from benchmarks import launches
+        from .. import launches
         res = launches.run_config(config, [1], narrow=False, depth_extrapolation=False)
         done = {p: res[p][1] for p in ("ref", "fast")}
     return {p: done[p]["levels"] for p in ("ref", "fast")}
@@ -100,7 +101,7 @@ def _structure(config: str) -> Tuple[dict, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _roofline(config: str, batch: int) -> dict:
-    from benchmarks.launches import roofline
+    from ..launches import roofline
     return roofline(config, batch)
 
 

@@ -7,10 +7,10 @@ import subprocess
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from benchmarks.costmodel import constants as C
-from benchmarks.costmodel.launch import launch_time, record as launch_record
-from benchmarks.costmodel.levels import (PATHS, build_levels, generate_overhead, step_launches, syncs_per_step)
-from benchmarks.costmodel.workload import STACK_OPS, Level, elementwise
+from . import constants as C
+from .launch import launch_time, record as launch_record
+from .levels import PATHS, PRE28_MAX_WIDTH, build_levels, generate_overhead, step_launches, syncs_per_step
+from .workload import STACK_OPS, Level, elementwise
 
 KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "grid_ctas", "ctas_per_sm",
         "weight_bytes_per_launch", "bytes_per_cta", "flops_per_launch", "unit", "modeled_us", "bound")
@@ -30,6 +30,8 @@ def fuses(lv: Level, doc: Optional[dict], arch: int) -> bool:
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
     if path == "fast":
         return "fused" if fuses(lv, doc, arch) else "op_by_op"
+    if path == "pre28_default":
+        return "fused" if lv.fusable and lv.width <= PRE28_MAX_WIDTH else "op_by_op"
     if path == "fused" and not lv.fusable:
         return "op_by_op"
     return path
@@ -187,22 +189,23 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "per-CTA compute x rounds) + launch cost (`benchmarks/costmodel/launch.py`). Paths: `fast` = what dispatch "
         "picks (the fused block stack only where `fractal_kernels/data/block_stack_model.json` says it wins at "
         "that N), `op_by_op` = the kernel path without fused stacks, `fused` = the fused stack at every level "
-        "that has one (the pre-#28 default, shown so a losing fused kernel is visible), `reference` = the "
-        "reference loop. Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
+        "that has one (shown so a losing fused kernel is visible), `pre28_default` = the default before issue #28 "
+        "(fused stacks at widths ≤ 512, the engine the launch MODEL put at 0.68 s/img for fractalar_in64), "
+        "`reference` = the reference loop. Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
         "come from the launchers' own config functions at the original width and the AOT report.",
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
-        "| config | batch | fast | op_by_op | fused | reference | fast: launches/img | fast: bound (share of time) "
-        "| target | met? |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | fast | op_by_op | fused | pre28_default | reference | fast: launches/img | fast: bound "
+        "(share of time) | target | met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head:
         tgt = (f"≤ {h['target_s']} s" if "target_s" in h else "—")
         met = ("—" if "target_s" not in h else "**met**" if h["target_met"] else
                f"missed by {h['target_factor']:.1f}×")
         lines.append(f"| {h['config']} | {h['batch']} | **{_fmt_s(h['fast_s'])}** | {_fmt_s(h['op_by_op_s'])} | "
-                     f"{_fmt_s(h['fused_s'])} | {_fmt_s(h['reference_s'])} | {h['fast_launches']:,.0f} | "
+                     f"{_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | {_fmt_s(h['reference_s'])} | {h['fast_launches']:,.0f} | "
                      f"{h['fast_bound']} | {tgt} | {met} |")
     lines += ["", "## The reference loop beside the upstream figures (MODEL vs measured; constants unchanged)", "",
               "| figure | config | batch | measured on | measured s/img | MODEL s/img (H100 constants) | measured / "
@@ -266,7 +269,8 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
 
 
 def plot(records: Sequence[dict], path: str) -> Optional[str]:
-    """Per config: modeled s/image vs batch for each path (log-log), the targets marked. None without matplotlib."""
+    """Top row, per config: modeled s/image vs batch for each path (log-log), the targets marked. Bottom row: the
+    fast path's time per level as a share of the image's, per batch. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -275,10 +279,10 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
         return None
     tot = totals(records)
     configs = sorted({c for c, _, _ in tot})
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.8), squeeze=False)
-    for ax, config in zip(axes[0], configs):
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.4), squeeze=False)
+    for ax, low, config in zip(axes[0], axes[1], configs):
         batches = sorted({b for c, b, _ in tot if c == config})
-        for p, style in zip(PATHS, ("o-", "s--", "x:", "^-.")):
+        for p, style in zip(PATHS, ("o-", "s--", "x:", "d:", "^-.")):
             ax.plot(batches, [tot[(config, b, p)]["s"] for b in batches], style, label=p)
         for (c, b), t in C.TARGETS.items():
             if c == config:
@@ -288,10 +292,20 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
         ax.set_title(config, fontsize=9)
         ax.set_xlabel("batch")
         ax.grid(True, which="both", alpha=0.3)
+        levels = [lv for lv in tot[(config, batches[0], "fast")]["by_level"] if lv != "generate"]
+        bottom = [0.0] * len(batches)
+        for lv in levels:
+            share = [100 * tot[(config, b, "fast")]["by_level"].get(lv, 0.0) / tot[(config, b, "fast")]["s"]
+                     for b in batches]
+            low.bar([str(b) for b in batches], share, bottom=bottom, label=lv)
+            bottom = [x + y for x, y in zip(bottom, share)]
+        low.set_xlabel("batch")
+        low.legend(fontsize=6)
     axes[0][0].set_ylabel("MODEL s / image (H100)")
+    axes[1][0].set_ylabel("fast path: % of the image's MODEL time")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Per-launch cost MODEL (not measured): s per image per path", fontsize=10)
+    fig.suptitle("Per-launch cost MODEL (not measured): s per image per path, and per level", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

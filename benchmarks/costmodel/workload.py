@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from benchmarks.costmodel import constants as C
-from benchmarks.costmodel.launch import Launch, occupancy
+from . import constants as C
+from .launch import Launch, occupancy
 
 EB = 2  # bytes per 16-bit element
 F32 = 4
