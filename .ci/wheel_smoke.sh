@@ -38,7 +38,8 @@ import os, sys, tarfile, zipfile
 sdist, wheel, repo = sys.argv[1:]
 names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 need = {"CMakeLists.txt", "README.md", "setup.py", "pyproject.toml", "fractal_kernels/data/cuda_verified.json",
-        "fractal_kernels/data/attention_crossover.json", "fractal_kernels/policy.py", "benchmarks/cli.py"}
+        "fractal_kernels/data/attention_crossover.json", "fractal_kernels/data/block_stack_model.json",
+        "fractal_kernels/policy.py", "benchmarks/cli.py", "benchmarks/costmodel/launch.py"}
 for root, _, files in os.walk(os.path.join(repo, "csrc")):
     need |= {os.path.relpath(os.path.join(root, f), repo) for f in files}
 for root, _, files in os.walk(os.path.join(repo, "fractal_kernels", "cpu")):
@@ -50,7 +51,8 @@ whl = zipfile.ZipFile(wheel).namelist()
 top = {n.split("/", 1)[0] for n in whl if not n.split("/", 1)[0].endswith(".dist-info")}
 assert top == {"fractal_kernels", "fractal_models", "fractal_bench"}, f"wheel top-level entries: {sorted(top)}"
 for n in ("fractal_kernels/data/cuda_verified.json", "fractal_kernels/data/attention_crossover.json",
-          "fractal_kernels/cpu/pixel_head_cpu.cpp", "fractal_bench/cli.py"):
+          "fractal_kernels/data/block_stack_model.json", "fractal_kernels/cpu/pixel_head_cpu.cpp",
+          "fractal_bench/cli.py", "fractal_bench/costmodel/launch.py"):
     assert n in whl, f"wheel lacks {n}"
 ep = zipfile.ZipFile(wheel).read(next(n for n in whl if n.endswith("entry_points.txt"))).decode()
 assert "fractal-bench = fractal_bench.cli:main" in ep and "fractalgen = fractal_models.cli:main" in ep, ep

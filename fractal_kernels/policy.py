@@ -212,6 +212,16 @@ def describe(device_name: Optional[str] = None, ops: Tuple[str, ...] = ()) -> Li
                      f"maximum length")
     elif device_name is None and not p.crossover:
         lines.append("attention crossover: none recorded: auto runs the kernel up to its maximum length")
+    table = block_stack_table()
+    for src in sorted({path for _, path in table.values()}):
+        keys = sorted(k for k, (_, path) in table.items() if path == src)
+        fused = [f"{op} {dt} {arch} D={w}: N in {list(map(list, table[(op, dt, arch, w)][0]))}"
+                 for op, dt, arch, w in keys if table[(op, dt, arch, w)][0]]
+        lines.append(f"fused block stacks ({len(keys)} entries, from {src}): "
+                     + ("; ".join(fused) if fused else "op by op wins at every N of every entry: never fused by "
+                        "default (fused_stack=True forces it)"))
+    if not table:
+        lines.append("fused block stacks: no crossover data: never fused by default (fused_stack=True forces it)")
     return lines
 
 
