@@ -218,7 +218,11 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
               "reference loop's sampling, masking and indexing code between launches), allocator and "
               "autocast-cast launches not in the counts, the GPU idling while the host catches up being "
               "*additive* here (no overlap of host and device), the RTX 4090's own constants (#13 is compared "
-              "with H100 constants: it is launch-bound, so the host terms decide), and any clock/thermal effect.",
+              "with H100 constants: it is launch-bound, so the host terms decide), and any clock/thermal effect. "
+              "#19 (batch 512) is device-bound in the MODEL (launches and syncs are a small share), so its gap is "
+              "the device terms: every aten GEMM at the tile model's efficiency (near peak when big), every "
+              "elementwise op at HBM speed, the reference's fp32 pieces (scores, softmax, norms under autocast) "
+              "as bytes only, and an H100 SXM where the run's H100 variant is not stated.",
               "", "## Target: no fast-path launch reading ≥ 8 MB of weights on fewer CTAs than SMs", ""]
     if violations:
         lines += ["| config | batch | level | kernel | weight MB | grid CTAs |", "|---|---|---|---|---|---|"]
