@@ -93,7 +93,7 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
     assert recs and set(report.KEYS) <= set(recs[0])
     combos = {(r["config"], r["batch"], r["path"]) for r in recs}
     assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
-                      for p in ("fast", "op_by_op", "fused", "pre28_default", "reference")}
+                      for p in ("fast", "op_by_op", "fused", "pre28_default", "reference", "op_by_op_graph")}
     for h in doc["headline"]:
         rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
         assert h["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in rs) * 1e-6)

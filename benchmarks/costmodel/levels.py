@@ -21,7 +21,9 @@ from .workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, atten
 
 LAUNCHES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "launches",
                              "launches.json")
-PATHS = ("fast", "op_by_op", "fused", "pre28_default", "reference")
+PATHS = ("fast", "op_by_op", "fused", "pre28_default", "reference", "op_by_op_graph")
+# op_by_op_graph: a what-if, not a path of the library: the op-by-op launches replayed from a CUDA graph (every
+# launch at the graph-node cost, kernels unchanged; issue #28 item 4 asks for it), to show what launches cost
 PRE28_MAX_WIDTH = 512  # the width rule of dispatch before issue #28: levels up to it fused by default
 
 

@@ -1,6 +1,7 @@
 """Records, totals, markdown, plot and JSON of the cost MODEL (``python -m benchmarks.costmodel``)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 import subprocess
@@ -30,6 +31,8 @@ def fuses(lv: Level, doc: Optional[dict], arch: int) -> bool:
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
     if path == "fast":
         return "fused" if fuses(lv, doc, arch) else "op_by_op"
+    if path == "op_by_op_graph":
+        return "op_by_op"
     if path == "pre28_default":
         return "fused" if lv.fusable and lv.width <= PRE28_MAX_WIDTH else "op_by_op"
     if path == "fused" and not lv.fusable:
@@ -60,6 +63,8 @@ def config_records(config: str, batch: int, doc: Optional[dict], hw_name: str = 
             floor = max(lv.roof["fast_flops"] / (hw.hgmma_flops or hw.hmma_flops),
                         (lv.roof["fast_weight_bytes"] + lv.roof["fast_act_bytes"]) / hw.hbm_bytes_per_s)
             for kernel, (launch, per_step) in _merge(step_launches(lv, lp, hw, arch)).items():
+                if path == "op_by_op_graph":
+                    launch = dataclasses.replace(launch, launch_kind="graph")
                 r = launch_record(launch, hw)
                 out.append(dict(config=config, batch=batch, path=path, level=lv.label, level_path=lp, kernel=kernel,
                                 launches_per_image=per_step * inv, grid_ctas=launch.grid_ctas,
@@ -191,21 +196,23 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "that N), `op_by_op` = the kernel path without fused stacks, `fused` = the fused stack at every level "
         "that has one (shown so a losing fused kernel is visible), `pre28_default` = the default before issue #28 "
         "(fused stacks at widths ≤ 512, the engine the launch MODEL put at 0.68 s/img for fractalar_in64), "
-        "`reference` = the reference loop. Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
+        "`reference` = the reference loop; `op_by_op_graph` is a what-if, not a path of the library: the "
+        "op-by-op launches at the CUDA-graph node cost (kernels unchanged; issue #28 item 4). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
         "come from the launchers' own config functions at the original width and the AOT report.",
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
-        "| config | batch | fast | op_by_op | fused | pre28_default | reference | fast: launches/img | fast: bound "
-        "(share of time) | target | met? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | fast | op_by_op | fused | pre28_default | reference | what-if: op_by_op_graph | fast: "
+        "launches/img | fast: bound (share of time) | target | met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head:
         tgt = (f"≤ {h['target_s']} s" if "target_s" in h else "—")
         met = ("—" if "target_s" not in h else "**met**" if h["target_met"] else
                f"missed by {h['target_factor']:.1f}×")
         lines.append(f"| {h['config']} | {h['batch']} | **{_fmt_s(h['fast_s'])}** | {_fmt_s(h['op_by_op_s'])} | "
-                     f"{_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | {_fmt_s(h['reference_s'])} | {h['fast_launches']:,.0f} | "
+                     f"{_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | {_fmt_s(h['reference_s'])} | "
+                     f"{_fmt_s(h['op_by_op_graph_s'])} | {h['fast_launches']:,.0f} | "
                      f"{h['fast_bound']} | {tgt} | {met} |")
     lines += ["", "## The reference loop beside the upstream figures (MODEL vs measured; constants unchanged)", "",
               "| figure | config | batch | measured on | measured s/img | MODEL s/img (H100 constants) | measured / "
@@ -286,7 +293,7 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
     fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.4), squeeze=False)
     for ax, low, config in zip(axes[0], axes[1], configs):
         batches = sorted({b for c, b, _ in tot if c == config})
-        for p, style in zip(PATHS, ("o-", "s--", "x:", "d:", "^-.")):
+        for p, style in zip(PATHS, ("o-", "s--", "x:", "d:", "^-.", "v:")):
             ax.plot(batches, [tot[(config, b, p)]["s"] for b in batches], style, label=p)
         for (c, b), t in C.TARGETS.items():
             if c == config:
