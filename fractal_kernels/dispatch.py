@@ -389,20 +389,30 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
     return which
 
 
-BLOCK_STACK_MAX_WIDTH = 512  # widest level whose blocks auto-fuse into one launch per step (see below)
 MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel
+
+
+def explain_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
+                        fuse: Optional[bool] = None, *, policy_only: bool = False) -> Tuple[Optional[str], str]:
+    """:func:`choose_block_stack`'s answer and why; ``policy_only``: the rule's answer where Triton runs, without
+    resolving a backend here (``fractalgen info`` on a machine without a GPU)."""
+    fused, why = policy.block_stack_rule(width, fuse)
+    if not fused:
+        return None, why
+    if policy_only:
+        return "triton", why
+    which = resolve(op, backend, device)
+    if which != "triton":
+        return None, f"{why}, but the backend is {which}: only the Triton kernel fuses"
+    return which, why
 
 
 def choose_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
                        fuse: Optional[bool] = None) -> Optional[str]:
     """Backend of a fused block stack (``op``: ``mar_block_stack`` / ``ar_block_stack_decode``) for a level of
-    ``width``, or None: run its blocks op by op. Only the Triton kernel fuses (torch would be the op-by-op math
-    again). ``fuse`` (the level's ``fused_stack``) overrides the width rule: one program per sequence reads every
-    weight of the stack, cheap for the small levels, a MODEL trade against launches past 512 (unmeasured)."""
-    if fuse is False or (fuse is None and width > BLOCK_STACK_MAX_WIDTH):
-        return None
-    which = resolve(op, backend, device)
-    return which if which == "triton" else None
+    ``width``, or None: op by op. Only the Triton kernel fuses; by default no level does (``policy.BLOCK_STACK_MAX_WIDTH``);
+    ``fuse`` (the level's ``fused_stack``) forces either way."""
+    return explain_block_stack(op, backend, device, width, fuse)[0]
 
 
 def record(op: str, choice: str) -> str:

@@ -212,3 +212,24 @@ def describe(device_name: Optional[str] = None, ops: Tuple[str, ...] = ()) -> Li
     elif device_name is None and not p.crossover:
         lines.append("attention crossover: none recorded: auto runs the kernel up to its maximum length")
     return lines
+
+
+#: Widest level whose blocks fuse by default (``fused_stack`` None): 0, none -- issue #28's safe default. A fused step
+#: streams the level's weights through one CTA per sequence / 16 rows (MODEL: slower than op by op on a GPU at every
+#: published shape, ``python -m benchmarks.costmodel``); ``fused_stack=True`` forces it. Tests change it.
+BLOCK_STACK_MAX_WIDTH = 0
+
+_BLOCK_STACK_DEFAULT_WHY = ("default: op by op (MODEL: a fused step streams the whole level's weights through one CTA "
+                            "per sequence / 16 rows, slower than op by op on a GPU; fused_stack=True forces it)")
+
+
+def block_stack_rule(width: int, fuse: Optional[bool] = None) -> Tuple[bool, str]:
+    """Whether a level of ``width`` fuses its blocks by policy (before backend availability), and why.
+    ``fuse`` is the level's ``fused_stack``: True / False force, None = the default rule."""
+    if fuse is False:
+        return False, "fused_stack=False on the level"
+    if fuse:
+        return True, "fused_stack=True on the level"
+    if width > BLOCK_STACK_MAX_WIDTH:
+        return False, _BLOCK_STACK_DEFAULT_WHY
+    return True, f"width {width} <= BLOCK_STACK_MAX_WIDTH={BLOCK_STACK_MAX_WIDTH}"
