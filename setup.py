@@ -45,6 +45,9 @@ def cuda_extensions():
 
 
 ext_modules, cmdclass = cuda_extensions()
+# The docs site (mkdocs.yml, docs/): pinned to the versions `mkdocs build --strict` was verified with, since a
+# newer mkdocstrings/griffe can add warnings, which strict mode turns into failures.
+DOCS_REQUIRES = ["mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8", "mkdocstrings-python==2.0.11"]
 
 setup(
     name="fractal-kernels",
@@ -66,11 +69,13 @@ setup(
     # scipy: MAR training draws its mask ratios with scipy's truncnorm on numpy's RNG, as the reference does
     install_requires=["torch>=2.1", "numpy", "scipy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
+        # the test extra carries the docs tools: tests/test_docs.py builds the site (mkdocs build --strict)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"] + DOCS_REQUIRES,
         "bench": ["pytest-benchmark", "matplotlib"],
         "triton": ["triton"],
         # demo data: the photos inside the scikit-image 0.26 wheel (read as files, nothing downloaded)
         "train": ["pillow", "scikit-image==0.26.0"],
+        "docs": DOCS_REQUIRES,
     },
     entry_points={"console_scripts": ["fractalgen=fractal_models.cli:main", "fractal-bench=fractal_bench.cli:main"]},
     ext_modules=ext_modules,

@@ -3,7 +3,7 @@
     python -m benchmarks.aot                 # full set, sm_90a + sm_80 -> benchmarks/results/aot/full.{json,md}
     python -m benchmarks.aot --ci            # the CI subset (CI_SUBSET)             -> .../ci.{json,md}
     python -m benchmarks.aot --ci --check    # + exit 1 listing every budget violation not in KNOWN_OVER_BUDGET
-    python -m benchmarks.aot --readme        # summary.md (+ the README's aot-table block) from the latest results
+    python -m benchmarks.aot --docs          # summary.md (+ docs/benchmarks.md's aot-table block) from the latest results
     python -m benchmarks.aot --list          # the captured specializations only (seconds, nothing compiled)
     fractal-bench --aot [same options]
 
@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "aot")
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+# the docs page that shows the summary table between the aot-table markers (the README is a front page now)
+DOCS_PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
 SCHEMA_VERSION = 1
 
 # ---- budgets and limits: the one place they live ---------------------------------------------------------
@@ -765,9 +766,9 @@ def write(doc: Dict[str, Any], out_dir: str = RESULTS_DIR, stem: Optional[str] =
     return paths
 
 
-# ---- README table ------------------------------------------------------------------------------------------
+# ---- docs table --------------------------------------------------------------------------------------------
 
-README_START, README_END = "<!-- aot-table:start -->", "<!-- aot-table:end -->"
+TABLE_START, TABLE_END = "<!-- aot-table:start -->", "<!-- aot-table:end -->"
 
 
 def summary_table(doc: Dict[str, Any]) -> str:
@@ -798,7 +799,7 @@ def summary_table(doc: Dict[str, Any]) -> str:
     m = doc["machine"]
     what = "every recorded launch" if doc["mode"] == "full" else "the CI subset (one per kernel x dtype class)"
     lines = [f"AOT compile of {what}: triton {m['triton']}, commit `{m['commit']}`, "
-             f"{m['date']}; `python -m benchmarks.aot --readme` regenerates this. Cells: registers / spill bytes "
+             f"{m['date']}; `python -m benchmarks.aot --docs` regenerates this. Cells: registers / spill bytes "
              f"(st+ld) / shared memory / CTAs per SM (estimate) / tensor-core instructions (HGMMA+HMMA) / cold "
              f"compile, CPU seconds; ⚠ = over a budget (benchmarks/aot.py BUDGETS; details in "
              f"benchmarks/results/aot/{doc['mode']}.md).", "",
@@ -826,14 +827,16 @@ def latest_doc(out_dir: str = RESULTS_DIR, prefer: Sequence[str] = ("full", "ci"
     return None
 
 
-def update_readme(table: str, path: str = README) -> bool:
-    """Fill the README's aot-table marker block; False if the markers are absent (nothing written)."""
+def update_docs_table(table: str, path: str = DOCS_PAGE) -> bool:
+    """Fill the docs page's aot-table marker block; False if the markers are absent (nothing written)."""
+    if not os.path.exists(path):  # an installed copy (fractal_bench) has no docs/ beside it
+        return False
     with open(path) as f:
         text = f.read()
-    i, j = text.find(README_START), text.find(README_END)
+    i, j = text.find(TABLE_START), text.find(TABLE_END)
     if i < 0 or j < i:
         return False
-    new = text[:i + len(README_START)] + "\n" + table + text[j:]
+    new = text[:i + len(TABLE_START)] + "\n" + table + text[j:]
     if new != text:
         _atomic_write(path, new)
     return True
@@ -853,8 +856,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--ci", action="store_true", help="compile the CI subset (CI_SUBSET) only")
     p.add_argument("--check", action="store_true", help="exit 1 listing every gate problem")
-    p.add_argument("--readme", action="store_true", help="write summary.md and fill the README's aot-table block "
-                                                         "from the latest results (nothing compiled)")
+    p.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                   help="write summary.md and fill the aot-table block of docs/benchmarks.md from the latest "
+                        "results (nothing compiled; --readme is the old name)")
     p.add_argument("--list", action="store_true", help="print the captured specializations and exit")
     p.add_argument("--list-json", default=None, metavar="PATH", help="write the captured launches as JSON and exit")
     p.add_argument("--case", action="append", default=None, help="only this case label (repeatable)")
@@ -877,7 +881,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         print(known_literal(doc["rows"]))
         return 0
-    if args.readme:
+    if args.docs:
         doc = latest_doc(args.out_dir)
         if doc is None:
             print(f"no results under {args.out_dir}; run python -m benchmarks.aot first", file=sys.stderr)
@@ -885,7 +889,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         table = summary_table(doc)
         _atomic_write(os.path.join(args.out_dir, "summary.md"), "# AOT summary\n\n" + table)
         print(table)
-        print("README.md updated" if update_readme(table) else "README.md has no aot-table markers; not changed")
+        page = os.path.relpath(DOCS_PAGE)
+        print(f"{page} updated" if update_docs_table(table) else f"{page} not found or without aot-table markers; not changed")
         return 0
     subset = CI_SUBSET if args.ci else None
     labels = set(args.case) if args.case else None

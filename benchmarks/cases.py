@@ -18,6 +18,7 @@ import torch
 from .harness import Dispatched, Row, dispatch_failure, summarize, time_fn
 from fractal_kernels.dispatch import backend_report
 from fractal_models import build_model, generate
+from fractal_models.engine.paths import level_paths
 from fractal_models.sampling import default_num_iter_list, normalize_uint8
 
 TINY = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
@@ -91,6 +92,11 @@ def generate_rows(config: str, mode: Mode, device: torch.device, backend: str = 
     check = {True: "seeded reruns identical", False: "SEEDED RERUNS DIFFER", None: "single run"}[same]
     timing = summarize(times)
     metrics = {"images_per_s": bsz / timing["median_s"], "s_per_image": timing["median_s"] / bsz, "ran_on": d.ran}
+    if fast:  # which path each level took and why (a fused level and an op-by-op one time differently)
+        try:
+            metrics["level_paths"] = level_paths(model, device, backend)
+        except Exception as e:  # noqa: BLE001 -- the row's own run reports a backend failure; note it here too
+            metrics["level_paths"] = f"unknown: {type(e).__name__}: {e}"
     if baseline is not None and baseline.timing:
         metrics["speedup_vs_faithful"] = baseline.timing["median_s"] / timing["median_s"]
         if backend == "torch" and baseline.__dict__.get("_images") is not None:

@@ -248,6 +248,8 @@ def _ms(s: float) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list) and v and all(isinstance(x, dict) and "path" in x for x in v):  # level_paths
+        return " ".join(f"L{x['level']}:{x['path']}" for x in v)
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

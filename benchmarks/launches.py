@@ -519,15 +519,12 @@ def narrow_clone(config: str, head_dim: int = 8, **overrides: Any):
 
 
 def pin_fused_stacks(model, widths: Sequence[int]) -> None:
-    """Fix every generator level's ``fused_stack`` to what ``dispatch.choose_block_stack`` decides at the original
-    ``widths``: fused where the block-stack crossover data (``fractal_kernels.policy.block_stack_ranges``, bf16 on
-    an H100) has a winning range for that width, else op by op. A narrow clone's own widths have no entry, so it
-    must be pinned. With the data of the cost MODEL today (op by op wins at every N) no level fuses."""
+    """Fix every generator level's ``fused_stack`` to what the default rule decides at the original ``widths``
+    (``policy.block_stack_rule``): a narrow clone must fuse exactly the levels its original fuses, not every
+    level (all clone levels are narrow)."""
     from fractal_kernels import policy
-    from fractal_models.mar import MAR
     for level, width in zip(model.levels()[:-1], widths):
-        op = "mar_block_stack" if isinstance(level, MAR) else "ar_block_stack_decode"
-        level.fused_stack = bool(policy.block_stack_ranges(op, "bfloat16", 90, width))
+        level.fused_stack = policy.block_stack_rule(width)[0]
 
 
 def _host_attributes(model: torch.nn.Module) -> List[torch.Tensor]:
@@ -1361,7 +1358,7 @@ def lever_analysis(doc: Dict[str, Any], batch: str = "1") -> List[str]:
              f"{BLOCK_LAUNCHES['MAR']} per MAR block: norm1, qkv, attention, proj, add, norm2, fc1, gelu, fc2, add; "
              f"{BLOCK_LAUNCHES['AR']} per AR block step: rms_norm, wqkv, cache copy, decode attention, wo, add, "
              "rms_norm, w1, silu, w3, mul, w2, add); a level whose blocks already run as one fused block-stack "
-             "launch per step (width <= dispatch.BLOCK_STACK_MAX_WIDTH) counts 0 per block: its stack launch is in "
+             "launch per step (fused_stack=True, or policy.BLOCK_STACK_MAX_WIDTH) counts 0 per block: its stack launch is in "
              "the glue; the rest is per-step glue (embedding, mask/where, gathers, scatter, the final norm). "
              "Scenarios, from today's engine: **A** the wide levels' blocks one fused launch per block too; **B** "
              "one launch per level step (all blocks and the glue of a step in one persistent kernel); **C** = B "

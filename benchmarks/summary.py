@@ -75,6 +75,12 @@ def _generate_lines(doc) -> List[str]:
                 parts.append(f"fast[{r['backend']}] {r['metrics']['images_per_s']:.3g}" + (f" ({_x(sp)})" if sp else ""))
         batch = base[0]["shape"].get("batch")
         lines.append(f"  {config:<12} images/s (batch {batch}): " + ", ".join(parts))
+        for r in e2e:
+            paths = r["metrics"].get("level_paths") if r["name"] == "generate[fast]" else None
+            if r["shape"].get("config") == config and isinstance(paths, list):
+                lines.append(" " * 15 + f"level paths [{r['backend']}]: " + "; ".join(
+                    f"L{p['level']} {p['path']}" + ("" if p["path"] == "pixel_head" else f" ({p['why'].split(' (')[0]})")
+                    for p in paths))
         oc = {r["name"]: r for r in ops if r["shape"].get("config") == config}
         if "generate[faithful]" in oc:
             f = oc["generate[faithful]"]["metrics"]["ops_per_image"]

@@ -26,6 +26,7 @@ from fractal_kernels.ops.ar_stack import ar_block_stack_decode, ar_stack_cache, 
 from fractal_kernels.nn import swap_attention
 
 __version__ = "0.1.0"
+"""The package version (PEP 440), the same as the distribution's."""
 __all__ = ["ar_block_stack_decode", "ar_stack_cache", "available_backends", "backend_report", "last_backend",
            "mar_block_stack", "pack_ar_stack", "pack_mar_stack", "pixel_cross_entropy", "pixel_head_sample",
            "pixel_log_probs", "sample_logits", "swap_attention", "tiny_attention", "tiny_attention_decode",

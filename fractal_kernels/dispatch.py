@@ -389,37 +389,40 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
     return which
 
 
-# widest level the fused stacks were built and AOT-checked for (the launch counting pins fused levels up to it);
-# no longer the dispatch rule: that is block_stack_wins (issue #28: the modeled time, not the width)
-BLOCK_STACK_MAX_WIDTH = 512
 MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel
 
 
-def block_stack_wins(op: str, width: int, n: Optional[int], dtype: Optional[torch.dtype],
-                     device: torch.device) -> bool:
-    """Whether the fused block stack ``op`` beats the level's op-by-op kernels at ``n`` sequences / rows per call
-    for this weight ``dtype``, ``width`` and GPU: the modeled crossover data (``fractal_kernels/data/
-    block_stack_model.json``, written by ``python -m benchmarks.costmodel --write-policy``, a MODEL) or a measured
-    one in the overlay (a GPU run; it overrides the package's entry). False without ``n`` / ``dtype``, off a CUDA
-    device, or where no file has an entry: op by op is the safe default."""
-    if n is None or dtype is None or device.type != "cuda":
-        return False
-    from fractal_kernels._target import device_arch
-    runs = policy.block_stack_ranges(op, str(dtype).replace("torch.", ""), device_arch(device), width)
-    return bool(runs) and any(lo <= n <= hi for lo, hi in runs)
+def explain_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
+                        fuse: Optional[bool] = None, *, policy_only: bool = False, n: Optional[int] = None,
+                        dtype: Optional[torch.dtype] = None) -> Tuple[Optional[str], str]:
+    """:func:`choose_block_stack`'s answer and why; ``policy_only``: the rule's answer where Triton runs, without
+    resolving a backend here (``fractalgen info`` on a machine without a GPU). With ``n`` (sequences / rows per
+    call) and the weight ``dtype`` on a CUDA device, the fused-stack crossover data decides (``policy.block_stack_rule``:
+    the MODEL's ``fractal_kernels/data/block_stack_model.json``, a measured overlay over it)."""
+    arch = None
+    if device.type == "cuda" and n is not None and dtype is not None:
+        from fractal_kernels._target import device_arch
+        arch = device_arch(device)
+    fused, why = policy.block_stack_rule(width, fuse, op=op, n=n, arch=arch,
+                                         dtype=None if dtype is None else str(dtype).replace("torch.", ""))
+    if not fused:
+        return None, why
+    if policy_only:
+        return "triton", why
+    which = resolve(op, backend, device)
+    if which != "triton":
+        return None, f"{why}, but the backend is {which}: only the Triton kernel fuses"
+    return which, why
 
 
 def choose_block_stack(op: str, backend: Optional[str], device: torch.device, width: int,
                        fuse: Optional[bool] = None, n: Optional[int] = None,
                        dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Backend of a fused block stack (``op``: ``mar_block_stack`` / ``ar_block_stack_decode``) for a level of
-    ``width``, or None: run its blocks op by op. Only the Triton kernel fuses (torch would be the op-by-op math
-    again). ``fuse`` (the level's ``fused_stack``): True forces the fused kernel where the backend is Triton,
-    False forbids it, None follows :func:`block_stack_wins` at ``n`` rows of weight ``dtype`` (no data: op by op)."""
-    if fuse is False or (fuse is None and not block_stack_wins(op, width, n, dtype, device)):
-        return None
-    which = resolve(op, backend, device)
-    return which if which == "triton" else None
+    ``width``, or None: op by op. Only the Triton kernel fuses; by default a level fuses only where the crossover
+    data says the fused stack wins at ``n`` rows of weight ``dtype`` on this GPU (today's MODEL data: nowhere), else
+    by ``policy.BLOCK_STACK_MAX_WIDTH`` (0: none); ``fuse`` (the level's ``fused_stack``) forces either way."""
+    return explain_block_stack(op, backend, device, width, fuse, n=n, dtype=dtype)[0]
 
 
 def record(op: str, choice: str) -> str:

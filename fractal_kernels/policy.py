@@ -273,3 +273,37 @@ def block_stack_ranges(op: str, dtype: str, arch: int, width: int) -> Optional[T
     arch (90, 80) and level width, or None where no file has an entry (then dispatch does not fuse by itself)."""
     hit = block_stack_table().get((op, dtype, f"sm_{arch}", str(width)))
     return None if hit is None else hit[0]
+
+
+#: Widest level whose blocks fuse by default (``fused_stack`` None): 0, none -- issue #28's safe default. A fused step
+#: streams the level's weights through one CTA per sequence / 16 rows (MODEL: slower than op by op on a GPU at every
+#: published shape, ``python -m benchmarks.costmodel``); ``fused_stack=True`` forces it. Tests change it.
+BLOCK_STACK_MAX_WIDTH = 0
+
+_BLOCK_STACK_DEFAULT_WHY = ("default: op by op (MODEL: a fused step streams the whole level's weights through one CTA "
+                            "per sequence / 16 rows, slower than op by op on a GPU; fused_stack=True forces it)")
+
+
+def block_stack_rule(width: int, fuse: Optional[bool] = None, *, op: Optional[str] = None, n: Optional[int] = None,
+                     dtype: Optional[str] = None, arch: Optional[int] = None) -> Tuple[bool, str]:
+    """Whether a level of ``width`` fuses its blocks by policy (before backend availability), and why.
+    ``fuse`` is the level's ``fused_stack``: True / False force, None = the default rule: where the call says its
+    ``op``, ``n`` (sequences / rows), weight ``dtype`` (``"bfloat16"``...) and GPU ``arch`` and a crossover file
+    has an entry for them (:func:`block_stack_table`: the package's MODEL, a measured overlay over it), that entry
+    decides per N; otherwise the width rule (``BLOCK_STACK_MAX_WIDTH``)."""
+    if fuse is False:
+        return False, "fused_stack=False on the level"
+    if fuse:
+        return True, "fused_stack=True on the level"
+    if op is not None and n is not None and dtype is not None and arch is not None:
+        hit = block_stack_table().get((op, dtype, f"sm_{arch}", str(width)))
+        if hit is not None:
+            runs, src = hit
+            kind = "measured" if src == overlay_path(BLOCK_STACK) else "MODEL"
+            if any(lo <= n <= hi for lo, hi in runs):
+                return True, f"N={n}: the fused stack wins here ({kind} crossover data, {src})"
+            return False, (f"op by op: at N={n} the fused stack loses ({kind} crossover data, {src}: fused only at N "
+                           f"in {[list(r) for r in runs] or 'no range'})")
+    if width > BLOCK_STACK_MAX_WIDTH:
+        return False, _BLOCK_STACK_DEFAULT_WHY
+    return True, f"width {width} <= BLOCK_STACK_MAX_WIDTH={BLOCK_STACK_MAX_WIDTH}"

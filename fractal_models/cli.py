@@ -88,6 +88,7 @@ def level_parameter_counts(model: FractalGen) -> List[dict]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from fractal_kernels.dispatch import backend_report
+    from fractal_models.engine.paths import describe as describe_paths, level_paths
     names = [args.config] if args.config else list(CONFIG_NAMES)
     for name in names:
         with torch.device("meta"):
@@ -96,6 +97,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name}: {total / 1e6:.1f}M parameters")
         for row in level_parameter_counts(model):
             print(f"  level {row['level']} {row['kind']:<9} {row['params'] / 1e6:9.3f}M")
+        print("  fast-engine path per level on a GPU (kernel backends; dispatch policy):")
+        for line in describe_paths(level_paths(model.eval(), torch.device("cuda"), "triton", policy_only=True)):
+            print(f"    {line}")
     print("kernel backends:")
     for backend, (ok, why) in backend_report().items():
         print(f"  {backend:<7} {'available' if ok else 'unavailable'}: {why}")

@@ -29,6 +29,7 @@ _SPECS: Dict[str, Dict[str, Any]] = {
 }
 
 CONFIG_NAMES = tuple(_SPECS)
+"""The five published configs, by name: fractalar_in64, fractalmar_in64, fractalmar_{base,large,huge}_in256."""
 
 # Small configs of the reference fixtures (shared/reference/fixtures): for tests, demos and CPU benchmarks.
 _TINY: Dict[str, Dict[str, Any]] = {
@@ -43,6 +44,7 @@ _TINY: Dict[str, Dict[str, Any]] = {
                         guiding_pixel=True, class_num=10),
 }
 TINY_CONFIG_NAMES = tuple(_TINY)
+"""The small configs of the reference fixtures (tiny_mar, tiny_ar, tiny_mar_gp): for tests, demos and CPU runs."""
 
 
 def config_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:

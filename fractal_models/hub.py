@@ -79,6 +79,8 @@ PRETRAINED: Dict[str, PretrainedWeights] = {
     "fractalmar_huge_in256": _dropbox("t2rru8xr6wm23yvxskpww", "dn9ss9zw4zsnckf6bat9hss6h", "y7w921zo", 3243,
                                       "fractalmar_huge_in256"),
 }
+"""The published weights by config name: where :func:`from_pretrained` / :func:`download_weights` fetch each
+(the public code's own links) and its size; the first download's SHA-256 is recorded in the cache."""
 
 CHUNK = 1 << 20
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")

@@ -94,6 +94,12 @@ def test_smoke_run_summary_results_folder_schema_and_clean_checkout(tmp_path, ca
             assert r["metrics"]["ran_on"] == {op: "torch"}, r
     fast = [r for r in doc["rows"] if r["suite"] == "e2e" and r["name"] == "generate[fast]" and not r["skipped"]]
     assert fast and all("images identical to faithful" in r["check"] for r in fast if r["backend"] == "torch")
+    # each fast row says which path every level took and why (issue #28: no fused stack by default)
+    for r in fast:
+        paths = r["metrics"]["level_paths"]
+        assert [p["path"] for p in paths][:-1] == ["op_by_op"] * (len(paths) - 1), r
+        assert paths[-1]["path"] == "pixel_head" and all(p["why"] for p in paths)
+    assert "level paths [torch]: L0 op_by_op" in out
     from fractal_kernels import cpu
     auto = [r for r in fast if r["backend"] == "auto"]
     assert len(auto) == (3 if cpu.status()[0] and not torch.cuda.is_available() else 0)

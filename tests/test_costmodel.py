@@ -132,16 +132,22 @@ def test_dispatch_follows_the_crossover_data(tmp_path, monkeypatch):
     dispatch.reload()
     try:
         cuda = torch.device("cuda")
+        ask = lambda width, n, **kw: dispatch.explain_block_stack(  # noqa: E731
+            "mar_block_stack", None, kw.pop("device", cuda), width, n=n, dtype=torch.bfloat16, policy_only=True, **kw)
         with target_arch(90):
-            assert dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, cuda)
-            assert not dispatch.block_stack_wins("mar_block_stack", 64, 9, torch.bfloat16, cuda)
-            assert not dispatch.block_stack_wins("mar_block_stack", 64, None, torch.bfloat16, cuda)  # no N: op by op
-            assert not dispatch.block_stack_wins("mar_block_stack", 128, 8, torch.bfloat16, cuda)  # no entry
+            which, why = ask(64, 8)
+            assert which == "triton" and "measured" in why and str(tmp_path) in why
+            which, why = ask(64, 9)
+            assert which is None and "loses" in why
+            assert ask(64, None)[0] is None  # no N: the default rule (op by op)
+            assert ask(128, 8)[0] is None  # no entry: the default rule
+            assert ask(64, 9, fuse=True)[0] == "triton"  # fused_stack=True forces it
         with target_arch(80):
-            assert not dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, cuda)
-        assert not dispatch.block_stack_wins("mar_block_stack", 64, 8, torch.bfloat16, torch.device("cpu"))
+            assert ask(64, 8)[0] is None
+        assert ask(64, 8, device=torch.device("cpu"))[0] is None  # off a GPU: no arch, the default rule
         assert policy.block_stack_table()[("mar_block_stack", "bfloat16", "sm_90", "64")][1] == \
             str(tmp_path / policy.BLOCK_STACK)
+        assert policy.block_stack_rule(64, None, op="mar_block_stack", n=4, dtype="bfloat16", arch=90)[0]
         # fuse=None and no winning range: op by op, without asking any backend
         assert dispatch.choose_block_stack("mar_block_stack", None, torch.device("cpu"), 64, n=8,
                                            dtype=torch.bfloat16) is None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.launches import (NON_LAUNCHING, count_generate, counting, narrow_clone, roofline, floors,
                                  predict_s_per_image)
-from fractal_kernels import dispatch
+from fractal_kernels import dispatch, policy
 from fractal_models import build_model
 
 
@@ -109,14 +109,14 @@ def _totals(r):
     # 3 heads, as fractalmar_base_in256's level 2: a clone width of 3 x 8 = 24, not a power of two
     ("tiny_mar", {"num_heads_list": (3, 3, 2), "embed_dim_list": (48, 48, 16)}),
 ])
-@pytest.mark.parametrize("max_width", [None, 32])
+@pytest.mark.parametrize("max_width", [None, 32, 512])
 def test_narrow_clone_counts_equal_the_original(config, over, max_width, monkeypatch):
     """Counts do not depend on the width, only on the heads: the clone with 8-wide heads (the 128-wide
     guiding-pixel heads narrowed too) gives the original's counts, reference loop and fast engine; also when
     the fused-block-stack width limit falls between the original's widths and the clone's (the clone's levels
     are all narrow enough to fuse, the original's are not)."""
     if max_width is not None:
-        monkeypatch.setattr(dispatch, "BLOCK_STACK_MAX_WIDTH", max_width)
+        monkeypatch.setattr(policy, "BLOCK_STACK_MAX_WIDTH", max_width)
     torch.manual_seed(0)
     orig = build_model(config, **over).eval()
     clone = narrow_clone(config, **over)  # the widths in over: the original's, for pinning its fused stacks
@@ -242,9 +242,19 @@ def test_published_run_in_worker_processes(tmp_path):
 
 
 def test_narrow_clone_pins_the_originals_fused_stacks():
-    """A clone's levels fuse their blocks exactly where the full-width model's would (the crossover data at the
-    original width; today's MODEL data: nowhere)."""
+    """A clone's levels fuse their blocks exactly where the full-width model's would (width <= the limit)."""
     pins = lambda m: [g.fused_stack for g in m.levels()[:-1]]  # noqa: E731
+    # the safe default (issue #28): no level fuses
     assert pins(narrow_clone("fractalar_in64")) == [False, False]
     assert pins(narrow_clone("fractalmar_large_in256")) == [False, False, False]
     assert pins(narrow_clone("tiny_mar")) == [False, False]
+
+
+def test_narrow_clone_pins_follow_a_raised_width_limit(monkeypatch):
+    """With the default rule set to fuse up to D=512 (the rule before issue #28), the clone fuses the original's
+    narrow levels only."""
+    monkeypatch.setattr(policy, "BLOCK_STACK_MAX_WIDTH", 512)
+    pins = lambda m: [g.fused_stack for g in m.levels()[:-1]]  # noqa: E731
+    assert pins(narrow_clone("fractalar_in64")) == [False, True]
+    assert pins(narrow_clone("fractalmar_large_in256")) == [False, True, True]
+    assert pins(narrow_clone("tiny_mar")) == [True, True]

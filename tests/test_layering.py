@@ -180,9 +180,10 @@ def test_no_module_is_too_long_to_read_in_one_sitting():
     assert not long, f"modules over {MAX_LINES} lines (split them by layer): {long}"
 
 
-def _readme_layout_paths():
-    text = (ROOT / "README.md").read_text()
-    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+def _docs_layout_paths():
+    # the tree in docs/layout.md ("## The tree"); it lived in the README before the docs site
+    text = (ROOT / "docs" / "layout.md").read_text()
+    block = text.split("## The tree", 1)[1].split("```", 2)[1]
     paths = []
     for line in block.splitlines():
         first = line.split("  ", 1)[0].strip()
@@ -197,14 +198,14 @@ def _readme_layout_paths():
     return paths
 
 
-def test_readme_layout_matches_the_tree():
-    paths = _readme_layout_paths()
+def test_docs_layout_matches_the_tree():
+    paths = _docs_layout_paths()
     assert len(paths) > 10
     missing = [p for p in paths if "<" not in p and not (ROOT / p).exists()]
-    assert not missing, f"README's layout names paths that do not exist: {missing}"
+    assert not missing, f"docs/layout.md's tree names paths that do not exist: {missing}"
     listed = [p.rstrip("/") for p in paths]
     templates = [p.split("<", 1)[0] for p in paths if "<" in p]  # fractal_kernels/ops/<family>/ covers ops/*
     package_dirs = sorted({str(i.parent.relative_to(ROOT)) for pkg in PACKAGES for i in (ROOT / pkg).rglob("__init__.py")})
     unlisted = [d for d in package_dirs
                 if not any(l == d or l.startswith(d + "/") for l in listed) and not any(d.startswith(t) for t in templates)]
-    assert not unlisted, f"packages missing from README's layout: {unlisted}"
+    assert not unlisted, f"packages missing from docs/layout.md's tree: {unlisted}"

@@ -82,31 +82,39 @@ def ar_stack_cache(weights: ArStackWeights, rows: int, max_len: int, device, dty
 
 
 def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # [B, K] fp32 @ [N, K]^T -> [B, N] fp32; 16-bit weights: input rounded to w's dtype, exact products, fp32 sum
-    if w.dtype == torch.float32:
-        return a @ w.t()
-    return a.to(w.dtype).float() @ w.float().t()
+    # [B, K] @ [N, K]^T -> [B, N] in a's dtype (fp32; fp64 for the tests' rounding-faithful reference); 16-bit
+    # weights: the input rounded to w's dtype, exact products
+    if w.dtype in (torch.bfloat16, torch.float16):
+        a = a.to(w.dtype).to(a.dtype)
+    return a @ w.to(a.dtype).t()
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps) * w
+    return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps.to(x.dtype)) * w.to(x.dtype)
 
 
 def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # t [B, H, HD] fp32, cos/sin [HD/2]: pairs (2i, 2i+1) rotated by angle i
+    # t [B, H, HD], cos/sin [HD/2]: pairs (2i, 2i+1) rotated by angle i
     x0, x1 = t.reshape(*t.shape[:-1], -1, 2).unbind(-1)
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
 
 
 def ar_block_stack_decode_reference(x: torch.Tensor, weights: ArStackWeights, cache: torch.Tensor, pos: int,
-                                    freqs_cis: torch.Tensor, num_heads: int) -> torch.Tensor:
+                                    freqs_cis: torch.Tensor, num_heads: int, *,
+                                    compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One decode step (module docstring): ``x`` ``[B, D]`` the new tokens, ``cache`` ``[NB, 2, B, T, D]``
-    (written at ``pos``), ``freqs_cis`` ``[>pos, HD/2, 2]`` (cos, sin); returns the final-normed ``[B, D]``."""
+    (written at ``pos``), ``freqs_cis`` ``[>pos, HD/2, 2]`` (cos, sin); returns the final-normed ``[B, D]``.
+
+    ``compute_dtype`` float64 gives the tests a reference that rounds only where the kernel rounds (linear inputs
+    to the weight dtype, cache writes to the cache dtype, the output to x's dtype) and is otherwise exact, so a
+    check against it does not depend on the CPU's fp32 summation order. The RoPE table is read in fp32 (the
+    kernel's), then widened."""
     w = weights
     bsz, dim = x.shape
     hd = dim // num_heads
-    h = x.float()
-    cos, sin = freqs_cis[pos].float().unbind(-1)  # [HD/2] each
+    cd = compute_dtype
+    h = x.to(cd)
+    cos, sin = freqs_cis[pos].float().to(cd).unbind(-1)  # [HD/2] each
     for d in range(w.wqkv.shape[0]):
         n = _rms_norm(h, w.attn_norm[d], w.rms_eps[d, 0])
         q, k, v = _linear(n, w.wqkv[d]).split(dim, dim=-1)
@@ -115,11 +123,11 @@ def ar_block_stack_decode_reference(x: torch.Tensor, weights: ArStackWeights, ca
         cache[d, 0, :, pos] = k.reshape(bsz, dim).to(cache.dtype)
         cache[d, 1, :, pos] = v.to(cache.dtype)
         # [B, H, pos+1, HD]
-        keys = cache[d, 0, :, :pos + 1].float().reshape(bsz, pos + 1, num_heads, hd).transpose(1, 2)
-        values = cache[d, 1, :, :pos + 1].float().reshape(bsz, pos + 1, num_heads, hd).transpose(1, 2)
+        keys = cache[d, 0, :, :pos + 1].to(cd).reshape(bsz, pos + 1, num_heads, hd).transpose(1, 2)
+        values = cache[d, 1, :, :pos + 1].to(cd).reshape(bsz, pos + 1, num_heads, hd).transpose(1, 2)
         scores = (q.unsqueeze(2) @ keys.transpose(-2, -1)) * hd ** -0.5  # [B, H, 1, pos+1]
         o = (torch.softmax(scores, dim=-1) @ values).reshape(bsz, dim)
         h = h + _linear(o, w.wo[d])
         n = _rms_norm(h, w.ffn_norm[d], w.rms_eps[d, 1])
         h = h + _linear(F.silu(_linear(n, w.w1[d])) * _linear(n, w.w3[d]), w.w2[d])
-    return F.layer_norm(h, (dim,), w.norm_w, w.norm_b, w.norm_eps).to(x.dtype)
+    return F.layer_norm(h, (dim,), w.norm_w.to(cd), w.norm_b.to(cd), w.norm_eps).to(x.dtype)

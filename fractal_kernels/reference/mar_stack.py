@@ -86,24 +86,32 @@ def pack_mar_stack(blocks: Sequence[torch.nn.Module], norm: torch.nn.Module, dty
 
 
 def _linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # the input rounded to the weight dtype (autocast's cast), exact products, fp32 accumulation
-    return F.linear(a.to(w.dtype).float(), w.float(), b.float())
+    # the input rounded to the weight dtype (autocast's cast), exact products, accumulation in a's dtype (fp32;
+    # fp64 for the tests' rounding-faithful reference)
+    cd = a.dtype
+    return F.linear(a.to(w.dtype).to(cd), w.to(cd), b.to(cd))
 
 
-def mar_block_stack_reference(x: torch.Tensor, weights: MarStackWeights, num_heads: int) -> torch.Tensor:
-    """``x`` ``[N, L, D]`` through every block of ``weights`` and the final norm; ``[N, L, D]`` in x's dtype."""
+def mar_block_stack_reference(x: torch.Tensor, weights: MarStackWeights, num_heads: int, *,
+                              compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x`` ``[N, L, D]`` through every block of ``weights`` and the final norm; ``[N, L, D]`` in x's dtype.
+
+    ``compute_dtype`` float64 gives the tests a reference that rounds only where the kernel rounds (each linear's
+    input to the weight dtype, the output to x's dtype) and is otherwise exact, so a check against it does not
+    depend on the CPU's fp32 summation order."""
     w = weights
     n, seq, width = x.shape
     dh = width // num_heads
     eps = w.eps
-    h = x.float()
+    cd = compute_dtype
+    h = x.to(cd)
     for d in range(w.qkv_w.shape[0]):
-        a = F.layer_norm(h, (width,), w.norm1_w[d], w.norm1_b[d], eps)
+        a = F.layer_norm(h, (width,), w.norm1_w[d].to(cd), w.norm1_b[d].to(cd), eps)
         qkv = _linear(a, w.qkv_w[d], w.qkv_b[d])  # [N, L, 3D]
         q, k, v = qkv.reshape(n, seq, 3, num_heads, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, Dh]
         p = torch.softmax((q @ k.transpose(-2, -1)) * dh ** -0.5, dim=-1)
         o = (p @ v).transpose(1, 2).reshape(n, seq, width)
         h = h + _linear(o, w.proj_w[d], w.proj_b[d])
-        a = F.layer_norm(h, (width,), w.norm2_w[d], w.norm2_b[d], eps)
+        a = F.layer_norm(h, (width,), w.norm2_w[d].to(cd), w.norm2_b[d].to(cd), eps)
         h = h + _linear(F.gelu(_linear(a, w.fc1_w[d], w.fc1_b[d])), w.fc2_w[d], w.fc2_b[d])
-    return F.layer_norm(h, (width,), w.norm_w, w.norm_b, eps).to(x.dtype)
+    return F.layer_norm(h, (width,), w.norm_w.to(cd), w.norm_b.to(cd), eps).to(x.dtype)

@@ -25,8 +25,8 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     embedded (no doubled copy of all patches per step), results are written in place (no clones), and the
     no-op dropout modules are not called. On the torch backend the same math op for op (the tests check
     equal images in fp32); on a kernel backend each block is the decode kernel (RoPE inside), a fused
-    RMSNorm and the Linear layers -- or, when ``dispatch.choose_block_stack`` fuses the level (eval mode, width
-    <= 512 or ``m.fused_stack``), all blocks and ``m.norm`` of a step are one :func:`ar_block_stack_decode`
+    RMSNorm and the Linear layers -- or, when ``dispatch.choose_block_stack`` fuses the level (eval mode and
+    ``m.fused_stack=True``; no level fuses by default), all blocks and ``m.norm`` of a step are one :func:`ar_block_stack_decode`
     launch on its own cache (weights packed once, :func:`_packed_stack`)."""
     guided = not _is_one(cfg)
     rows = cond_list[0].size(0)
@@ -87,14 +87,24 @@ def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor) -> torch.Te
 
 def _fused_stack_backend(m, device: torch.device, rows: int = None):
     """"triton" when this step's blocks and ``m.norm`` run as one :func:`ar_block_stack_decode` launch, else None:
-    the level in eval mode and ``dispatch.choose_block_stack``'s choice at ``rows`` rows (the modeled / measured
-    crossover data, or the level's ``fused_stack`` attribute: None = the data, True / False = force)."""
-    if m.training or len(m.blocks) == 0:
-        return None
+    the level in eval mode and ``dispatch.choose_block_stack``'s choice at ``rows`` rows (the crossover data, the
+    default rule, or the level's ``fused_stack`` attribute: None = the rule, True / False = force)."""
+    return explain_fused_stack(m, device, rows=rows)[0]
+
+
+def explain_fused_stack(m, device: torch.device, backend=None, policy_only: bool = False, rows: int = None):
+    """(``"triton"`` or None, why) for :func:`_fused_stack_backend`; ``backend`` overrides the blocks' own; ``rows``
+    (when known) lets the crossover data decide per N."""
+    if m.training:
+        return None, "train mode: op by op"
+    if len(m.blocks) == 0:
+        return None, "no blocks"
     dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type)
              else m.blocks[0].attention.wqkv.weight.dtype)
-    return dispatch.choose_block_stack("ar_block_stack_decode", kernel_backend(m.blocks[0].attention.backend),
-                                       device, m.config.dim, fuse=m.__dict__.get("fused_stack"), n=rows, dtype=dtype)
+    return dispatch.explain_block_stack("ar_block_stack_decode",
+                                        kernel_backend(backend or m.blocks[0].attention.backend),
+                                        device, m.config.dim, fuse=m.__dict__.get("fused_stack"), policy_only=policy_only,
+                                        n=rows, dtype=dtype)
 
 
 def _packed_stack(m, device: torch.device) -> ArStackWeights:

@@ -6,12 +6,13 @@ math op for op as the reference loop in :meth:`MAR.sample` on every value the re
 equal images in fp32); the bookkeeping around it is planned on the host up front.
 
 Fused block stack: where :func:`fractal_kernels.dispatch.choose_block_stack` picks the Triton kernel for a level
-(its blocks' backend is "triton", or "auto" on CUDA; the modeled crossover data says it wins at this many
-sequences, ``dispatch.block_stack_wins``; its sequence <=
+(its blocks' backend is "triton", or "auto" on CUDA; ``fused_stack=True``, or the fused-stack crossover data says
+it wins at this many sequences on this GPU -- today's MODEL data: never, so no level fuses by default; its sequence <=
 ``MAR_STACK_MAX_L`` tokens; eval mode; no compiled blocks installed), :func:`sample` runs each step's blocks and
 final norm as ONE launch (:func:`fractal_kernels.ops.mar_stack.mar_block_stack`) instead of
 :meth:`MAR.blocks_eval`. The level's plain attribute ``fused_stack`` (not in the state dict; absent = None)
-overrides that rule: None = the rule, True = fuse whatever the width, False = never fuse. Its weights are
+decides: None = the default rule (the crossover data, else ``BLOCK_STACK_MAX_WIDTH``, 0: never), True = fuse,
+False = never fuse. Its weights are
 packed once per (dtype, device) and cached on the level (rebuilt when a parameter changes): in the autocast
 dtype under autocast, else in the parameters' dtype. Numerics: the fused op's (fp32 math, 16-bit weights'
 inputs rounded to their dtype), close to but not bit-equal with the op-by-op blocks.
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractal_kernels.dispatch import MAR_STACK_MAX_L, choose_block_stack
+from fractal_kernels.dispatch import MAR_STACK_MAX_L, explain_block_stack
 from fractal_kernels.ops.mar_stack import mar_block_stack, pack_mar_stack
 from fractal_models.layers import autocast_on, kernel_backend, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
 
@@ -224,20 +225,34 @@ def blocks_eval(m, x: torch.Tensor) -> torch.Tensor:
 def fused_blocks(m, device: torch.device, seq: int, n: int = None):
     """``x -> mar_block_stack(x, ...)`` for a level whose blocks run fused on this device (see the module
     docstring), or None: run :meth:`MAR.blocks_eval`. Host work only; the packing happens once per weights."""
-    blocks = m.blocks
-    if m.training or len(blocks) == 0 or seq > MAR_STACK_MAX_L:
-        return None
-    attn = blocks[0].attn
-    heads = attn.num_heads
-    if any(b.attn.num_heads != heads for b in blocks):
-        return None
-    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
-    which = choose_block_stack("mar_block_stack", kernel_backend(attn.backend), device,
-                               m.norm.normalized_shape[0], fuse=m.__dict__.get("fused_stack"), n=n, dtype=dtype)
+    which, _ = explain_fused_blocks(m, device, seq, n=n)
     if which != "triton":
         return None
+    attn = m.blocks[0].attn
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
     weights = _packed_stack(m, dtype)
-    return lambda x: mar_block_stack(x, weights, heads, backend=which)
+    return lambda x: mar_block_stack(x, weights, attn.num_heads, backend=which)
+
+
+def explain_fused_blocks(m, device: torch.device, seq: int, backend=None, policy_only: bool = False,
+                         n: int = None):
+    """(``"triton"`` or None, why): whether a step of level ``m`` over ``seq`` tokens (``n`` sequences, when known:
+    the crossover data decides per N) runs as one fused launch. ``backend`` overrides the blocks' own (what
+    ``generate(backend=...)`` would set)."""
+    blocks = m.blocks
+    if m.training:
+        return None, "train mode: op by op"
+    if len(blocks) == 0:
+        return None, "no blocks"
+    if seq > MAR_STACK_MAX_L:
+        return None, f"sequence {seq} > MAR_STACK_MAX_L={MAR_STACK_MAX_L}: op by op"
+    attn = blocks[0].attn
+    if any(b.attn.num_heads != attn.num_heads for b in blocks):
+        return None, "blocks with different head counts: op by op"
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
+    return explain_block_stack("mar_block_stack", kernel_backend(backend or attn.backend), device,
+                               m.norm.normalized_shape[0], fuse=m.__dict__.get("fused_stack"), policy_only=policy_only,
+                               n=n, dtype=dtype)
 
 
 def _packed_stack(m, dtype: torch.dtype):

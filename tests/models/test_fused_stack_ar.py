@@ -7,7 +7,7 @@ path uses F.rms_norm and the decode kernel's own summation order; observed ~1e-6
 import pytest
 import torch
 
-from fractal_kernels import dispatch
+from fractal_kernels import dispatch, policy
 from fractal_models import generate, uniform_draw
 from fractal_models.engine import ar as engine_ar
 from tests.models.test_kernel_backends import model_for
@@ -52,13 +52,17 @@ def test_fused_steps_match_kernel_path(index, guided):
     assert "_fused_stack_cache" in level.__dict__ and "_fused_stack_cache" not in "".join(level.state_dict())
 
 
-def test_width_rule_and_torch_backend():
+def test_default_rule_and_torch_backend(monkeypatch):
     model, _ = model_for("tiny_ar", "triton")
     level = model.levels()[0]
-    assert level.fused_stack is None  # default: the modeled crossover data, which never fuses off a GPU
-    assert engine_ar._fused_stack_backend(level, torch.device("cpu"), 2) is None
+    assert level.fused_stack is None  # default: op by op (issue #28's safe default), and it says why
+    assert engine_ar._fused_stack_backend(level, torch.device("cpu")) is None
+    assert "default: op by op" in engine_ar.explain_fused_stack(level, torch.device("cpu"))[1]
+    monkeypatch.setattr(policy, "BLOCK_STACK_MAX_WIDTH", 64)  # a width rule still works where set
+    assert engine_ar._fused_stack_backend(level, torch.device("cpu")) == "triton"
     level.fused_stack = True
-    assert engine_ar._fused_stack_backend(level, torch.device("cpu"), 2) == "triton"
+    monkeypatch.setattr(policy, "BLOCK_STACK_MAX_WIDTH", 0)
+    assert engine_ar.explain_fused_stack(level, torch.device("cpu")) == ("triton", "fused_stack=True on the level")
     level.train()
     assert engine_ar._fused_stack_backend(level, torch.device("cpu")) is None  # train mode: never fused
     level.eval()
@@ -88,10 +92,10 @@ def test_generate_runs_the_fused_stack(monkeypatch):
         calls.clear()
         model, _ = model_for("tiny_ar", b)
         levels = model.levels()
+        levels[0].fused_stack = True  # no level fuses by default (issue #28)
         for blk in levels[1].blocks:
             blk.attention.backend = "torch"
         levels[-1].backend = "torch"
-        levels[0].fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
         g = torch.Generator().manual_seed(0)
         draw = uniform_draw(lambda n, c: torch.rand(n, generator=g, dtype=torch.float64))
         out[b] = generate(model, torch.tensor([3, 7]), cfg=2.0, num_iter_list=[1, 1], seed=0, draw=draw, backend=None)

@@ -6,17 +6,20 @@ import torch
 
 from fractal_kernels import dispatch
 from fractal_models import FractalGen, generate, uniform_draw
-from fractal_models.engine.mar import fused_blocks
+from fractal_models.engine.mar import explain_fused_blocks, fused_blocks
 from fractal_models.mar import MAR
 from tests.conftest import load_fixture
 
 OP = "mar_block_stack"
 
 
-def model_for(name, backend):
+def model_for(name, backend, fuse=True):
+    """The fixture's model with its MAR levels' ``fused_stack`` set to ``fuse`` (no level fuses by default)."""
     meta, data = load_fixture(name)
     model = FractalGen(**meta["constructor"], backend=backend)
     model.load_state_dict(data["state_dict"], strict=True)
+    for m in mar_levels(model):
+        m.fused_stack = fuse
     return model.eval()
 
 
@@ -34,7 +37,6 @@ def test_fused_level_equals_blocks_eval(name):
     levels = mar_levels(model)
     assert levels
     for i, m in enumerate(levels):
-        m.fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
         seq, width = seq_of(m), m.norm.normalized_shape[0]
         run = fused_blocks(m, torch.device("cpu"), seq)
         assert run is not None, f"level {i} not fused"
@@ -61,7 +63,6 @@ def test_fused_level_equals_blocks_eval(name):
 def test_bf16_autocast_packs_in_the_autocast_dtype():
     model = model_for("tiny_mar", "triton")
     m = mar_levels(model)[0]
-    m.fused_stack = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run = fused_blocks(m, torch.device("cpu"), seq_of(m))
     assert run is not None
@@ -74,11 +75,13 @@ def test_fused_stack_attribute_and_backends_choose_the_path():
     seq = seq_of(m)
     m.fused_stack = False
     assert fused_blocks(m, torch.device("cpu"), seq) is None
-    m.fused_stack = None  # the modeled crossover data: never fused off a GPU (and op by op wins on one)
-    assert fused_blocks(m, torch.device("cpu"), seq, 8) is None
+    m.fused_stack = None  # the safe default (issue #28): op by op
+    assert fused_blocks(m, torch.device("cpu"), seq) is None
+    assert explain_fused_blocks(m, torch.device("cpu"), seq)[1].startswith("default: op by op")
     m.fused_stack = True
-    assert fused_blocks(m, torch.device("cpu"), seq, 8) is not None
+    assert fused_blocks(m, torch.device("cpu"), seq) is not None
     assert fused_blocks(m, torch.device("cpu"), 65) is None  # past the kernel's sequence limit
+    assert "MAR_STACK_MAX_L" in explain_fused_blocks(m, torch.device("cpu"), 65)[1]
     m.train()
     assert fused_blocks(m, torch.device("cpu"), seq) is None
     m.eval()
@@ -86,7 +89,15 @@ def test_fused_stack_attribute_and_backends_choose_the_path():
         model.set_backend(b)
         m.fused_stack = True
         assert fused_blocks(m, torch.device("cpu"), seq) is None
-    m.fused_stack = None
+        assert "only the Triton kernel fuses" in explain_fused_blocks(m, torch.device("cpu"), seq)[1]
+
+
+def test_generate_default_is_op_by_op():
+    """No fused stack unless asked: the default fast engine never resolves the fused op."""
+    model = model_for("tiny_mar", "torch", fuse=None)
+    dispatch.forget(OP)
+    _generate(model, "triton")
+    assert dispatch.last_backend(OP) is None
 
 
 def _generate(model, backend):
@@ -100,8 +111,6 @@ def _generate(model, backend):
 @pytest.mark.parametrize("name", ["tiny_mar", "tiny_mar_gp"])
 def test_generate_runs_the_fused_stack(name):
     model = model_for(name, "torch")
-    for m in mar_levels(model):
-        m.fused_stack = True  # not the default (issue #28: the MODEL says op by op wins)
     dispatch.forget(OP)
     fused = _generate(model, "triton")
     assert dispatch.last_backend(OP) == "triton"

@@ -25,6 +25,18 @@ def ar_block_stack_decode(x: torch.Tensor, weights: ArStackWeights, cache: torch
     runtime kernel argument: one compile serves every step); ``freqs_cis`` the level's fp32 RoPE table
     ``[>pos, HD/2, 2]``. ``backend``: None/"auto" (Triton on CUDA tensors, torch elsewhere), "triton" (CPU
     tensors need ``TRITON_INTERPRET=1``), "torch". An empty batch returns ``[0, D]`` without a launch.
+
+    Math:
+        Per block, for the new token ``h`` of every row: ``n = RMSNorm(h)``, ``q, k, v = n @ wqkv^T``, q and k
+        rotated by RoPE row ``pos``, the rotated key and the value written to ``cache[..., pos, :]``, ``q`` attends
+        keys ``0..pos`` (scale ``head_dim ** -0.5``, fp32 scores and softmax), ``h = h + o @ wo^T``; then
+        ``n = RMSNorm(h)``, ``h = h + (silu(n @ w1^T) * (n @ w3^T)) @ w2^T``; finally ``LayerNorm(h)``. Residual
+        stream fp32; 16-bit weights take their input rounded to their dtype, products accumulated in fp32.
+
+    Shapes:
+        x ``[B, D]`` -> ``[B, D]`` in x's dtype; ``cache`` ``[NB, 2, B, T, D]`` (keys, values); ``freqs_cis``
+        ``[>pos, HD/2, 2]`` fp32 with ``HD = D / num_heads``. Dtypes: x, cache and weight matrices fp32 / bf16 /
+        fp16; norms fp32. Backends: "triton" (one launch per step, 16 rows per program), "torch"; no CUDA kernel.
     """
     w = check(x, weights, cache, pos, freqs_cis, num_heads)
     which = dispatch.resolve(OP, backend, x.device, dtype=w.wqkv.dtype)

@@ -25,7 +25,19 @@ def pixel_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     Target values are checked on CPU tensors (a ValueError). On CUDA that check would synchronise with the
     host every call, so it runs only with ``FRACTAL_KERNELS_DEBUG=1``; otherwise an out-of-range target makes
     its row's loss (and gradient) NaN on the fused kernels, and trips PyTorch's device-side assert on the
-    torch backend."""
+    torch backend.
+
+    Math:
+        ``loss[n] = logsumexp(z[n]) - z[n, target[n]]`` with ``z = x @ weight^T + bias`` computed in fp32 chunk by
+        chunk (never kept as ``[N, V]``); "mean" divides the sum by the number of rows whose target is not
+        ``ignore_index``. Gradients ``dz = softmax(z) - onehot(target)`` (scaled by the reduction), then
+        ``dx = dz @ weight``, ``dweight = dz^T x``, ``dbias = sum_n dz``.
+
+    Shapes:
+        x ``[N, C]``, weight ``[V, C]``, bias ``[V]`` or ``[1, V]``, target int64 ``[N]`` -> a scalar, or fp32 ``[N]``
+        with "none". Dtypes: x, weight, bias any float (fp32 / bf16 / fp16), the logits fp32. Backends: "torch",
+        "triton", "cuda" (V <= 1024; picked by auto only once listed in ``cuda_verified.json``).
+    """
     _check(x, weight, bias, target, reduction)
     bias = bias.reshape(-1)
     v = weight.shape[0]
@@ -43,5 +55,14 @@ def pixel_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def pixel_log_probs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
                     backend: Optional[str] = None) -> torch.Tensor:
-    """``log p(target)`` per row, fp32 ``[N]`` (for NLL evaluation): ``-pixel_cross_entropy(..., "none")``."""
+    """``log p(target)`` per row, fp32 ``[N]`` (for NLL evaluation): ``-pixel_cross_entropy(..., "none")``.
+
+    Math:
+        ``log p[n] = z[n, target[n]] - logsumexp(z[n])`` with ``z = x @ weight^T + bias`` in fp32, the logits never
+        materialised.
+
+    Shapes:
+        x ``[N, C]``, weight ``[V, C]``, bias ``[V]``, target int64 ``[N]`` -> fp32 ``[N]``. Dtypes: any float
+        inputs, fp32 logits. Backends: as :func:`pixel_cross_entropy` ("torch", "triton", "cuda" with V <= 1024).
+    """
     return -pixel_cross_entropy(x, weight, bias, target, reduction="none", backend=backend)

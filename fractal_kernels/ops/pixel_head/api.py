@@ -60,6 +60,21 @@ def pixel_head_sample(
     ``value_table`` ``[3, 257]`` float32 (the channel's value of each id, column 256 that of id -1): return the
     values ``value_table[c, ids[:, c]]`` ``[B, 3]`` float32 instead of the ids, looked up inside the kernel (no
     separate gather launch).
+
+    Math:
+        For channel ``c`` in R, G, B: ``h = blocks(tokens[:c + 1])[c]`` (the pixel head's causal transformer
+        over the condition and the ids drawn so far, keys/values of earlier tokens cached), ``logits_c = head_c(h)``
+        ``[2B, 256]``, then ``id_c = sample_logits(logits_c[:B], logits_c[B:], cfg, temperature, filter_threshold,
+        top_p)`` (see :func:`fractal_kernels.sample_logits`): ``softmax((uncond + cfg * (cond - uncond)) /
+        temperature)`` after the filter, top-p, then the first id whose fixed-point CDF exceeds ``u * total``.
+        All math fp32 (weights upcast on load).
+
+    Shapes:
+        ``cond`` ``[2B, C]`` guided or ``[B, C]``; weights of width W (``num_heads`` divides W); ``uniforms``
+        ``[3, B]``; ``exponentials`` ``[3, B, 256]``; ``cfg`` a scalar or ``[B]``; ``value_table`` ``[3, 257]``
+        fp32 -> int64 ids ``[B, 3]`` (float32 values ``[B, 3]`` with ``value_table``). Dtypes: ``cond`` any
+        float; weights fp32 / bf16 / fp16. Backends: "triton" (CUDA tensors; W a power of two in 16..128),
+        "cpu" (the compiled C++ kernel, CPU tensors, any W), "torch" (any); no "cuda".
     """
     if value_table is not None and (not isinstance(value_table, torch.Tensor) or value_table.shape != (3, 257)
                                     or value_table.dtype != torch.float32 or value_table.device != cond.device):

@@ -46,6 +46,19 @@ def sample_logits(
     probabilities. ``backend``: ``None``/"auto", "torch", "triton", "cuda" (see ``fractal_kernels.dispatch``).
 
     Note: the FractalGen reference *multiplies* logits by its temperature; pass ``1 / t`` to match it.
+
+    Math:
+        Per row: ``c, u = cond / temperature, uncond / temperature``; where ``softmax(c) < filter_threshold``,
+        ``u`` is lifted to ``max(u, c - max(c) + max(u))``; ``z = u + cfg * (c - u)``, ``p = softmax(z)``, top-k
+        then top-p truncation (renormalised), and ``id = min{i : cdf[i] > r * total}`` on the fixed-point CDF
+        ``cdf = cumsum(trunc(p * 2**52))`` in int64, ``total = cdf[-1]``, ``r`` the row's uniform. Softmax and
+        CDF in fp32 / int64 whatever the logits' dtype; the same ids on every backend for the same ``r``.
+
+    Shapes:
+        cond_logits, uncond_logits ``[N, V]`` (V <= 4096; rows may be strided, ``stride(-1) == 1``); ``cfg`` a
+        scalar or ``[N]``; ``uniforms`` ``[N]``; ``out_probs`` float32 ``[N, V]`` -> int64 ``[N]``. Dtypes: any
+        float logits (fp32 / bf16 / fp16 on the kernels). Backends: "torch" (any), "triton" (V <= 4096),
+        "cuda" (V <= 1024; picked by auto only once listed in ``cuda_verified.json``).
     """
     _check(cond_logits, uncond_logits, cfg, temperature, filter_threshold, top_p, top_k, uniforms, out_probs)
     n, v = cond_logits.shape

@@ -50,6 +50,20 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     ``dropout_seed`` (any int, taken mod 2**64; None: drawn from torch's CPU generator), regenerated in the backward pass and identical
     on the torch backend (:func:`fractal_kernels.reference.attention.attention_dropout_scale`).
     ``backend``: None/"auto" (dispatcher), "torch", "triton" or "cuda".
+
+    Math:
+        Per sequence n and head h, ``o[n, h, i] = sum_j softmax_j(scale * q[n, h, i] . k[n, h, j] + m[n, i, j])
+        v[n, h, j]`` with ``m = -inf`` where ``causal`` and ``j > i`` or where ``j >= seqlens[n]`` (else 0);
+        with dropout, ``softmax`` is multiplied by the Philox keep mask and divided by ``1 - dropout_p``. Scores
+        and softmax in fp32 whatever the input dtype (the MAR/AR levels' numerics), the output rounded to the
+        input dtype. A NaN/inf in a sequence makes the rows that see it NaN and never leaks into another sequence.
+
+    Shapes:
+        q, k, v ``[N, H, L, D]`` -> ``[N, H, L, D]``; ``seqlens`` ``[N]``. Dtypes: fp32 / bf16 / fp16, all three
+        alike (fp64 on the torch backend only). Backends: "torch" (any L and D; not dropout together with
+        ``seqlens``), "triton" (L <= 512, D <= 128, tuned for 16/32/64/80/128; dropout and ``seqlens``), "cuda"
+        (D in {16, 32, 64, 80, 128}, no dropout; picked by auto only once listed in ``cuda_verified.json``);
+        auto hands L > 512, or L past the measured crossover, to PyTorch SDPA.
     """
     _check_qkv(q, k, v, scale)
     N, H, L, D = q.shape
@@ -73,7 +87,18 @@ def tiny_attention_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = F
                           backend: Optional[str] = None) -> torch.Tensor:
     """Attention straight from the qkv projection ``[N, L, 3*H*D]`` (q, k, v of each head in the reference's
     ``reshape(N, L, 3, H, D)`` order) to ``[N, L, H*D]``; the kernels read and write through strides.
-    Other arguments as :func:`tiny_attention`."""
+    Other arguments as :func:`tiny_attention`.
+
+    Math:
+        :func:`tiny_attention` on ``q, k, v = qkv.view(N, L, 3, H, D).unbind(2)`` (each ``[N, L, H, D]``, read
+        through strides, no copies), the output written as ``o.transpose(1, 2).reshape(N, L, H * D)``: the same
+        fp32 scores and softmax, output in the input dtype.
+
+    Shapes:
+        qkv ``[N, L, 3*H*D]`` -> ``[N, L, H*D]`` with ``H = num_heads``; ``seqlens`` ``[N]``. Dtypes: fp32 / bf16 /
+        fp16. Backends: as :func:`tiny_attention` ("torch", "triton" for L <= 512 and D <= 128, "cuda" for
+        D in {16, 32, 64, 80, 128} without dropout once verified, SDPA under auto past the crossover).
+    """
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         raise ValueError(f"qkv: expected a [N, L, 3*H*D] tensor, got {_shape(qkv)}")
     if not isinstance(num_heads, int) or num_heads < 1 or qkv.shape[-1] % (3 * num_heads) != 0:
@@ -111,6 +136,17 @@ def tiny_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     embedding inside the kernel: the cache then holds *un-rotated* keys and q and k are rotated by their
     positions on load (fp32 math rounded to the input dtype, as the reference rotates before caching).
     Forward only. Returns ``[N, H, Lq, D]``.
+
+    Math:
+        ``o[n, h, i] = sum_j softmax_j(scale * rope(q)[n, h, i] . rope(k)[n, h, j]) v[n, h, j]`` over
+        ``j <= kv_lens[n] - Lq + i``; ``rope`` rotates interleaved pairs ``(2t, 2t+1)`` by the table row of the
+        token's position (identity without ``freqs_cis``). Scores and softmax in fp32, output in the input dtype.
+
+    Shapes:
+        q ``[N, H, Lq, D]``; k_cache, v_cache ``[N, H, Lmax, D]``; ``kv_lens`` an int or ``[N]``;
+        ``freqs_cis`` ``[P, D/2, 2]`` fp32 -> ``[N, H, Lq, D]``. Dtypes: fp32 / bf16 / fp16 (fp64 runs on the
+        torch backend). Backends: "torch" and "triton" (D <= 128); there is no CUDA decode kernel
+        (forcing "cuda" raises ``BackendUnavailable``).
     """
     _check_qkv(q, k_cache, v_cache, scale, same_length=False)
     N, H, LQ, D = q.shape

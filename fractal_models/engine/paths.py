@@ -1,0 +1,47 @@
+"""Which path each level of a model takes in the fast engine, and why: for ``fractalgen info`` and the
+``fractal-bench`` generate rows (a user reading a timing must know whether a level ran fused or op by op).
+
+Reads the levels through their attributes only (the engine never imports the paper's modules)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from fractal_models.engine.ar import explain_fused_stack
+from fractal_models.engine.mar import explain_fused_blocks
+
+
+def _mar_tokens(m) -> int:
+    """Tokens of one MAR step: the patches plus the prefix (conditions, and the guiding pixel)."""
+    return m.seq_len + m.num_conds + int(bool(m.guiding_pixel))
+
+
+def level_paths(model, device: torch.device, backend: Optional[str] = None,
+                policy_only: bool = False) -> List[Dict[str, Any]]:
+    """One row per level, top first: ``level``, ``kind`` (MAR / AR / PixelLoss), ``width``, ``path``
+    (``fused`` / ``op_by_op`` for generator levels; the pixel head's own description) and ``why``.
+
+    ``backend`` is what ``generate(backend=...)`` would set (None: each level's own). ``policy_only`` answers
+    for a machine where the Triton kernels run (the dispatch rule alone), without resolving backends here."""
+    rows = []
+    levels = model.levels()
+    for i, m in enumerate(levels[:-1]):
+        kind = type(m).__name__
+        if hasattr(m, "config"):  # AR level
+            which, why = explain_fused_stack(m, device, backend, policy_only=policy_only)
+            width = m.config.dim
+        else:
+            which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
+            width = m.norm.normalized_shape[0]
+        rows.append(dict(level=i, kind=kind, width=int(width), path="fused" if which else "op_by_op", why=why))
+    head = levels[-1]
+    rows.append(dict(level=len(levels) - 1, kind=type(head).__name__, width=int(head.cond_proj.out_features),
+                     path="pixel_head", why="one pixel_head_sample launch per pixel on a kernel backend, else the "
+                     "KV-cached PyTorch head"))
+    return rows
+
+
+def describe(rows: List[Dict[str, Any]]) -> List[str]:
+    """Human lines for :func:`level_paths` rows."""
+    return [f"level {r['level']} {r['kind']:<9} width {r['width']:<5} {r['path']:<10} {r['why']}" for r in rows]
