@@ -104,8 +104,9 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
 def test_the_committed_crossovers_are_what_the_model_regenerates():
     with open(POLICY_PATH, encoding="utf-8") as f:
         committed = f.read()
-    assert committed == crossover.dumps(crossover.sweep()), \
-        "fractal_kernels/data/block_stack_model.json is stale: run python -m benchmarks.costmodel --write-policy"
+    assert committed == crossover.dumps(crossover.sweep()), (
+        "fractal_kernels/data/block_stack_model.json is stale (a constant, a launcher config or the launch counts "
+        "changed): run python -m benchmarks.costmodel --write-policy --out benchmarks/results/costmodel")
 
 
 def test_the_committed_results_add_up():
