@@ -25,7 +25,7 @@ def kernel_of(nodeid: str) -> str:
 
 def pytest_runtest_logreport(report) -> None:
     path = os.environ.get("FRACTAL_OUTCOMES")
-    if not path:
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist the controller writes (once per test)
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or \
             (report.when == "teardown" and report.outcome == "failed"):
