@@ -91,17 +91,8 @@ class Session:
             try:
                 rc = p.wait(timeout=left)
             except subprocess.TimeoutExpired:
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        p.wait(timeout=3)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
-                log.write(f"\n[killed at the phase budget]\n")
+                kill_group(p)
+                log.write("\n[killed at the phase budget]\n")
                 raise
             log.write(f"[rc={rc}]\n")
         if check and rc != 0:
@@ -125,6 +116,20 @@ class Session:
                 if os.path.isdir(os.path.join(self.work, sub)):
                     tar.add(os.path.join(self.work, sub), arcname=sub)
         os.replace(tmp, self.out_path("logs.tar.gz"))
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``p``, then SIGKILL what is left after 3 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=3)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ---- the phases ------------------------------------------------------------------------------------------
@@ -168,7 +173,20 @@ def env_phase(s: Session) -> str:
     return f"{info.get('device', 'no GPU')}, torch {info['torch']}, triton {info['triton']}"
 
 
+def start_build(s: Session) -> None:
+    """The CUDA extension's build, started in the background as the prewarm starts: 3 translation units (nvcc and
+    torch's headers) beside the prewarm's compiles; the build_ext phase waits for it within its own budget."""
+    if not s.gpu or getattr(s, "build_proc", None) is not None:
+        return
+    env = dict(s.env, FRACTAL_KERNELS_BUILD_CUDA="1", MAX_JOBS=str(os.cpu_count() or 1))
+    log = open(os.path.join(s.logs, "build_ext.txt"), "a")
+    s.build_proc = subprocess.Popen([s.py, "setup.py", "build_ext", "--inplace"], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    s.build_started = time.monotonic()
+
+
 def prewarm_phase(s: Session) -> str:
+    start_build(s)
     os.makedirs(s.cache, exist_ok=True)
     note = ""
     if s.cache_archive:
@@ -187,12 +205,19 @@ def prewarm_phase(s: Session) -> str:
 def build_phase(s: Session) -> str:
     if not s.gpu:
         raise Skip("no GPU")
-    env = dict(s.env, FRACTAL_KERNELS_BUILD_CUDA="1", MAX_JOBS=str(os.cpu_count() or 1))
-    s.sh("build_ext", [s.py, "setup.py", "build_ext", "--inplace"], env=env)
+    start_build(s)  # normally already running since the prewarm began
+    p = s.build_proc
+    try:
+        rc = p.wait(timeout=max(1.0, s.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        raise
+    if rc != 0:
+        raise Failed(f"setup.py build_ext: exit {rc} (logs/build_ext.txt)")
     r = subprocess.run([s.py, "-c", "from fractal_kernels import dispatch; print(dispatch._cuda_ext() is not None)"],
                        cwd=REPO, env=s.env, capture_output=True, text=True, timeout=120)
     if r.stdout.strip().endswith("True"):
-        return "fractal_kernels._C built and loads"
+        return f"fractal_kernels._C built ({time.monotonic() - s.build_started:.0f} s since its start) and loads"
     raise Failed(f"built, but fractal_kernels._C does not load: {r.stderr[-300:]}")
 
 
@@ -210,6 +235,8 @@ def tests_phase(s: Session) -> str:
     if not s.gpu:
         env["TRITON_INTERPRET"] = "1"
     timed_out = None
+    entries = lambda: len(os.listdir(s.cache)) if os.path.isdir(s.cache) else 0  # noqa: E731
+    before = entries()
     try:
         rc = s.sh("gpu_tests", cmd + GPU_TESTS, env=env, check=False)
     except subprocess.TimeoutExpired as e:
@@ -217,7 +244,9 @@ def tests_phase(s: Session) -> str:
     from benchmarks.pytest_outcomes import read_lines, summarize
     doc = summarize(read_lines(outcomes))
     doc.update(selection=GPU_TESTS, command=" ".join(cmd[1:]), rc=rc, cut_off=timed_out is not None,
-               plugins={"xdist": has_xdist, "pytest_timeout": has_timeout})
+               plugins={"xdist": has_xdist, "pytest_timeout": has_timeout},
+               # compiles the prewarm did not foresee (each a new entry of the session's TRITON_CACHE_DIR)
+               triton_cache_entries={"before": before, "after": entries()})
     if not s.gpu:
         log = open(os.path.join(s.logs, "gpu_tests.txt")).read()
         doc["collected"] = [l.strip() for l in log.splitlines() if "collected" in l or "tests collected" in l][-1:]
@@ -367,6 +396,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         s.pack()
         print(f"[gpu_session] {ph.name}: {rec['status']} in {rec['seconds']} s / {ph.budget_s} s -- {rec['note']}",
               flush=True)
+    if getattr(s, "build_proc", None) is not None and s.build_proc.poll() is None:
+        kill_group(s.build_proc)  # started by the prewarm, its phase not run (--only)
     stray = sorted(set(os.listdir(s.out)) - set(RESULT_FILES))
     if stray:
         print(f"[gpu_session] note: files in {s.out} that this run did not write: {stray}")

@@ -2,6 +2,7 @@
 
     python -m benchmarks.prewarm --arch 90 -j 16 --cache-dir $TRITON_CACHE_DIR --json prewarm.json
     python -m benchmarks.prewarm --arch 90 --limit 3 --check-hit           # the dry run: a few, then a hit check
+    python3.12 -m benchmarks.prewarm --arch 90 --cache-dir c --archive triton-cache-sm90.tgz   # to bring along
 
 What is compiled: the AOT capture list (:func:`benchmarks.aot.capture`: every case of ``benchmarks.aot``, the
 published configs' training and sampling launches, bound by Triton's own binder for ``GPUTarget("cuda", arch,
@@ -142,6 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N specializations (the dry run)")
     p.add_argument("--check-hit", action="store_true", help="then check that a fresh process hits the cache")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--archive", default=None, metavar="TGZ", help="then tar the cache directory into this file "
+                   "(gpu_session.sh --cache-archive; it hits only under the same Triton wheel and Python minor)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         os.environ.pop("TRITON_INTERPRET")  # the capture needs the GPU launch path; see benchmarks.aot_capture
@@ -159,6 +162,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
+    if args.archive:
+        import tarfile
+        with tarfile.open(args.archive, "w:gz") as tar:
+            tar.add(args.cache_dir, arcname=".")
+        print(f"wrote {args.archive} ({os.path.getsize(args.archive) / 2**20:.1f} MiB)")
     return 0 if not doc["errors"] and doc.get("hit_check", {}).get("ok", True) else 1
 
 

@@ -3,7 +3,8 @@
 The dry run (``bash benchmarks/gpu_session.sh --dry-run``) runs every phase through its real entry point
 (``pytest --collect-only`` of the GPU selection, ``fractal-bench --smoke``, a prewarm of three sm_90
 specializations with a fresh-process cache-hit check, the microbenchmark, sanitizer launches and measurements
-on tiny sizes); GPU-only steps must say ``skipped`` / "no GPU". About 2.5 minutes on 2 CPU cores.
+on tiny sizes); GPU-only steps must say ``skipped`` / "no GPU". About 2.5 minutes on 2 idle CPU cores, 6 on a
+shared, loaded one (a dry run kills a phase at 3x its budget: it checks entry points, not CPU timing).
 """
 from __future__ import annotations
 
