@@ -178,8 +178,8 @@ def attention(c: Ctx) -> Dict[str, Any]:
     if c.gpu and c.left() > 30:
         from benchmarks.attention import crossover_rows
         rows = crossover_rows(c.device, repeats=5, warmup=1)  # writes the policy overlay ($FRACTAL_HOME)
-        out["crossover"] = [dict(r.__dict__.get("shape", {}), metrics=r.__dict__.get("metrics"),
-                                 check=r.__dict__.get("check")) for r in rows]
+        out["crossover"] = [dict(r.shape, timing=r.timing, metrics=r.metrics, check=r.check, skipped=r.skipped)
+                            for r in rows]
     else:
         out["crossover"] = SKIPPED if not c.gpu else "skipped: budget"
     return out
