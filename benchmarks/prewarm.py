@@ -13,7 +13,9 @@ tests make up (odd lengths, edge cases): those still compile at their first laun
 
 ``--check-hit``: after the prewarm, a *fresh* process (it wrote nothing of the cache) compiles the same
 specializations again and must hit the cache for each: no new file appears in the cache directory and the
-call returns in a fraction of the cold time. This is what a cache compiled elsewhere and brought along needs;
+call returns in a fraction of the cold time. Then it replays their cases through the launch path itself,
+``JITFunction.run(warmup=True)`` with a stand-in driver that reports an sm_90 device: every prewarmed
+specialization must get the same hash (the same cache key a GPU launch computes), again adding no file. This is what a cache compiled elsewhere and brought along needs;
 the key includes Triton's version, the sha256 of its ``libtriton`` (so the same wheel, hence the same Python
 minor version), the ptxas version of the wheel and the target (sm_90 -> sm_90a).
 
@@ -50,8 +52,11 @@ def _source(spec: Dict[str, Any]):
     import importlib
     from triton.compiler import ASTSource
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    # attrs as the launch path builds them: {(i,): [["tt.divisibility", 16]]}, lists inside. ASTSource.hash()
+    # hashes str(attrs), so tuples there (as benchmarks.aot passes) give another cache key: every GPU launch
+    # would miss the prewarmed cache (check_runtime_hits caught exactly that)
     return ASTSource(fn, dict(spec["signature"]), {tuple(p): v for p, v in spec["constexprs"]},
-                     {tuple(p): [tuple(a) for a in v] for p, v in spec["attrs"]})
+                     {tuple(p): [list(a) for a in v] for p, v in spec["attrs"]})
 
 
 def compile_one(job: Tuple[Dict[str, Any], int, str]) -> Dict[str, Any]:
@@ -103,8 +108,64 @@ def check_hits(specs: Sequence[Dict[str, Any]], arch: int, cache_dir: str) -> Di
             "seconds": round(sum(r["seconds"] for r in rows), 3), "ok": not new and all(r["status"] == "ok" for r in rows)}
 
 
+def check_runtime_hits(specs: Sequence[Dict[str, Any]], arch: int, cache_dir: str) -> Dict[str, Any]:
+    """The launch path itself: each case that produced ``specs`` is replayed through Triton's real
+    ``JITFunction.run(warmup=True)`` (binder, cache key, ``compile``; nothing launched) with a stand-in driver
+    that only answers device 0 / stream 0 / ``GPUTarget("cuda", arch, 32)``, as an sm_90 GPU's would. Each
+    prewarmed specialization must come back with the prewarm's hash, and no cache file may be added."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+    from . import aot
+    from .aot_capture import bind_launch, capturing
+    triton.knobs.cache.dir = cache_dir
+
+    class _Sm90:  # what JITFunction.run asks a driver for before it compiles
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    want = {aot._spec_id(s): s.get("hash") for s in specs}
+    got: Dict[str, str] = {}
+    real_run = JITFunction.run
+
+    def warm(self, *args, grid, warmup, **kwargs):
+        ident = aot._spec_id(bind_launch(self, args, kwargs, arch))
+        if ident in want and ident not in got:
+            got[ident] = real_run(self, *args, grid=grid, warmup=True, **kwargs).hash
+        return None
+
+    before = _files(cache_dir)
+    saved = getattr(driver, "_active", None)  # not .active: that would create the default (CUDA) driver
+    driver.set_active(_Sm90())
+    try:
+        for case in aot.cases():
+            if case.label in {s["case"] for s in specs}:
+                with capturing(arch, []):
+                    JITFunction.run = warm  # capturing restores the real run on exit
+                    case.run()
+    finally:
+        driver._active = saved
+    new = sorted(_files(cache_dir) - before)
+    same = sum(1 for k, h in got.items() if h == want[k])
+    return {"specializations": len(want), "reached": len(got), "same_hash": same, "new_files": new[:10],
+            "ok": not new and same == len(want)}
+
+
 def _hit_job(job):
-    return check_hits(*job)
+    specs, arch, cache_dir = job
+    doc = check_hits(specs, arch, cache_dir)
+    doc["runtime_path"] = check_runtime_hits(specs, arch, cache_dir)
+    doc["ok"] = doc["ok"] and doc["runtime_path"]["ok"]
+    return doc
 
 
 def run(arch: int, cache_dir: str, jobs: int, limit: Optional[int] = None, check_hit: bool = False) -> Dict[str, Any]:
@@ -129,6 +190,8 @@ def run(arch: int, cache_dir: str, jobs: int, limit: Optional[int] = None, check
     doc["speedup"] = round(doc["serial_sum_s"] / wall, 2) if wall > 0 else None
     if check_hit:
         # a fresh process: it imports, captures nothing, and compiles the same specializations again
+        hashes = {(r["kernel"], r["case"]): r.get("hash") for r in rows}
+        specs = [dict(s, hash=hashes.get((s["kernel"], s["case"]))) for s in specs]
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             doc["hit_check"] = pool.submit(_hit_job, (specs, arch, cache_dir)).result()
         doc["hit_check"]["writer_pids_differ"] = doc["hit_check"]["pid"] != os.getpid()
@@ -157,8 +220,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  error: {e['kernel']} | {e['case']}: {e['error']}")
     if "hit_check" in doc:
         h = doc["hit_check"]
+        rt = h["runtime_path"]
         print(f"hit check (fresh process {h['pid']}): {h['hits']}/{h['specializations']} hits, "
-              f"{h['seconds']} s, new files {len(h['new_files'])}: {'ok' if h['ok'] else 'FAILED'}")
+              f"{h['seconds']} s, new files {len(h['new_files'])}; JITFunction.run(warmup) with an sm_{args.arch} "
+              f"driver stand-in: {rt['same_hash']}/{rt['specializations']} same key, new files "
+              f"{len(rt['new_files'])}: {'ok' if h['ok'] else 'FAILED'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

@@ -104,6 +104,8 @@ def test_dry_run(tmp_path):
     prewarm = json.loads((out / "prewarm.json").read_text())
     assert prewarm["arch"] == 90 and not prewarm["errors"] and prewarm["hit_check"]["ok"]
     assert prewarm["hit_check"]["hits"] == prewarm["specializations"] == 3
+    # and a launch through JITFunction.run (sm_90 driver stand-in) computes the prewarm's cache keys
+    assert prewarm["hit_check"]["runtime_path"]["same_hash"] == 3
     micro = json.loads((out / "microbench.json").read_text())
     assert micro["sums_ok"] and all("skipped: no GPU" in json.dumps(r) for r in micro["rows"])
     measure = json.loads((out / "measure.json").read_text())
