@@ -176,7 +176,7 @@ def attention(c: Ctx) -> Dict[str, Any]:
     mine = tiny_attention_packed(qkv, H, backend="triton" if c.gpu else "torch")
     out["max_abs_diff_vs_sdpa"] = float((mine.float().reshape(N, L, H, D).transpose(1, 2) - ref.float()).abs().max())
     if c.gpu and c.left() > 30:
-        from benchmarks.attention import crossover_rows
+        from .attention import crossover_rows
         rows = crossover_rows(c.device, repeats=5, warmup=1)  # writes the policy overlay ($FRACTAL_HOME)
         out["crossover"] = [dict(r.shape, timing=r.timing, metrics=r.metrics, check=r.check, skipped=r.skipped)
                             for r in rows]

@@ -241,7 +241,7 @@ def tests_phase(s: Session) -> str:
         rc = s.sh("gpu_tests", cmd + GPU_TESTS, env=env, check=False)
     except subprocess.TimeoutExpired as e:
         timed_out, rc = e, None
-    from benchmarks.pytest_outcomes import read_lines, summarize
+    from .pytest_outcomes import read_lines, summarize
     doc = summarize(read_lines(outcomes))
     doc.update(selection=GPU_TESTS, command=" ".join(cmd[1:]), rc=rc, cut_off=timed_out is not None,
                plugins={"xdist": has_xdist, "pytest_timeout": has_timeout},
@@ -277,7 +277,7 @@ def record_verified(s: Session, doc: Dict) -> None:
                         "dispatch._cuda_ext() is not None, torch.cuda.get_device_name(), harness.git_commit()]))"],
                        cwd=REPO, env=s.env, capture_output=True, text=True, timeout=120)
     op_tests, ext, device, commit = json.loads(r.stdout.strip().splitlines()[-1])
-    from benchmarks.pytest_outcomes import kernel_of
+    from .pytest_outcomes import kernel_of
     path = os.path.join(s.home, "cuda_verified.json")
     ops, runs = set(), {}
     for op, files in op_tests.items():
