@@ -65,14 +65,17 @@ setup(
     # the C++ source of the CPU kernels is built on first use (fractal_kernels/cpu), and the dispatch reads its
     # policy data (fractal_kernels/policy.py): ship both with the package
     package_data={"fractal_kernels": ["cpu/*.cpp", "data/*.json"]},
-    # torch is deliberately unpinned: install the build for your machine first (CPU or CUDA).
+    # torch: install the build for your machine first (CPU or CUDA). Supported and tested: torch 2.11-2.13 with
+    # the Triton each ships, 3.6-3.9 (pyproject.toml [tool.fractal_kernels.supported]; README "Supported versions").
     # scipy: MAR training draws its mask ratios with scipy's truncnorm on numpy's RNG, as the reference does
-    install_requires=["torch>=2.1", "numpy", "scipy", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "scipy", "tqdm"],
     extras_require={
-        # the test extra carries the docs tools: tests/test_docs.py builds the site (mkdocs build --strict)
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"] + DOCS_REQUIRES,
+        # the test extra carries the docs tools (tests/test_docs.py builds the site: mkdocs build --strict) and the
+        # GPU session's per-test timeout / parallel runner (its dry run exercises them)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "pytest-timeout", "pytest-xdist"]
+        + DOCS_REQUIRES,
         "bench": ["pytest-benchmark", "matplotlib"],
-        "triton": ["triton"],
+        "triton": ["triton>=3.6"],
         # demo data: the photos inside the scikit-image 0.26 wheel (read as files, nothing downloaded)
         "train": ["pillow", "scikit-image==0.26.0"],
         "docs": DOCS_REQUIRES,

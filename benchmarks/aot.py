@@ -423,6 +423,25 @@ def _count(pattern: str, sass: str) -> int:
     return len(re.findall(pattern, sass))
 
 
+def disassemble(kernel) -> str:
+    """The kernel's SASS as ``cuobjdump -sass`` prints it, read from the cubin with the wheel's own cuobjdump.
+
+    Not ``kernel.asm["sass"]``: Triton 3.6's formatter (``triton.tools.disasm``) stops at the first
+    instruction whose offset has more than four hex digits, so a kernel over 64 KB of code (the bf16 AR
+    stack) came back without its tail and without its EXIT. The raw listing is the same on 3.6 and 3.9; the
+    counts below only need mnemonics. Falls back to Triton's text where no cuobjdump can be run."""
+    try:
+        from triton import knobs
+        tool = knobs.nvidia.cuobjdump.path
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True,
+                                  timeout=120).stdout
+    except (AttributeError, OSError, subprocess.SubprocessError):
+        return kernel.asm["sass"]
+
+
 def compile_spec(spec: Dict[str, Any], arch: int) -> Dict[str, Any]:
     """Compile one captured specialization cold for ``sm_<arch>``; resource figures or the error text."""
     cache = tempfile.mkdtemp(prefix="fk-aot-cache-")
@@ -454,7 +473,7 @@ def compile_spec(spec: Dict[str, Any], arch: int) -> Dict[str, Any]:
         regs, spill = _PTXAS_REGS.search(text), _PTXAS_SPILL.search(text)
         if regs is None or spill is None:
             raise RuntimeError(f"no ptxas -v report in the compile log: {text[-500:]!r}")
-        sass = kernel.asm["sass"]  # AsmDict disassembles on first [] (not .get) with the wheel's cuobjdump
+        sass = disassemble(kernel)
         ttir = kernel.asm["ttir"]
         if not re.search(r"\b(EXIT|RET)\b", sass):
             raise RuntimeError("no SASS from cuobjdump (cannot count tensor-core / local-memory instructions)")

@@ -25,30 +25,47 @@ from benchmarks import aot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = (90, 80)
+#: The oldest supported Triton (pyproject.toml: torch 2.11 ships it), installed compile-only beside the venv's:
+#: ``pip install --target .triton36 triton==3.6.0 --no-deps`` (.ci/run does; FRACTAL_TRITON36 points elsewhere).
+#: It needs no torch of its own: the capture binds launches with Triton only and compiles need no driver.
+TRITON36 = pathlib.Path(os.environ.get("FRACTAL_TRITON36", REPO / ".triton36"))
+TRITONS = ("venv", "3.6")
 
 
-def _env() -> dict:
+def _env(extra_path: str = "") -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the capture must take the GPU launch path
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    paths = [p for p in (extra_path, str(REPO), env.get("PYTHONPATH", "")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
-def _aot(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.aot", *args], cwd=REPO, env=_env(),
+def _aot(*args: str, timeout: int, extra_path: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.aot", *args], cwd=REPO, env=_env(extra_path),
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def ci_doc(tmp_path_factory):
-    """One run of the CI subset (both arches); its JSON document."""
+@pytest.fixture(scope="module", params=TRITONS)
+def ci_doc(request, tmp_path_factory):
+    """One run of the CI subset (both arches) under the venv's Triton and under Triton 3.6; its JSON document."""
+    extra = ""
+    if request.param == "3.6":
+        if not (TRITON36 / "triton" / "__init__.py").is_file():
+            msg = (f"Triton 3.6 not installed at {TRITON36} (pip install --target .triton36 triton==3.6.0 "
+                   f"--no-deps): the oldest supported Triton's AOT gate cannot run")
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        extra = str(TRITON36)
     out = tmp_path_factory.mktemp("aot")
     # -j 2: CI has 2 cores of its own (the subset's compiles take ~200 CPU-seconds in all; see ci.md). The
     # timeout only catches a hang: on a machine shared by many jobs the same run has taken 26 minutes.
-    proc = _aot("--ci", "-j", "2", "--no-progress", "--out-dir", str(out), timeout=60 * 60)
+    proc = _aot("--ci", "-j", "2", "--no-progress", "--out-dir", str(out), timeout=60 * 60, extra_path=extra)
     assert proc.returncode == 0, f"benchmarks.aot --ci crashed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     doc = json.loads((out / "ci.json").read_text())
-    print(f"\nAOT CI subset: {doc['compiles']} compiles, wall {doc['wall_s']} s "
+    if extra:
+        assert doc["machine"]["triton"].startswith("3.6."), f"expected Triton 3.6 from {extra}: {doc['machine']}"
+    print(f"\nAOT CI subset, triton {doc['machine']['triton']}: {doc['compiles']} compiles, wall {doc['wall_s']} s "
           f"(capture {doc['capture_s']} s, compiles {doc['compile_wall_s']} s)")
     return doc
 

@@ -35,8 +35,9 @@ MAX_README_LINES = 150
 
 BENCH_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e ".[bench]" '
                  '&& .venv/bin/fractal-bench')
-TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e '
-                '".[test,bench,train]" && .venv/bin/python -m pytest -q')
+TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 triton==3.9.0 && .venv/bin/pip install '
+                '-q -e ".[test,bench,train]" && .venv/bin/pip install -q --upgrade --target .triton36 triton==3.6.0 '
+                '--no-deps && .venv/bin/python -m pytest -q')
 
 # The headings of the one-page README as of bf4aaf1 (outside code blocks), in order: the map must cover each.
 OLD_README_HEADINGS = [

@@ -47,3 +47,20 @@ def test_promote_writes_what_the_overlay_decided_into_the_package_data(tmp_path,
     finally:
         monkeypatch.undo()
         dispatch.reload()
+
+
+def test_supported_versions_declared_alike():
+    """pyproject.toml's supported range, setup.py's lower bounds, the README's line and the docs' table say the same
+    (issue 29)."""
+    import re as _re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    py = (root / "pyproject.toml").read_text()
+    table = py.split("[tool.fractal_kernels.supported]", 1)[1].split("\n[", 1)[0]
+    ranges = dict(_re.findall(r'^(torch|triton) = "([^"]+)"', table, _re.M))
+    assert ranges == {"torch": ">=2.11,<2.14", "triton": ">=3.6,<3.10"}
+    setup = (root / "setup.py").read_text()
+    assert '"torch>=2.11"' in setup and '"triton>=3.6"' in setup
+    readme = (root / "README.md").read_text()
+    assert "torch 2.11–2.13" in readme and "3.6–3.9" in readme
+    table = (root / "docs" / "getting-started.md").read_text()
+    assert "**2.11 – 2.13**" in table and "**3.6 – 3.9**" in table
