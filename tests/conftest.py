@@ -11,6 +11,22 @@ if not _torch.cuda.is_available():
 import pytest
 import torch
 
+
+def pick_kernel_device(cuda_available: bool) -> torch.device:
+    """Where the kernel tests put their tensors (issue #27, item 4): a GPU when there is one (the kernels compile
+    for it; the interpreter is off), else the CPU, where the Triton kernels run in the interpreter."""
+    return torch.device("cuda") if cuda_available else torch.device("cpu")
+
+
+KERNEL_DEVICE = pick_kernel_device(_torch.cuda.is_available())
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """The device of a Triton kernel test's tensors (:func:`pick_kernel_device`): make inputs on the CPU with
+    seeded generators and move them here; compare on the CPU against the same references and tolerances."""
+    return KERNEL_DEVICE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("FRACTAL_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
