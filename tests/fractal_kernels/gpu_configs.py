@@ -122,6 +122,19 @@ def check_gpu_options(launch: Launch, cfg) -> None:
         assert kw["num_stages"] == cfg.num_stages
 
 
+def by_path(config_fn, path_fn, *args) -> Dict[Tuple, List[Tuple[int, Any]]]:
+    """The GPU configurations ``config_fn(*args, cpu, arch=a, interpret=False)`` of :data:`ARCHS`, grouped by
+    ``path_fn(cfg)`` (their code path): ``{path: [(arch, cfg), ...]}``. Configurations that differ only in what
+    the interpreter ignores (warps, register cap, the persistent grid's size) share a path; a test runs each path
+    once."""
+    import torch
+    out: Dict[Tuple, List[Tuple[int, Any]]] = {}
+    for arch in ARCHS:
+        cfg = config_fn(*args, torch.device("cpu"), arch=arch, interpret=False)
+        out.setdefault(path_fn(cfg), []).append((arch, cfg))
+    return out
+
+
 def missing(kernel: str, exercised: set) -> List[str]:
     """The AOT launches of ``kernel`` (both arches) whose code path is not in ``exercised``."""
     paths = aot_code_paths().get(kernel, {})

@@ -25,7 +25,8 @@ import torch
 
 from fractal_kernels.ops.ar_stack import ar_stack_cache
 from fractal_kernels.ops.ar_stack import kernels as ar_kernels
-from fractal_kernels.ops.ar_stack.launch import ar_stack_config
+from fractal_kernels.ops.ar_stack.launch import BM, ar_stack_config
+from fractal_kernels.ops.ar_stack.launch import even as ar_even
 from fractal_kernels.ops.ar_stack.launch import check as ar_check
 from fractal_kernels.ops.ar_stack.launch import launch_triton as ar_launch
 from fractal_kernels.ops.mar_stack import kernels as mar_kernels
@@ -72,14 +73,6 @@ def _to(t, device):
     return type(t)(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in t))
 
 
-def _gpu_configs(config_fn, *args):
-    """{config: [arches]} of the GPU configurations ``config_fn(*args)`` gives sm_90 and sm_80."""
-    out = {}
-    for arch in gpu_configs.ARCHS:
-        out.setdefault(config_fn(*args, CPU, arch=arch, interpret=False), []).append(arch)
-    return out
-
-
 # ---- MAR: (D, heads, hidden, L, weight dtype, depth); 3 sequences -------------------------------------------
 # LP 32 (L=17): 64-column chunks, K chunks 16 (fp32) / 32 (16-bit), head-dim chunks 16; D=128: 2 column chunks,
 # 8 / 4 K chunks, 4 head-dim chunks. LP 64 (L=40): 32-column chunks; D=64. Masked: D=80 (80 = 64 + 16 columns,
@@ -96,14 +89,16 @@ def _mar_id(c):
     return f"D{D}-H{H}-M{hid}-L{L}-{str(dt)[6:]}-depth{depth}"
 
 
+def _mar_configs(D, H, hid, L, dt):
+    """{code path: [(arch, config)]} of the case's sm_90 / sm_80 configurations."""
+    return gpu_configs.by_path(mar_stack_config, lambda cfg: gpu_configs.code_path(
+        "_mar_stack_kernel", str(dt)[6:], dict(LP=cfg.lp, NC=cfg.nc, KC=cfg.kc, DC=cfg.dc,
+                                               EVEN=mar_even(cfg, D, hid, D // H))), D, hid, D // H, L, dt)
+
+
 def mar_paths():
-    """The code paths :data:`MAR_CASES` run (the ``code_path`` of each GPU configuration they launch)."""
-    out = set()
-    for D, H, hid, L, dt, _ in MAR_CASES:
-        for cfg in _gpu_configs(mar_stack_config, D, hid, D // H, L, dt):
-            out.add(gpu_configs.code_path("_mar_stack_kernel", str(dt)[6:], dict(
-                LP=cfg.lp, NC=cfg.nc, KC=cfg.kc, DC=cfg.dc, EVEN=mar_even(cfg, D, hid, D // H))))
-    return out
+    """The code paths :data:`MAR_CASES` run."""
+    return {p for D, H, hid, L, dt, _ in MAR_CASES for p in _mar_configs(D, H, hid, L, dt)}
 
 
 @pytest.mark.parametrize("case", MAR_CASES, ids=_mar_id)
@@ -111,15 +106,15 @@ def test_mar_stack_gpu_configs(case, kernel_device):
     D, H, hid, L, dt, depth = case
     w = _to(mar_weights(D, hid, depth, dt, seed=D + depth), kernel_device)
     x = torch.randn(3, L, D, generator=torch.Generator().manual_seed(L)).to(kernel_device)
-    for cfg, arches in _gpu_configs(mar_stack_config, D, hid, D // H, L, dt).items():
+    for path, ((arch, cfg), *_) in _mar_configs(D, H, hid, L, dt).items():
         # every loop >= 2 trips at this width (the point of the case)
         assert D > cfg.nc and D >= 2 * cfg.kc and D // H >= 2 * cfg.dc and hid > cfg.nc and 3 > MAR_PROGRAMS
         out = torch.full_like(x, float("nan"))
         with gpu_configs.recording(mar_kernels._mar_stack_kernel) as seen:
             mar_launch(x, w, H, out, config=cfg, max_programs=MAR_PROGRAMS)
-        assert len(seen) == 1 and seen[0]["grid"] == (MAR_PROGRAMS,), f"sm_{arches}: {seen}"
+        assert len(seen) == 1 and seen[0]["grid"] == (MAR_PROGRAMS,), f"sm_{arch}: {seen}"
         gpu_configs.check_gpu_options(seen[0], cfg)
-        assert gpu_configs.launched_path("_mar_stack_kernel", seen[0]) in mar_paths()
+        assert gpu_configs.launched_path("_mar_stack_kernel", seen[0]) == path
         close_to_reference(out.cpu(), x.cpu(), _to(w, CPU), H)
 
 
@@ -139,14 +134,15 @@ def _ar_id(c):
     return f"D{D}-H{H}-M{hid}-{str(dt)[6:]}-depth{depth}-B{bsz}-pos{'+'.join(map(str, positions))}"
 
 
+def _ar_configs(D, H, hid, dt):
+    return gpu_configs.by_path(ar_stack_config, lambda cfg: gpu_configs.code_path(
+        "_ar_stack_decode_kernel", str(dt)[6:], dict(BM=BM, KC=cfg.kc, NC=cfg.nc, KB=cfg.kb,
+                                                     EVEN=ar_even(cfg, D, hid))), D, D // H, dt)
+
+
 def ar_paths():
-    from fractal_kernels.ops.ar_stack.launch import BM, even
-    out = set()
-    for D, H, hid, dt, *_ in AR_CASES:
-        for cfg in _gpu_configs(ar_stack_config, D, D // H, dt):
-            out.add(gpu_configs.code_path("_ar_stack_decode_kernel", str(dt)[6:], dict(
-                BM=BM, KC=cfg.kc, NC=cfg.nc, KB=cfg.kb, EVEN=even(cfg, D, hid))))
-    return out
+    """The code paths :data:`AR_CASES` run."""
+    return {p for D, H, hid, dt, *_ in AR_CASES for p in _ar_configs(D, H, hid, dt)}
 
 
 @pytest.mark.parametrize("case", AR_CASES, ids=_ar_id)
@@ -157,7 +153,7 @@ def test_ar_stack_gpu_configs(case, kernel_device):
     g = torch.Generator().manual_seed(bsz)
     freqs = torch.randn(T, D // H // 2, 2, generator=g).to(kernel_device)
     xs = [torch.randn(bsz, D, generator=g).to(kernel_device) for _ in range(T)]
-    for cfg, arches in _gpu_configs(ar_stack_config, D, D // H, dt).items():
+    for path, ((arch, cfg), *_) in _ar_configs(D, H, hid, dt).items():
         # every loop >= 2 trips: column and K chunks, and the last position's keys span > 2 key chunks
         assert D > cfg.nc and D >= 2 * cfg.kc and max(positions) + 1 > 2 * cfg.kb
 
@@ -166,9 +162,9 @@ def test_ar_stack_gpu_configs(case, kernel_device):
             out = torch.empty_like(x)
             with gpu_configs.recording(ar_kernels._ar_stack_decode_kernel) as seen:
                 ar_launch(x, wc, cache, pos, freqs, heads, out, config=cfg)
-            assert len(seen) == 1 and seen[0]["grid"] == (-(-bsz // 16),), f"sm_{arches}: {seen}"
+            assert len(seen) == 1 and seen[0]["grid"] == (-(-bsz // BM),), f"sm_{arch}: {seen}"
             gpu_configs.check_gpu_options(seen[0], cfg)
-            assert gpu_configs.launched_path("_ar_stack_decode_kernel", seen[0]) in ar_paths()
+            assert gpu_configs.launched_path("_ar_stack_decode_kernel", seen[0]) == path
             return out
 
         check_steps(xs, w, freqs, H, positions=set(positions), step=step)
