@@ -29,7 +29,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ARCHS = (90, 80)
@@ -89,16 +89,18 @@ class Launch(dict):
 
 
 @contextlib.contextmanager
-def recording(kernel) -> Iterator[List[Launch]]:
+def recording(kernel, before: Optional[Callable[[Launch], None]] = None) -> Iterator[List[Launch]]:
     """Record every launch of the Triton kernel ``kernel`` (interpreted or compiled) inside the block; the launch
-    still runs. ``kernel[grid](...)`` calls ``kernel.run(..., grid=, warmup=)``, so an instance attribute
-    intercepts it."""
+    still runs, after ``before(launch)`` if given. ``kernel[grid](...)`` calls ``kernel.run(..., grid=,
+    warmup=)``, so an instance attribute intercepts it."""
     seen: List[Launch] = []
     run = kernel.run
 
     def record(*args, grid, warmup, **kwargs):
         seen.append(Launch(grid=tuple(grid) if isinstance(grid, (tuple, list)) else (grid,), kwargs=dict(kwargs),
                            args=dict(zip(kernel.arg_names, args))))
+        if before is not None:
+            before(seen[-1])
         return run(*args, grid=grid, warmup=warmup, **kwargs)
 
     kernel.run = record
