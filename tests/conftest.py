@@ -11,6 +11,11 @@ if not _torch.cuda.is_available():
 import pytest
 import torch
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("FRACTAL_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+FIXTURES = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
+
 
 def pick_kernel_device(cuda_available: bool) -> torch.device:
     """Where the kernel tests put their tensors (issue #27, item 4): a GPU when there is one (the kernels compile
@@ -21,16 +26,33 @@ def pick_kernel_device(cuda_available: bool) -> torch.device:
 KERNEL_DEVICE = pick_kernel_device(_torch.cuda.is_available())
 
 
+#: tests whose Triton launches on CPU tensors run on the GPU when there is one (``tests/fractal_kernels/on_gpu.py``)
+ON_GPU_PATHS = ("tests/fractal_kernels/ops/", "tests/fractal_kernels/test_sampler_conformance.py", "tests/models/")
+
+
+def launches_on_gpu(test_file: pathlib.Path) -> bool:
+    """Whether a test file is one of :data:`ON_GPU_PATHS` (on a GPU machine its CPU-tensor launches run there)."""
+    path = test_file.resolve()
+    return path.is_relative_to(REPO) and path.relative_to(REPO).as_posix().startswith(ON_GPU_PATHS)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_launches_on_gpu(request, monkeypatch):
+    """On a GPU machine, the kernel tests' Triton launches with CPU tensors run on CUDA copies (issue #27, item 4;
+    the same tests, references and tolerances as the interpreter suite). Nothing on a CPU-only machine."""
+    if KERNEL_DEVICE.type != "cuda" or not launches_on_gpu(pathlib.Path(str(request.node.fspath))):
+        yield
+        return
+    from tests.fractal_kernels.on_gpu import cpu_tests_on_cuda
+    with cpu_tests_on_cuda(monkeypatch, KERNEL_DEVICE):
+        yield
+
+
 @pytest.fixture
 def kernel_device() -> torch.device:
     """The device of a Triton kernel test's tensors (:func:`pick_kernel_device`): make inputs on the CPU with
     seeded generators and move them here; compare on the CPU against the same references and tolerances."""
     return KERNEL_DEVICE
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("FRACTAL_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
-FIXTURES = ("tiny_mar", "tiny_ar", "tiny_mar_gp")
 
 
 def load_fixture(name: str):
