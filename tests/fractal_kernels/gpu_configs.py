@@ -39,9 +39,15 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "_mar_stack_kernel": ("qkv_w", ("LP", "NC", "KC", "DC", "EVEN")),
     "_ar_stack_decode_kernel": ("wqkv", ("BM", "KC", "NC", "KB", "EVEN")),
     "_pixel_head_kernel": ("qkv_w", ("GUIDED", "BLOCK_B", "KC", "NC", "HC", "BK")),
+    "_attn_fwd_kernel": ("q_ptr", ("CAUSAL", "DECODE", "ROPE", "HAS_LENS", "DROPOUT", "GROUPS", "LPQ", "LPK",
+                                   "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
+    "_attn_bwd_packed_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "GROUPS", "LP", "BLOCK", "BLOCK_D",
+                                          "PREC")),
+    "_attn_bwd_dkdv_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
+    "_attn_bwd_dq_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
 }
 #: the benchmarks.aot case groups of those kernels
-GROUPS = ("mar_stack", "ar_stack", "pixel_head")
+GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode")
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
