@@ -45,9 +45,12 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                                           "PREC")),
     "_attn_bwd_dkdv_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
     "_attn_bwd_dq_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
+    "_sample_logits_kernel": ("cond_ptr", ("HAS_UNCOND", "CFG_PER_ROW", "HAS_UNIFORMS", "WRITE_PROBS", "DO_TOP_K",
+                                           "DO_TOP_P", "GREEDY", "BLOCK_N", "BLOCK_V")),
+    "_ce_rows_kernel": ("logits_ptr", ("WRITE_GRAD", "ROW_SCALE", "BLOCK_N", "BLOCK_V")),
 }
 #: the benchmarks.aot case groups of those kernels
-GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode")
+GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode", "sampler", "ce")
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
