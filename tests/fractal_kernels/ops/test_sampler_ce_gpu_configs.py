@@ -25,10 +25,10 @@ from tests.fractal_kernels import gpu_configs
 ROWS = 19
 SEED = 0x1234_5678_9ABC_DEF0
 # (V, guided, cfg per row + probs, top_p, top_k, uniforms, greedy, dtype): the AOT sampler cases
-SAMPLER = [(256, True, False, 1.0, 0, False, False, torch.float32), (256, True, True, 1.0, 0, False, False, torch.float32),
-           (256, True, False, 0.9, 32, False, False, torch.float32),
-           (256, False, False, 1.0, 0, True, False, torch.bfloat16), (256, True, False, 1.0, 0, False, True, torch.float32),
-           (4096, True, False, 0.9, 32, False, False, torch.float32)]
+F32, BF16 = torch.float32, torch.bfloat16
+SAMPLER = [(256, True, False, 1.0, 0, False, False, F32), (256, True, True, 1.0, 0, False, False, F32),
+           (256, True, False, 0.9, 32, False, False, F32), (256, False, False, 1.0, 0, True, False, BF16),
+           (256, True, False, 1.0, 0, False, True, F32), (4096, True, False, 0.9, 32, False, False, F32)]
 CE = ["train", "nll", "none"]  # the AOT cross-entropy cases: training (grad), eval (no grad), row-scaled backward
 
 

@@ -4,10 +4,10 @@ The pixel head and the block stacks keep per-program fp32 workspaces (``fractal_
 ``torch.empty`` memory is usually zeros or an earlier launch's finite values, so a kernel reading a workspace
 element before writing it (a padded row, a masked column, the previous tile's or sequence's values) could pass
 every other test. Here every workspace starts as NaN (``_scratch.poisoned``; checked at the launch): the outputs
-must be finite and bitwise equal to an unpoisoned launch of the same configuration. Each kernel runs the
-launcher's default configuration (interpreter-speed on a CPU) and a GPU one (sm_90's: smaller chunks, masked widths, padded rows and a
-persistent program's second item, where a stale read would hide). This runs on a CPU too (the interpreter);
-on a GPU on CUDA tensors (``conftest.kernel_device``).
+must be finite and bitwise equal to an unpoisoned launch of the same configuration. Each kernel runs the launcher's
+default configuration (interpreter-speed on a CPU) and a GPU one (sm_90's: smaller chunks, masked widths, padded
+rows and a persistent program's second item, where a stale read would hide). This runs on a CPU too (the
+interpreter); on a GPU on CUDA tensors (``conftest.kernel_device``).
 """
 from __future__ import annotations
 

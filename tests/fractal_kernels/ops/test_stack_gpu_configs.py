@@ -23,7 +23,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fractal_kernels.ops.ar_stack import ar_stack_cache
 from fractal_kernels.ops.ar_stack import kernels as ar_kernels
 from fractal_kernels.ops.ar_stack.launch import BM, ar_stack_config
 from fractal_kernels.ops.ar_stack.launch import even as ar_even
