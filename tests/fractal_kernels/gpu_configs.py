@@ -73,17 +73,30 @@ print(json.dumps([{k: r.get(k) for k in ("case", "arch", "kernel", "signature", 
 
 
 @functools.lru_cache(maxsize=None)
-def aot_code_paths() -> Dict[str, Dict[Tuple[int, str], Tuple]]:
-    """``{kernel: {(arch, case label): code_path}}`` of every launch of :data:`GROUPS`' AOT cases on
-    :data:`ARCHS` (``benchmarks.aot.capture`` in a child process without ``TRITON_INTERPRET``; ~15 s)."""
+def _captured() -> Tuple[Dict[str, Any], ...]:
+    """``benchmarks.aot.capture`` of :data:`GROUPS`' cases on :data:`ARCHS`, in a child process without
+    ``TRITON_INTERPRET`` (~15-30 s; once per session)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run([sys.executable, "-c", _CAPTURE, ",".join(GROUPS), ",".join(map(str, ARCHS))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"AOT capture failed:\n{done.stderr[-4000:]}"
-    out: Dict[str, Dict[Tuple[int, str], Tuple]] = {}
-    for r in json.loads(done.stdout.strip().splitlines()[-1]):
+    rows = tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+    for r in rows:
         assert r["kernel"] is not None, f"AOT capture of {r['case']} on sm_{r['arch']}: {r['capture_error']}"
+    return rows
+
+
+def aot_kernels() -> set:
+    """Every kernel the AOT cases launch."""
+    return {r["kernel"] for r in _captured()}
+
+
+def aot_code_paths() -> Dict[str, Dict[Tuple[int, str], Tuple]]:
+    """``{kernel: {(arch, case label): code_path}}`` of every launch of :data:`GROUPS`' AOT cases on
+    :data:`ARCHS`, for the kernels of :data:`CODE_PATH`."""
+    out: Dict[str, Dict[Tuple[int, str], Tuple]] = {}
+    for r in _captured():
         if r["kernel"] not in CODE_PATH:
             continue
         wname, _ = CODE_PATH[r["kernel"]]
