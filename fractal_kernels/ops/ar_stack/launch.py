@@ -6,6 +6,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from fractal_kernels._scratch import workspace
+from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import triton_interpreting
 from fractal_kernels.ops.ar_stack.kernels import HAS_TRITON
 from fractal_kernels.reference.ar_stack import ArStackWeights
@@ -27,8 +29,12 @@ class ArStackConfig(NamedTuple):
     maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
 
 
-def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torch.device) -> ArStackConfig:
-    """The one place the kernel's launch configuration is chosen.
+def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torch.device, *,
+                    arch: Optional[int] = None, interpret: Optional[bool] = None) -> ArStackConfig:
+    """The one place the kernel's launch configuration is chosen, for ``arch`` (default
+    :func:`~fractal_kernels._target.device_arch` of ``device``; sm_80 and sm_90 take the same configuration
+    today). ``interpret`` (default: CPU tensors under the interpreter) picks the interpreter-speed configuration;
+    tests pass ``interpret=False`` to run a GPU's.
 
     GPU: K chunks of 16 for fp32 weights (an "ieee" fp32 dot is an FMA loop whose operands must stay small),
     32 for 16-bit ones; 64-column output chunks; attention chunks of ``2048 / HD`` keys so the ``[16, KB, HD]``
@@ -36,7 +42,11 @@ def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torc
     spills 4-40 B at D=512; with the cap 0 B, ~200 registers, still 2 CTAs/SM). The interpreter pays per op, not
     per element: whole-K chunks, wide columns and 16 keys at once."""
     hdp = triton.next_power_of_2(head_dim)
-    if device.type == "cpu" and triton_interpreting():
+    if interpret is None:
+        interpret = device.type == "cpu" and triton_interpreting()
+    if arch is None:
+        arch = device_arch(device)
+    if interpret:
         wide = max(16, min(256, triton.next_power_of_2(width)))
         return ArStackConfig(kc=wide, nc=max(64, wide), kb=16, dot16=2, num_warps=4, maxnreg=None)
     fp32 = wdtype == torch.float32
@@ -44,23 +54,31 @@ def ar_stack_config(width: int, head_dim: int, wdtype: torch.dtype, device: torc
                          dot16=1, num_warps=4, maxnreg=255)
 
 
+def even(cfg: ArStackConfig, width: int, hidden: int) -> bool:
+    """The kernel's EVEN: the chunks divide D and the MLP width (no column masks)."""
+    return all(n % c == 0 for n in (width, hidden) for c in (cfg.kc, cfg.nc))
+
+
 def launch_triton(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: int, freqs_cis: torch.Tensor,
-                  num_heads: int, out: torch.Tensor, config: ArStackConfig = None) -> None:
-    """Run the kernel: ``out`` ``[B, D]`` written, ``cache`` written at ``pos`` (inputs checked by the caller)."""
+                  num_heads: int, out: torch.Tensor, config: Optional[ArStackConfig] = None) -> None:
+    """Run the kernel: ``out`` ``[B, D]`` written, ``cache`` written at ``pos`` (inputs checked by the caller).
+    ``config`` replaces :func:`ar_stack_config`'s choice (tests)."""
     bsz, dim = x.shape
     head_dim = dim // num_heads
     hidden = w.w1.shape[1]
     cfg = config or ar_stack_config(dim, head_dim, w.wqkv.dtype, x.device)
     n_prog = triton.cdiv(bsz, BM)
     ws_stride = BM * (5 * dim + hidden)
-    ws = torch.empty(n_prog * ws_stride, dtype=torch.float32, device=x.device)
+    ws = workspace(n_prog * ws_stride, x.device)
+    # bf16 tl.dot is wrong in the interpreter (it reads bf16 bit patterns as integers): a GPU configuration's
+    # tensor-core dots (DOT16=1) run as the fp32 emulation there; everything else runs as the GPU would
+    dot16 = 2 if x.device.type == "cpu" and triton_interpreting() else cfg.dot16
     _ar_stack_decode_kernel[(n_prog,)](
         x, out, w.wqkv, w.wo, w.w1, w.w3, w.w2, w.attn_norm, w.ffn_norm, w.rms_eps, w.norm_w, w.norm_b, cache,
         freqs_cis, ws, bsz, x.stride(0), out.stride(0), w.wqkv.shape[0], pos, cache.shape[3], ws_stride,
         head_dim ** -0.5, float(w.norm_eps), dim, num_heads, hidden,
         D=dim, H=num_heads, HD=head_dim, HDP=triton.next_power_of_2(head_dim), HID=hidden, BM=BM, KC=cfg.kc,
-        NC=cfg.nc, KB=cfg.kb, EVEN=all(n % c == 0 for n in (dim, hidden) for c in (cfg.kc, cfg.nc)),
-        DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
+        NC=cfg.nc, KB=cfg.kb, EVEN=even(cfg, dim, hidden), DOT16=dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
     )
 
 

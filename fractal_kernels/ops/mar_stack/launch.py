@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from fractal_kernels._scratch import workspace
 from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import MAR_STACK_MAX_L, triton_interpreting
 from fractal_kernels.ops.mar_stack.kernels import HAS_TRITON
@@ -36,15 +37,17 @@ def _sm_count_cuda(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device, arch: int) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
-    return 132  # an H100 SXM (the AOT replay): only the grid size depends on it
+    return 132 if arch >= 90 else 108  # an H100 SXM / an A100 (the AOT replay): only the grid size depends on it
 
 
-def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: torch.dtype,
-                     device: torch.device) -> MarStackConfig:
-    """The one place the fused stack's launch configuration is chosen.
+def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: torch.dtype, device: torch.device,
+                     *, arch: Optional[int] = None, interpret: Optional[bool] = None) -> MarStackConfig:
+    """The one place the fused stack's launch configuration is chosen, for ``arch`` (default
+    :func:`~fractal_kernels._target.device_arch` of ``device``). ``interpret`` (default: CPU tensors under the
+    interpreter) picks the interpreter-speed configuration; tests pass ``interpret=False`` to run a GPU's.
 
     GPU: 64-column output chunks (32 at LP = 64), K chunks of 16 for fp32 weights ("ieee" dots are FMA loops:
     small operands) and 32 for 16-bit ones, 16-wide head-dim chunks, 4 warps; registers hold one [LP, NC]
@@ -52,7 +55,11 @@ def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: t
     cap; a persistent grid of 2 programs per SM.
     The interpreter pays per op, not per element: whole-width chunks."""
     lp = max(16, triton.next_power_of_2(max(seq, 1)))
-    if device.type == "cpu" and triton_interpreting():
+    if interpret is None:
+        interpret = device.type == "cpu" and triton_interpreting()
+    if arch is None:
+        arch = device_arch(device)
+    if interpret:
         wide = min(256, triton.next_power_of_2(max(3 * width, hidden)))
         return MarStackConfig(lp=lp, nc=wide, kc=min(256, triton.next_power_of_2(max(width, hidden))),
                               dc=max(16, triton.next_power_of_2(head_dim)), dot16=2, num_warps=4, maxnreg=None,
@@ -65,7 +72,7 @@ def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: t
     # LP = 64 (the longest L) takes 32-column chunks: its [64, 64] scores leave no room for [64, 64] accumulators.
     maxnreg = 255
     return MarStackConfig(lp=lp, nc=64 if lp <= 32 else 32, kc=kc, dc=16, dot16=1, num_warps=4, maxnreg=maxnreg,
-                          max_programs=2 * _sm_count(device))
+                          max_programs=2 * _sm_count(device, arch))
 
 
 def workspace_floats(cfg: MarStackConfig, width: int, hidden: int) -> int:
@@ -73,22 +80,33 @@ def workspace_floats(cfg: MarStackConfig, width: int, hidden: int) -> int:
     return cfg.lp * (5 * width + hidden)
 
 
-def _launch_triton(x: torch.Tensor, w: MarStackWeights, num_heads: int, out: torch.Tensor) -> None:
-    """Run the kernel on ``x`` ``[N, L, D]`` (contiguous, N, L >= 1) into ``out`` (same shape, x's dtype)."""
+def even(cfg: MarStackConfig, width: int, hidden: int, head_dim: int) -> bool:
+    """The kernel's EVEN: the chunks divide every width (no column masks)."""
+    return all(m % c == 0 for m in (width, hidden) for c in (cfg.nc, cfg.kc)) and head_dim % cfg.dc == 0
+
+
+def _launch_triton(x: torch.Tensor, w: MarStackWeights, num_heads: int, out: torch.Tensor,
+                   config: Optional[MarStackConfig] = None, max_programs: Optional[int] = None) -> None:
+    """Run the kernel on ``x`` ``[N, L, D]`` (contiguous, N, L >= 1) into ``out`` (same shape, x's dtype).
+    ``config`` replaces :func:`mar_stack_config`'s choice, ``max_programs`` its persistent grid cap (tests)."""
     n, seq, width = x.shape
     depth, hidden = w.fc1_w.shape[0], w.fc1_w.shape[1]
     head_dim = width // num_heads
-    cfg = mar_stack_config(width, hidden, head_dim, seq, w.qkv_w.dtype, x.device)
-    nprog = max(1, min(n, cfg.max_programs))
+    cfg = config or mar_stack_config(width, hidden, head_dim, seq, w.qkv_w.dtype, x.device)
+    if cfg.lp < seq:
+        raise ValueError(f"config: lp={cfg.lp} under the sequence length {seq}")
+    nprog = max(1, min(n, max_programs or cfg.max_programs))
     ws_stride = workspace_floats(cfg, width, hidden)
-    ws = torch.empty(nprog * ws_stride, dtype=torch.float32, device=x.device)
+    ws = workspace(nprog * ws_stride, x.device)
+    # bf16 tl.dot is wrong in the interpreter (it reads bf16 bit patterns as integers): a GPU configuration's
+    # tensor-core dots (DOT16=1) run as the fp32 emulation there; everything else runs as the GPU would
+    dot16 = 2 if x.device.type == "cpu" and triton_interpreting() else cfg.dot16
     _mar_stack_kernel[(nprog,)](
         x, out, ws, w.norm1_w, w.norm1_b, w.qkv_w, w.qkv_b, w.proj_w, w.proj_b, w.norm2_w, w.norm2_b,
         w.fc1_w, w.fc1_b, w.fc2_w, w.fc2_b, w.norm_w, w.norm_b,
         n, seq, depth, ws_stride, head_dim ** -0.5, float(w.eps), width, num_heads, head_dim, hidden,
         D=width, H=num_heads, DH=head_dim, HID=hidden, LP=cfg.lp, NC=cfg.nc, KC=cfg.kc, DC=cfg.dc,
-        EVEN=all(m % c == 0 for m in (width, hidden) for c in (cfg.nc, cfg.kc)) and head_dim % cfg.dc == 0,
-        DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
+        EVEN=even(cfg, width, hidden, head_dim), DOT16=dot16, num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
     )
 
 

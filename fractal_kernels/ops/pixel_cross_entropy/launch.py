@@ -2,9 +2,11 @@
 around it and the input checks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+from fractal_kernels.dispatch import triton_interpreting
 
 from fractal_kernels.ops.pixel_cross_entropy.kernels import HAS_TRITON
 
@@ -16,14 +18,29 @@ CHUNK_ROWS = 8192
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class CeRowsConfig(NamedTuple):
+    """Launch configuration of ``_ce_rows_kernel`` for one vocabulary size and device."""
+    block_n: int  # rows per program
+    block_v: int  # the vocabulary padded to a power of two
+
+
+def ce_rows_config(v: int, device: torch.device, *, arch: Optional[int] = None,
+                   interpret: Optional[bool] = None) -> CeRowsConfig:
+    """The one place the row kernel's configuration is chosen: 2048 elements a program on a GPU (any arch),
+    131072 in the interpreter (``interpret``, default: CPU tensors under it), which pays per program."""
+    if interpret is None:
+        interpret = device.type == "cpu" and triton_interpreting()
+    block_v = max(16, triton.next_power_of_2(v))
+    return CeRowsConfig(max(1, (131072 if interpret else 2048) // block_v), block_v)
+
+
 def _rows(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, ignore_index: int, write_grad: bool,
           row_scale: Optional[torch.Tensor], backend: str) -> None:
     m, v = logits.shape
     if m == 0:
         return
     if backend == "triton":
-        block_v = max(16, triton.next_power_of_2(v))
-        block_n = max(1, (2048 if logits.device.type == "cuda" else 131072) // block_v)
+        block_n, block_v = ce_rows_config(v, logits.device)
         _ce_rows_kernel[(triton.cdiv(m, block_n),)](
             logits, target, loss, row_scale if row_scale is not None else loss, m, v, logits.stride(0), ignore_index,
             WRITE_GRAD=write_grad, ROW_SCALE=row_scale is not None, BLOCK_N=block_n, BLOCK_V=block_v)

@@ -9,6 +9,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from fractal_kernels._scratch import workspace
 from fractal_kernels._target import device_arch
 from fractal_kernels.dispatch import BackendUnavailable, triton_interpreting
 from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON
@@ -43,8 +44,11 @@ def _gpu_launch(width: int, fp32: bool, arch: int) -> tuple:
 
 
 def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool, wdtype: torch.dtype,
-                      device: torch.device) -> PixelHeadConfig:
+                      device: torch.device, *, arch: Optional[int] = None,
+                      interpret: Optional[bool] = None) -> PixelHeadConfig:
     """The one place the pixel head's launch configuration is chosen (per width, guidance, weight dtype, arch).
+    ``arch`` defaults to :func:`~fractal_kernels._target.device_arch` of ``device``; ``interpret`` (default: CPU
+    tensors under the interpreter) picks the interpreter-speed configuration, tests pass ``interpret=False``.
 
     GPU (also replayed for sm_80 / sm_90 by the AOT gate under ``fractal_kernels._target.target_arch``):
     16-row tiles (8 pixels guided, 16 unguided: 32-row tiles spill on sm_80 at W=128, and 16 is the smallest
@@ -54,18 +58,23 @@ def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool
     shared memory), warps / register cap from :func:`_gpu_launch`, a persistent grid of 2 programs per SM.
     The interpreter (CPU tensors under ``TRITON_INTERPRET=1``) pays per op, not per row: big tiles and
     whole-K chunks."""
-    if device.type == "cpu" and triton_interpreting():
+    if interpret is None:
+        interpret = device.type == "cpu" and triton_interpreting()
+    if arch is None:
+        arch = device_arch(device)
+    if interpret:
         kc = max(16, width)
         return PixelHeadConfig(block_b=max(16, min(128, triton.next_power_of_2(bsz))), kc=kc, nc=VOCAB,
                                hc=max(16, min(256, triton.next_power_of_2(hidden))),
                                bk=min(512, max(16, triton.next_power_of_2(c_in))), dot16=2, num_warps=4,
                                num_stages=1, max_programs=4, maxnreg=None)
     fp32 = wdtype == torch.float32
-    num_warps, maxnreg = _gpu_launch(width, fp32, device_arch(device))
+    num_warps, maxnreg = _gpu_launch(width, fp32, arch)
     kc = 16 if fp32 or width < 32 else 32  # 16-bit weights: K chunks of 16 spill 8-16 B more than 32
     return PixelHeadConfig(block_b=8 if guided else 16, kc=kc, nc=64,
                            hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=kc, dot16=1,
-                           num_warps=num_warps, num_stages=1, max_programs=_sm_count(device) * 2, maxnreg=maxnreg)
+                           num_warps=num_warps, num_stages=1, max_programs=_sm_count(device, arch) * 2,
+                           maxnreg=maxnreg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,10 +82,10 @@ def _sm_count_cuda(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device, arch: int) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
-    return 132  # an H100 SXM; only the grid size depends on it, not the compiled code
+    return 132 if arch >= 90 else 108  # an H100 SXM / an A100; only the grid size depends on it, not the code
 
 
 def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
@@ -102,7 +111,10 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
     nprog = max(1, min(n_tiles, max_programs or cfg.max_programs))
     r = (2 if guided else 1) * block_b
     ws_stride = r * (2 * width + 2 * cfg.hc + VOCAB + max(depth, 1) * 2 * 2 * width)
-    ws = torch.empty(nprog * ws_stride, dtype=torch.float32, device=cond.device)
+    ws = workspace(nprog * ws_stride, cond.device)
+    # bf16 tl.dot is wrong in the interpreter (it reads bf16 bit patterns as integers): a GPU configuration's
+    # tensor-core dots (DOT16=1) run as the fp32 emulation there; everything else runs as the GPU would
+    dot16 = 2 if cond.device.type == "cpu" and triton_interpreting() and cfg.dot16 == 1 else cfg.dot16
     # fixed argument dtypes whatever is absent (one compiled variant): fp32 dummies are the scratch, fp64 one
     # element; uniforms are fp64 and the noise fp32 here, exactly what the kernel made of them on load before
     uni = uniforms.double().contiguous() if uniforms is not None else torch.empty(1, dtype=torch.float64,
@@ -117,7 +129,7 @@ def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cf
         head_dim ** -0.5, inv_temp, cfg_scalar, filter_threshold, top_p, seed_lo, seed_hi, offset,
         int(cfg_t is not None), draw, int(top_p < 1.0), int(logits is not None), int(value_table is not None),
         GUIDED=guided, W=width, H=num_heads, DH=head_dim, HID=hidden, HC=cfg.hc, BK=cfg.bk, KC=cfg.kc, NC=cfg.nc,
-        BLOCK_B=block_b, V=VOCAB, DOT16=cfg.dot16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_B=block_b, V=VOCAB, DOT16=dot16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
     )
 

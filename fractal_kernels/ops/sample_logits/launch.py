@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
+
+from fractal_kernels.dispatch import triton_interpreting
 
 from fractal_kernels.ops.sample_logits.kernels import HAS_TRITON, MAX_V
 
@@ -12,14 +15,29 @@ if HAS_TRITON:
     from fractal_kernels.ops.sample_logits.kernels import _sample_logits_kernel
 
 
-def _launch_triton(cond, uncond, cfg_t, cfg_scalar, inv_temp, filter_threshold, top_p, top_k, uniforms, seed,
-                   offset, greedy, ids, probs) -> None:
-    n, v = cond.shape
+class SampleLogitsConfig(NamedTuple):
+    """Launch configuration of :func:`_sample_logits_kernel` for one vocabulary size and device."""
+    block_n: int  # rows per program
+    block_v: int  # the vocabulary padded to a power of two (one row in registers)
+
+
+def sample_logits_config(v: int, device: torch.device, *, arch: Optional[int] = None,
+                         interpret: Optional[bool] = None) -> SampleLogitsConfig:
+    """The one place the sampler's launch configuration is chosen. GPU (any arch): 2048 elements a program (8
+    rows of 256: one row per warp-ish, registers stay small). ``interpret`` (default: CPU tensors under the
+    interpreter), which pays per program, not per element: 131072 elements a program. ``arch`` is accepted for
+    the common config signature; sm_80 and sm_90 take the same blocks."""
+    if interpret is None:
+        interpret = device.type == "cpu" and triton_interpreting()
     block_v = max(16, triton.next_power_of_2(v))
-    if cond.device.type == "cuda":
-        block_n = max(1, 2048 // block_v)  # 8 rows of 256 per program: one row per warp-ish, registers stay small
-    else:
-        block_n = max(1, 131072 // block_v)  # the interpreter pays per program: use big blocks
+    return SampleLogitsConfig(max(1, (131072 if interpret else 2048) // block_v), block_v)
+
+
+def _launch_triton(cond, uncond, cfg_t, cfg_scalar, inv_temp, filter_threshold, top_p, top_k, uniforms, seed,
+                   offset, greedy, ids, probs, config: Optional[SampleLogitsConfig] = None) -> None:
+    """Run the kernel into ``ids`` (and ``probs``); ``config`` replaces :func:`sample_logits_config`'s choice."""
+    n, v = cond.shape
+    block_n, block_v = config or sample_logits_config(v, cond.device)
     grid = (triton.cdiv(n, block_n),)
     dummy = cond
     _sample_logits_kernel[grid](

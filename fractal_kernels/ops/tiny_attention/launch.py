@@ -34,7 +34,7 @@ class _Cfg(NamedTuple):
     num_stages: int
 
 
-def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
+def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device, arch: Optional[int] = None) -> _Cfg:
     """Tile sizes, warps and stages of every attention launch, per (kind, L, D, dtype, GPU arch).
 
     ``kind``: "fwd" (L <= PACK_MAX_L: packed, one key pass), "fwd_stream", "decode" (packed or streaming
@@ -42,8 +42,10 @@ def _attn_config(kind: str, L: int, D: int, dtype: torch.dtype, device) -> _Cfg:
     compile data (registers, spills, shared memory on sm_80 and sm_90): a packed kernel's key loop runs
     once, so software pipelining only buys shared memory (``num_stages=1``; decode at 3 needs 184-200 KB
     and cannot launch on an A100); fp32 inputs keep "ieee" dots, which are FMA loops holding both operands
-    in registers, so they get smaller tiles."""
-    arch = device_arch(device)
+    in registers, so they get smaller tiles. ``arch`` defaults to :func:`device_arch` of ``device`` (tests pick
+    sm_80 / sm_90 with :func:`fractal_kernels._target.target_arch`); the interpreter runs these tiles too."""
+    if arch is None:
+        arch = device_arch(device)
     f32 = dtype == torch.float32
     bd = _block_d(D)
     lp = triton.next_power_of_2(max(L, 1))

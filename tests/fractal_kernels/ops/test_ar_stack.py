@@ -61,17 +61,26 @@ def _flip_dtype(*dtypes):
     return small[0] if small else torch.float32
 
 
-def check_steps(x_steps, w, freqs, heads, cache_dtype=torch.float32, backend="triton"):
+def check_steps(x_steps, w, freqs, heads, cache_dtype=torch.float32, backend="triton", positions=None,
+                step=None):
     """Each step of the kernel from the fp64 reference's cache, against that reference's step (module
-    docstring); returns the number of (step, output or cache) checks that saw a flip."""
+    docstring); returns the number of (step, output or cache) checks that saw a flip. ``positions``: the steps
+    the kernel runs (default all; the reference runs every step to fill its cache); ``step(x, w, cache, pos,
+    freqs, heads)``: the kernel call (default the public op with ``backend``). Tensors live on x's device."""
     bsz = x_steps[0].shape[0]
-    ref_cache = ar_stack_cache(w, bsz, len(freqs), "cpu", cache_dtype)
+    ref_cache = ar_stack_cache(w, bsz, len(freqs), x_steps[0].device, cache_dtype)
     wdtype = w.wqkv.dtype
     seen = 0
     for pos, x in enumerate(x_steps):
+        if positions is not None and pos not in positions:
+            ar_block_stack_decode_reference(x, w, ref_cache, pos, freqs, heads, compute_dtype=torch.float64)
+            continue
         cache = torch.full_like(ref_cache, float("nan"))
         cache[:, :, :, :pos] = ref_cache[:, :, :, :pos]
-        got = ar_block_stack_decode(x, w, cache, pos, freqs, heads, backend=backend)
+        if step is None:
+            got = ar_block_stack_decode(x, w, cache, pos, freqs, heads, backend=backend)
+        else:
+            got = step(x, w, cache, pos, freqs, heads)
         want = ar_block_stack_decode_reference(x, w, ref_cache, pos, freqs, heads, compute_dtype=torch.float64)
         assert got.dtype == x.dtype and got.shape == x.shape
         exact16 = dict(atol=0.0, rtol=0.0) if x.dtype != torch.float32 else FP32
