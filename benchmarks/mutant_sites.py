@@ -48,6 +48,7 @@ class Site:
     replacement: str
     gpu_only: bool
     sid: str = ""    # stable id: file, function, hash of the line's text, operator, occurrence
+    anchor: tuple = ()  # (start, end) of the operator token itself: the order of the sites in a file
 
     def apply(self, source: str) -> str:
         """The mutated source text."""
@@ -116,8 +117,10 @@ class _Finder:
         a, b = self.span(node)
         return self.src[a:b]
 
-    def add(self, node: ast.AST, kind: str, desc: str, start: int, end: int, repl: str, gpu: bool):
-        self.sites.append(Site(self.rel, self.func, node.lineno, kind, desc, start, end, repl, gpu))
+    def add(self, node: ast.AST, kind: str, desc: str, start: int, end: int, repl: str, gpu: bool,
+            anchor: tuple = ()):
+        self.sites.append(Site(self.rel, self.func, node.lineno, kind, desc, start, end, repl, gpu,
+                               anchor=anchor or (start, end)))
 
     def token_in_gap(self, left: ast.AST, right: ast.AST, sym: str):
         # the operator token between two operands (parentheses, spaces and line breaks around it)
@@ -153,7 +156,12 @@ class _Finder:
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             sym, new = _BINOPS[type(node.op)]
             at = self.token_in_gap(node.left, node.right, sym)
-            if at:
+            if at and isinstance(node.op, (ast.BitAnd, ast.BitOr, ast.BitXor)):
+                # &, ^, | bind differently: parenthesise both operands so the mutant keeps the tree's shape
+                (a0, a1), (b0, b1) = self.span(node.left), self.span(node.right)
+                repl = f"({self.src[a0:a1]}){self.src[a1:at[0]]}{new}{self.src[at[1]:b0]}({self.src[b0:b1]})"
+                self.add(node, "binop", f"{sym} -> {new}", a0, b1, repl, gpu, anchor=at)
+            elif at:
                 self.add(node, "binop", f"{sym} -> {new}", *at, new, gpu)
         elif isinstance(node, ast.AugAssign) and type(node.op) in _BINOPS:
             sym, new = _BINOPS[type(node.op)]
@@ -198,7 +206,7 @@ def _stable_ids(sites: list, source: str) -> list:
     lines = source.splitlines()
     seen: dict = {}
     out = []
-    for s in sorted(sites, key=lambda s: (s.start, s.end, s.kind)):
+    for s in sorted(sites, key=lambda s: (*s.anchor, s.kind)):
         h = hashlib.sha1(lines[s.line - 1].strip().encode()).hexdigest()[:8]
         key = (s.func, h, s.desc)
         n = seen.get(key, 0)
