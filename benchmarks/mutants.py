@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.mutant_sites import GPU_RULE, find_sites
+from benchmarks.mutant_sites import GPU_RULE, Site, find_sites
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "mutants"
@@ -84,6 +84,8 @@ FAMILIES = {f.name: f for f in (
         _T + "test_tiny_attention.py::test_decode_against_cache[3-lens1-True]",
         _T + "test_tiny_attention.py::test_decode_rope_matches_the_ar_levels_math",
         _T + "test_tiny_attention.py::test_dropout_matches_the_reference_with_the_same_mask[21-False]",
+        _T + "test_tiny_attention.py::test_non_finite_inputs_stay_in_their_sequence",
+        _T + "test_tiny_attention.py::test_decode_rope_rounds_rotated_q_k_like_the_gpu",
         _T + "test_tiny_attention_mutants.py")),
     Family("mar_stack", "fractal_kernels/ops/mar_stack/kernels.py", (
         _T + "test_mar_stack.py::test_kernel_matches_reference[1-3-22-40-2-torch.float32]",
@@ -112,7 +114,46 @@ EQUIVALENT: dict = {
     "fractal_kernels/ops/mar_stack/kernels.py:_linear:81dc2426:tl.load: drop mask=, other=:0":
         "the bias of columns >= N only reaches acc's columns >= N, whose store (and residual load) is masked by "
         "nm: same results; what remains is a read past the bias row, which the interpreter does not trap",
+    "fractal_kernels/ops/ar_stack/kernels.py:_ar_stack_decode_kernel:5f604b10:tl.load: drop mask=, other=:0":
+        "the residual of columns >= D (the o-projection's accumulator start) only reaches acc's columns >= D, "
+        "whose store is masked by nm: same results; the read stays inside the program's scratch (sA follows sH)",
+    "fractal_kernels/ops/ar_stack/kernels.py:_ar_stack_decode_kernel:affd9799:tl.load: drop mask=, other=:0":
+        "the final LayerNorm weight of columns >= D only reaches y's columns >= D, whose store is masked by "
+        "rmask & cm: same results; what remains is a read past nf_w, which the interpreter does not trap",
 }
+
+# Hand-written mutants that survived the op tests before this runner (issue #27's list), run apart from the
+# sample with --known: (name, text in the family's kernel, its replacement, which occurrence of the text).
+KNOWN = {
+    "mar_stack": [
+        ("EVEN weight load one element off", "w = tl.load(w_ptr + w_off)", "w = tl.load(w_ptr + w_off + 1)", 0),
+        ("k0 dropped from the weight offsets", "+ (k0 + kcs)[:, None]", "+ (kcs)[:, None]", 0),
+        ("scores from the first head-dim chunk only", "for d0 in tl.range(0, DHr, DC):",
+         "for d0 in tl.range(0, DC, DC):", 0),
+        ("persistent loop without the it * nprog offset", "(pid + it * nprog)", "(pid + it)", 0),
+    ],
+    "ar_stack": [
+        ("online softmax: acc not rescaled across key chunks", "acc = acc * alpha[:, None] +", "acc = acc +", 0),
+        ("online softmax: l_i not rescaled across key chunks", "l_i = l_i * alpha +", "l_i = l_i +", 0),
+        ("k0 dropped from the EVEN weight offsets", "w = tl.load(w_ptr + (n0 * K + k0) + w_off)",
+         "w = tl.load(w_ptr + (n0 * K) + w_off)", 0),
+    ],
+}
+
+
+def known_sites(fam: Family, source: str) -> list:
+    """:data:`KNOWN`'s mutants of ``fam`` as sites (a text that is not found is an error: the kernel moved)."""
+    out = []
+    for name, old, new, nth in KNOWN.get(fam.name, []):
+        at = -1
+        for _ in range(nth + 1):
+            at = source.find(old, at + 1)
+            if at < 0:
+                raise ValueError(f"{fam.name}: known mutant {name!r}: {old!r} not found")
+        out.append(Site(fam.kernel, "?", source.count("\n", 0, at) + 1, "known", name, at, at + len(old), new,
+                        False, sid=f"{fam.kernel}:known:{name}", anchor=(at, at + len(old))))
+    return out
+
 
 _COPY_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.egg-info", "build", "dist", "results",
                                       ".venv", "csrc", "docs", "*.so")
@@ -237,12 +278,14 @@ def _score(entry: dict, equivalent: dict | None = None) -> dict:
     return entry
 
 
-def write_report(entries: dict, out: pathlib.Path = OUT) -> None:
-    """Merge ``entries`` (family -> entry) into ``out/report.json`` and rewrite ``out/report.md`` from it."""
+def write_report(entries: dict, out: pathlib.Path = OUT, known: dict | None = None) -> None:
+    """Merge ``entries`` (family -> entry) and ``known`` (family -> rows of its KNOWN mutants) into
+    ``out/report.json`` and rewrite ``out/report.md`` from it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
     data = json.loads(path.read_text()) if path.exists() else {"families": {}}
     data["families"].update(entries)
+    data.setdefault("known", {}).update(known or {})
     for entry in data["families"].values():
         _score(entry, EQUIVALENT)
     data["gpu_rule"] = GPU_RULE
@@ -274,6 +317,11 @@ def render_md(data: dict) -> str:
     missing = [f for f in FAMILIES if f not in fams]
     if missing:
         lines += ["", f"**Partial**: not run yet: {', '.join(missing)}."]
+    if data.get("known"):
+        lines += ["", "## Named mutants (survivors of the op tests before this work; `--known`, not sampled)", ""]
+        for name, rows in data["known"].items():
+            lines += [f"- {name}: {r['diff'].split(': ', 1)[0]} {r['id'].rsplit(':', 1)[-1]}: **{r['status']}**"
+                      + (f" ({r['detail']})" if r["detail"] else "") for r in rows]
     for name, e in fams.items():
         lines += ["", f"## {name}", "", f"`{e['kernel']}`; tests: " + ", ".join(f"`{t}`" for t in e["tests"])]
         for status, title in (("survived", "Survivors"), ("equivalent", "Equivalent (reason)"),
@@ -296,6 +344,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--list", action="store_true", help="print the sites per family and the sample, run nothing")
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    ap.add_argument("--known", action="store_true", help="run the KNOWN mutants of the families, not the sample")
     ap.add_argument("--rescore", action="store_true",
                     help="rewrite the report from report.json with the current EQUIVALENT table, run nothing")
     args = ap.parse_args(argv)
@@ -313,6 +362,11 @@ def main(argv: list | None = None) -> int:
             print(f"{name}: {len(sites)} sites, {gpu} GPU-only, sample {len(picked)}")
             for s in picked:
                 print(f"  {s.sid}\n    {s.diff(source)}")
+            continue
+        if args.known:
+            if name in KNOWN:
+                rows = run_family(fam, only=known_sites(fam, source))["mutants"]
+                write_report({}, args.out, known={name: rows})
             continue
         entry = run_family(fam, n=args.sample, seed=args.seed)
         write_report({name: entry}, args.out)
