@@ -120,6 +120,15 @@ EQUIVALENT: dict = {
     "fractal_kernels/ops/ar_stack/kernels.py:_ar_stack_decode_kernel:affd9799:tl.load: drop mask=, other=:0":
         "the final LayerNorm weight of columns >= D only reaches y's columns >= D, whose store is masked by "
         "rmask & cm: same results; what remains is a read past nf_w, which the interpreter does not trap",
+    "fractal_kernels/ops/pixel_head/kernels.py:_dot:642e4842:== -> !=:0":
+        "equivalent under the interpreter (DOT16 == 2): a 16-bit a with 16-bit w now takes the split, whose mid "
+        "and lo terms are exact zeros; an fp32 a now takes the fp32 dot of a and w, the same exact products the "
+        "three-term split (exact at 24 bits) sums, in another order (fp32 rounding only). Only a GPU tells them "
+        "apart (DOT16 == 1: an fp32 operand in a 16-bit tensor-core dot)",
+    "fractal_kernels/ops/pixel_head/kernels.py:_pixel_head_kernel:35ab1b15:& -> |:0":
+        "the divisor differs only for rows without a finite logit (e is all zeros there: 0 / 0 = NaN instead of "
+        "0) and for padding pixels; the kernel never outputs probabilities, such a row's id is forced to -1 "
+        "(idx = where(valid, ...)) and padding pixels are never stored: the outputs are the same",
 }
 
 # Hand-written mutants that survived the op tests before this runner (issue #27's list), run apart from the
