@@ -47,8 +47,9 @@ class Family:
     tests: tuple
 
 
-# Selections: the family's own tests, narrowed to cases that cover every kernel path the interpreter takes
-# (dtypes, masks, options) while running in well under a minute on 2 shared cores.
+# Selections: a subset of the family's op tests (its dtypes, masked and unmasked shapes, options), plus the
+# family's test_<family>_mutants.py (tests written for this runner's survivors), run in 5-60 s on 2 shared
+# cores; -x stops a killed mutant at its first failure.
 FAMILIES = {f.name: f for f in (
     Family("pixel_cross_entropy", "fractal_kernels/ops/pixel_cross_entropy/kernels.py", (
         _T + "test_pixel_cross_entropy.py::test_forward_and_gradients_vs_fp64[dtype0-16-130-none-triton]",
@@ -133,6 +134,13 @@ EQUIVALENT: dict = {
         "x's masked-off entries are only used in _rope as x * cos + sign * partner * sin, with cos and sin "
         "loaded under the same mask m and other=0.0 (partner too): the rotated value there is 0 whatever x's "
         "fill, so the outputs are the same",
+    "fractal_kernels/ops/tiny_attention/kernels.py:_attn_bwd_dq_kernel:10f7d958:< -> <=:0":
+        "q_ok = (offs_m < L) & (offs_m < klen): with klen <= L (L itself, or seqlens checked against L) the "
+        "second clause decides alone; with an unchecked klen > L (CUDA without host checks) row L's dq is still "
+        "never stored (the store's mask is offs_m < L): the outputs are the same",
+    "fractal_kernels/ops/tiny_attention/kernels.py:_attn_bwd_dq_kernel:aade1b2c:0.0 -> 1.0:0":
+        "delta of a row outside q_ok only enters ds = p * (dp - delta) * scale, where p is 0 (valid includes "
+        "q_ok) and dp is 0 (do loaded under q_ok): ds is 0 whatever the fill, the outputs are the same",
 }
 
 # Hand-written mutants that survived the op tests before this runner (issue #27's list), run apart from the
@@ -189,7 +197,8 @@ def _env(scratch: pathlib.Path) -> dict:
     return env
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)(?: - (\w[\w.]*)(.*))?", re.M)
+# node ids may hold spaces (parameter ids): the id runs up to the first " - " of the line
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - (\w[\w.]*)(.*))?$", re.M)
 
 
 def run_tests(scratch: pathlib.Path, tests: tuple, timeout: float) -> tuple:

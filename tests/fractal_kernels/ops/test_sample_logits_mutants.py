@@ -42,7 +42,8 @@ def test_filter_on_large_logits_does_not_overflow():
     torch.testing.assert_close(probs, ref, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5), dict(temperature=0.0)], ids=str)
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.5), dict(temperature=0.0)],
+                         ids=["top_k", "top_p", "greedy"])
 def test_rows_without_a_finite_logit_stay_empty_under_every_filter(kw):
     x = logits(3, 20, 14)
     x[1] = float("nan")
