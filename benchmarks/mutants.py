@@ -349,8 +349,8 @@ def render_md(data: dict) -> str:
     if data.get("known"):
         lines += ["", "## Named mutants (survivors of the op tests before this work; `--known`, not sampled)", ""]
         for name, rows in data["known"].items():
-            lines += [f"- {name}: {r['diff'].split(': ', 1)[0]} {r['id'].rsplit(':', 1)[-1]}: **{r['status']}**"
-                      + (f" ({r['detail']})" if r["detail"] else "") for r in rows]
+            lines += [f"- {name}, {r['id'].split(':known:', 1)[-1]} (`{r['diff']}`): **{r['status']}**"
+                      + (f" by `{r['detail'].split(' - ')[0]}`" if r["detail"] else "") for r in rows]
     for name, e in fams.items():
         lines += ["", f"## {name}", "", f"`{e['kernel']}`; tests: " + ", ".join(f"`{t}`" for t in e["tests"])]
         for status, title in (("survived", "Survivors"), ("equivalent", "Equivalent (reason)"),
