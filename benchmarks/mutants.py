@@ -80,6 +80,9 @@ FAMILIES = {f.name: f for f in (
         _T + "test_tiny_attention.py::test_forward_grid_fp32[261-16-True]",
         _T + "test_tiny_attention.py::test_gradients_vs_fp64[17-16-False]",
         _T + "test_tiny_attention.py::test_gradients_vs_fp64[261-80-True]",
+        _T + "test_tiny_attention.py::test_gradients_vs_fp64[261-16-False]",
+        _T + "test_tiny_attention.py::test_variable_lengths[70-False]",
+        _T + "test_tiny_attention.py::test_dropout_matches_the_reference_with_the_same_mask[100-True]",
         _T + "test_tiny_attention.py::test_half_precision[21-64-False-dtype1]",
         _T + "test_tiny_attention.py::test_variable_lengths[21-True]",
         _T + "test_tiny_attention.py::test_decode_against_cache[3-lens1-True]",
@@ -141,6 +144,13 @@ EQUIVALENT: dict = {
     "fractal_kernels/ops/tiny_attention/kernels.py:_attn_bwd_dq_kernel:aade1b2c:0.0 -> 1.0:0":
         "delta of a row outside q_ok only enters ds = p * (dp - delta) * scale, where p is 0 (valid includes "
         "q_ok) and dp is 0 (do loaded under q_ok): ds is 0 whatever the fill, the outputs are the same",
+    "fractal_kernels/ops/tiny_attention/kernels.py:_load_rope_rows:8a6c722d:tl.load: drop mask=, other=:0":
+        "x's entries outside m only meet cos and sin loaded under the same mask m with other=0.0 (and a partner "
+        "loaded as 0): their rotated value is 0 as before; what remains is an out-of-bounds read",
+    "fractal_kernels/ops/tiny_attention/kernels.py:_attn_fwd_kernel:e5758995:== -> !=:0":
+        "the causal key bound hi: streaming programs (GROUPS == 1) now scan every key block, whose keys past the "
+        "diagonal the causal mask zeroes anyway; packed programs (mb = 0, BLOCK_M >= LK) get min(LK, BLOCK_M) = "
+        "LK, their bound before: more work, the same outputs",
 }
 
 # Hand-written mutants that survived the op tests before this runner (issue #27's list), run apart from the

@@ -77,3 +77,24 @@ def test_backward_flags_a_non_finite_input_by_itself(which):
     for name, g, c in zip("qkv", grads, clean):
         assert torch.equal(g.isnan().flatten(2).any(-1), expected), f"d{name}"
         torch.testing.assert_close(g[~expected], c[~expected], atol=0, rtol=0, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("length", [21, 70], ids=["packed", "streaming"])
+def test_lengths_outside_0_L_act_clamped(length):
+    # Without host checks (CUDA) seqlens reach the kernels unchecked; they treat values outside [0, L] as
+    # clamped to it. The custom ops take seqlens as given, so the contract is checked here on the interpreter.
+    import fractal_kernels.ops.tiny_attention  # noqa: F401  (registers the custom ops)
+    ops = torch.ops.fractal_kernels
+    n, h, d = 3, 2, 16
+    q, k, v = (_rand(n, h, length, d, seed=s) for s in (5, 6, 7))
+    do = _rand(n, h, length, d, seed=8)
+    scale = d ** -0.5
+    wild = torch.tensor([length + 3, 5, -2], dtype=torch.int32)
+    clamped = wild.clamp(0, length)
+    results = []
+    for lens in (wild, clamped):
+        o, lse = ops.tiny_attention_fwd(q, k, v, lens, False, scale, "triton", 0.0, 0)
+        grads = ops.tiny_attention_bwd(do, q, k, v, o, lse, lens, False, scale, "triton", 0.0, 0)
+        results.append((o, *grads))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
