@@ -320,10 +320,11 @@ def write_report(entries: dict, out: pathlib.Path = OUT, known: dict | None = No
     data["gpu_rule"] = GPU_RULE
     data["target"] = 0.9
     path.write_text(json.dumps(data, indent=1) + "\n")
-    (out / "report.md").write_text(render_md(data, every_family=out == OUT))
+    others = sorted(f"{q.parent.name}/" for q in out.glob("*/report.json"))
+    (out / "report.md").write_text(render_md(data, every_family=out == OUT, others=others))
 
 
-def render_md(data: dict, every_family: bool = True) -> str:
+def render_md(data: dict, every_family: bool = True, others: list = ()) -> str:
     """The markdown report: the score table, then per family its survivors, equivalents, crashes, timeouts
     (``every_family``: name the families not run yet, as the main report should hold them all)."""
     lines = ["# Mutation scores of the Triton kernels (issue #27, item 5)", "",
@@ -351,11 +352,13 @@ def render_md(data: dict, every_family: bool = True) -> str:
     below = [n for n, e in fams.items() if e["score"] is not None and e["score"] < data["target"]]
     if below:
         lines += ["", f"**Below the {100 * data['target']:.0f} % target**: {', '.join(below)}."]
+    if others:  # runs with other settings (e.g. a bigger sample), each with its own report
+        lines += ["", "Other runs beside this report: " + ", ".join(f"`{o}`" for o in others) + "."]
     missing = [f for f in FAMILIES if f not in fams and every_family]
     if missing:
         lines += ["", f"**Partial**: not run yet: {', '.join(missing)}."]
     if data.get("known"):
-        lines += ["", "## Named mutants (survivors of the op tests before this work; `--known`, not sampled)", ""]
+        lines += ["", "## Named mutants (the issue's list of survivors of the op tests; `--known`, not sampled)", ""]
         for name, rows in data["known"].items():
             lines += [f"- {name}, {r['id'].split(':known:', 1)[-1]} (`{r['diff']}`): **{r['status']}**"
                       + (f" by `{r['detail'].split(' - ')[0]}`" if r["detail"] else "") for r in rows]
