@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.mutant_sites import GPU_RULE, Site, find_sites
+from .mutant_sites import GPU_RULE, Site, find_sites
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "mutants"
