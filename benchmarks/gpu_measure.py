@@ -50,18 +50,8 @@ class Ctx:
         if not self.gpu:
             fn()
             return SKIPPED
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        return sorted(out)[len(out) // 2]
+        from .harness import median_time
+        return median_time(fn, torch.device("cuda"), warmup=warmup, repeats=repeats)
 
     def save(self) -> None:
         if self.path:

@@ -114,6 +114,12 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, rep
     return times
 
 
+def median_time(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> float:
+    """The middle (upper middle for an even count) of :func:`time_fn`'s timings, in seconds."""
+    times = sorted(time_fn(fn, device, warmup=warmup, repeats=repeats))
+    return times[len(times) // 2]
+
+
 def summarize(times: List[float]) -> Dict[str, float]:
     """Median, inter-quartile range, min and max of a list of timings (seconds)."""
     s = sorted(times)

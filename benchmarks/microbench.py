@@ -33,6 +33,8 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from .harness import median_time  # noqa: E402
+
 #: the constants of shared/PERFORMANCE.md this checks (H100 SXM column)
 CONSTANTS = {"hbm_latency_us": 0.6, "l2_latency_us": 0.3, "hbm_tb_s": 3.0, "l2_tb_s": 5.5,
              "launch_eager_us": 5.0, "launch_triton_us": 3.0, "launch_graph_node_us": 2.0}
@@ -68,17 +70,7 @@ def stream(x: torch.Tensor, ctas: int, tiles: int) -> torch.Tensor:
 
 def _time_gpu(fn: Callable[[], Any], repeats: int = 3) -> float:
     """Median seconds of ``fn`` between CUDA events, after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_time(fn, torch.device("cuda"), warmup=1, repeats=repeats)
 
 
 def _host_per_launch(launch: Callable[[], Any], n: int) -> float:

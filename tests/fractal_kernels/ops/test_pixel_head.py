@@ -27,10 +27,11 @@ CONFIGS = [(16, 1, 2), (32, 2, 2), (64, 3, 4)]  # (width, depth, heads)
 
 
 @functools.lru_cache(maxsize=None)
-def head(width: int, depth: int, heads: int, seed: int = 0) -> PixelLoss:
-    """A PixelLoss with every parameter random (the default init gives near-flat logits and zero biases)."""
+def head(width: int, depth: int, heads: int, seed: int = 0, c_in: int = C) -> PixelLoss:
+    """A PixelLoss with every parameter random (the default init gives near-flat logits and zero biases);
+    ``c_in`` is the condition width."""
     torch.manual_seed(seed)
-    m = PixelLoss(c_channels=C, width=width, depth=depth, num_heads=heads).eval()
+    m = PixelLoss(c_channels=c_in, width=width, depth=depth, num_heads=heads).eval()
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "codebook" in name:

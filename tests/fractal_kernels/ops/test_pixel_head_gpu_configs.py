@@ -15,7 +15,6 @@ the split-operand dot keeps fp32 accuracy), ids exact (fixed uniforms; both side
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -23,9 +22,9 @@ import torch
 from fractal_kernels.ops.pixel_head import kernels as ph_kernels
 from fractal_kernels.ops.pixel_head import _launch_triton, pixel_head_config
 from fractal_kernels.reference.pixel_head import pack_pixel_head_weights, pixel_head_sample_reference
-from fractal_models.pixelloss import PixelLoss
 
 from tests.fractal_kernels import gpu_configs
+from tests.fractal_kernels.ops.test_pixel_head import head as random_head
 
 CPU = torch.device("cpu")
 # pixels: guided 8-pixel tiles -> 3 tiles (the last 4 pixels), 2 programs (program 0 runs tiles 0 and 2);
@@ -33,20 +32,9 @@ CPU = torch.device("cpu")
 BSZ = 20
 
 
-@functools.lru_cache(maxsize=None)
-def head(width: int, depth: int, heads: int, c_in: int) -> PixelLoss:
-    """A PixelLoss with every parameter random (as ``test_pixel_head.head``, with the condition width)."""
-    torch.manual_seed(width + depth)
-    m = PixelLoss(c_channels=c_in, width=width, depth=depth, num_heads=heads).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "codebook" in name:
-                p.normal_(0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 1:
-                p.normal_(1, 0.2)
-    return m
+def head(width: int, depth: int, heads: int, c_in: int) -> torch.nn.Module:
+    """``test_pixel_head.head`` with the condition width ``c_in`` (seeded by width + depth)."""
+    return random_head(width, depth, heads, seed=width + depth, c_in=c_in)
 
 
 # (width, heads, depth, condition width, guided, weight dtype): fp32 K chunks are 16 (W=32: 2, C=32: 2), 16-bit
