@@ -25,6 +25,19 @@ def _capability(index: int) -> int:
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, arch: int) -> int:
+    """SMs a persistent grid is sized for: the CUDA device's own (cached), else those of ``arch``'s reference GPU
+    (an H100 SXM for sm_90, an A100 for sm_80: the AOT replay). Only grid sizes depend on it, not the code."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
+    return 132 if arch >= 90 else 108
+
+
 def device_arch(device: Optional[torch.device] = None) -> int:
     """The compute capability a launch on ``device`` compiles for, as ``10 * major + minor`` (90, 80, ...).
 

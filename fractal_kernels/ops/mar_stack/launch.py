@@ -2,13 +2,12 @@
 checks of :func:`fractal_kernels.ops.mar_stack.mar_block_stack`."""
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 
 from fractal_kernels._scratch import workspace
-from fractal_kernels._target import device_arch
+from fractal_kernels._target import device_arch, sm_count as _sm_count
 from fractal_kernels.dispatch import MAR_STACK_MAX_L, triton_interpreting
 from fractal_kernels.ops.mar_stack.kernels import HAS_TRITON
 from fractal_kernels.reference.mar_stack import WEIGHT_DTYPES, MarStackWeights
@@ -30,17 +29,6 @@ class MarStackConfig(NamedTuple):
     num_warps: int
     maxnreg: Optional[int]  # ptxas register cap (None: ptxas' choice)
     max_programs: int  # persistent grid cap (each program loops over sequences; bounds the workspace)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device, arch: int) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
-    return 132 if arch >= 90 else 108  # an H100 SXM / an A100 (the AOT replay): only the grid size depends on it
 
 
 def mar_stack_config(width: int, hidden: int, head_dim: int, seq: int, wdtype: torch.dtype, device: torch.device,

@@ -51,7 +51,7 @@ from fractal_kernels.dispatch import pixel_head_triton_supports as _kernel_suppo
 from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON  # noqa: F401
 from fractal_kernels.ops.pixel_head.launch import (_TRANSPOSED, PixelHeadConfig, _check, _check_weights,  # noqa: F401
                                                    _gpu_launch, _launch_cpu, _launch_triton,
-                                                   _shape, _sm_count, _sm_count_cuda, _transposed_cpu,
+                                                   _shape, _sm_count, _transposed_cpu,
                                                    pixel_head_config)
 from fractal_kernels.ops.pixel_head.register import _pixel_head_op  # noqa: F401
 from fractal_kernels.ops.pixel_head.api import _choose, pixel_head_sample  # noqa: F401

@@ -3,14 +3,13 @@ kernel's launcher and the input checks of :func:`pixel_head_sample`."""
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 from typing import List, NamedTuple, Optional
 
 import torch
 
 from fractal_kernels._scratch import workspace
-from fractal_kernels._target import device_arch
+from fractal_kernels._target import device_arch, sm_count as _sm_count
 from fractal_kernels.dispatch import BackendUnavailable, triton_interpreting
 from fractal_kernels.ops.pixel_head.kernels import HAS_TRITON
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights
@@ -75,17 +74,6 @@ def pixel_head_config(width: int, hidden: int, c_in: int, bsz: int, guided: bool
                            hc=min(64, max(16, triton.next_power_of_2(hidden))), bk=kc, dot16=1,
                            num_warps=num_warps, num_stages=1, max_programs=_sm_count(device, arch) * 2,
                            maxnreg=maxnreg)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cuda(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device, arch: int) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return _sm_count_cuda(torch.cuda.current_device() if device.index is None else device.index)
-    return 132 if arch >= 90 else 108  # an H100 SXM / an A100; only the grid size depends on it, not the code
 
 
 def _launch_triton(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
