@@ -93,7 +93,8 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
     assert recs and set(report.KEYS) <= set(recs[0])
     combos = {(r["config"], r["batch"], r["path"]) for r in recs}
     assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
-                      for p in ("fast", "op_by_op", "fused", "pre28_default", "reference", "op_by_op_graph")}
+                      for p in ("fast", "op_by_op", "skinny", "fused", "pre28_default", "reference", "op_by_op_graph",
+                                "fast_graph")}
     for h in doc["headline"]:
         rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
         assert h["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in rs) * 1e-6)
@@ -118,6 +119,33 @@ def test_the_committed_results_add_up():
     head = next(h for h in doc["headline"] if h["config"] == "fractalar_in64" and h["batch"] == 1)
     assert head["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in fast) * 1e-6,
                                            rel=1e-4)
+
+
+def test_a_skinny_linear_launch_fills_the_gpu_and_streams_its_weights_once():
+    """M = 2 rows, a 1536 x 512 bf16 weight (an AR level's wqkv at D = 512): the launcher's own sm_90 config
+    gives 8 columns a program, 192 programs (>= 132 SMs), 8 KB of weights per program in one K trip."""
+    from benchmarks.costmodel.workload import skinny
+    launch = skinny("wqkv", 2, 1536, 512, H100, 90, norm=True)
+    assert launch.grid_ctas == 192 and launch.meta["bn"] == 8 and launch.meta["bk"] == 512
+    assert launch.weight_bytes == 1536 * 512 * 2 and launch.in_flight_bytes == 8 * 512 * 2
+    # per program: its weight rows + x twice (the RMSNorm prologue re-reads it) + 2 x 8 outputs
+    assert launch.bytes_per_cta == 8 * 512 * 2 + 2 * 512 * 4 * 2 + 2 * 8 * 2
+    t = launch_time(launch)
+    assert t["terms"]["latency"] == pytest.approx(launch.bytes_per_cta * 0.6e-6 / launch.in_flight_bytes)
+    assert t["seconds"] == pytest.approx(max(t["terms"][k] for k in ("HBM", "L2", "latency", "compute")) + 3e-6)
+
+
+def test_the_fast_path_takes_the_skinny_step_only_where_the_data_says():
+    doc = crossover.sweep(("fractalar_in64",), ("H100",))
+    e = doc["entries"][crossover.SKINNY_OP]["bfloat16"]["sm_90"]
+    assert e and all(runs and runs[0][0] == 1 for runs in (v["fused_n"] for v in e.values()))
+    recs = report.config_records("fractalar_in64", 1, doc, "H100", paths=("fast", "skinny", "op_by_op"))
+    tot = report.totals(recs)
+    assert tot[("fractalar_in64", 1, "fast")]["s"] == pytest.approx(tot[("fractalar_in64", 1, "skinny")]["s"])
+    assert tot[("fractalar_in64", 1, "skinny")]["s"] < tot[("fractalar_in64", 1, "op_by_op")]["s"]
+    recs256 = report.config_records("fractalar_in64", 256, doc, "H100", paths=("fast", "op_by_op"))
+    tot256 = report.totals(recs256)
+    assert tot256[("fractalar_in64", 256, "fast")]["s"] == pytest.approx(tot256[("fractalar_in64", 256, "op_by_op")]["s"])
 
 
 def test_ranges():
@@ -162,4 +190,8 @@ def test_the_package_data_fuses_no_published_level():
     at every N of every published width; a measured overlay can say otherwise."""
     dispatch.reload()
     table = {k: v for k, v in policy.block_stack_table().items() if v[1] == policy.package_path(policy.BLOCK_STACK)}
-    assert table and all(not runs for runs, _ in table.values())
+    stacks = {k: v for k, v in table.items() if k[0] != crossover.SKINNY_OP}
+    assert stacks and all(not runs for runs, _ in stacks.values())
+    # the AR step with skinny_linear launches wins at few rows (launch count, every SM streaming) and only there
+    skinny = {k: v for k, v in table.items() if k[0] == crossover.SKINNY_OP}
+    assert skinny and all(runs and runs[0][0] == 1 and runs[-1][1] <= 64 for runs, _ in skinny.values())

@@ -1,4 +1,6 @@
-"""The modeled crossovers of the fused block stacks, written as package data for the dispatch (a MODEL).
+"""The modeled crossovers of the fused block stacks and of the AR skinny-linear step, written as package data for
+the dispatch (a MODEL). ``ar_skinny_step`` (AR levels: the step's linears as ``skinny_linear`` launches vs aten
+linears) is read by ``fractal_models.engine.ar.explain_skinny_step`` through the same rule.
 
 For every published level that has a fused block stack (``mar_block_stack``: MAR levels of length <= 64;
 ``ar_block_stack_decode``: AR levels), and each modeled GPU (H100 -> sm_90, A100 -> sm_80), the level step's
@@ -22,6 +24,7 @@ N_GRID = tuple(2 ** k for k in range(17))
 PUBLISHED = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
              "fractalmar_huge_in256")
 DTYPE = "bfloat16"  # precision="auto" on a GPU: bf16 weights in the fused stacks
+SKINNY_OP = "ar_skinny_step"  # fractal_models.engine.ar.SKINNY_OP: the AR step with skinny_linear launches
 
 
 def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]]:
@@ -37,6 +40,20 @@ def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]
     return out
 
 
+def _add(entries: dict, op: str, path: str, lv, config: str, hardware: Sequence[str]) -> None:
+    """Fold one level's modeled step times on ``path`` vs op by op (aten linears) into ``entries[op]``."""
+    for name in hardware:
+        hw, arch = C.HARDWARE[name], C.ARCH[name]
+        times = [(step_time(with_n(lv, n), path, hw, arch), step_time(with_n(lv, n), "op_by_op", hw, arch))
+                 for n in N_GRID]
+        e = entries.setdefault(op, {}).setdefault(DTYPE, {}).setdefault(f"sm_{arch}", {}).setdefault(
+            str(lv.width), {"levels": [], "wins": [True] * len(N_GRID), "best_ratio": None})
+        e["levels"].append(f"{config} {lv.label} (depth {lv.depth}, L {lv.tokens})")
+        e["wins"] = [a and f < o for a, (f, o) in zip(e["wins"], times)]
+        ratio = max(o / f for f, o in times)  # op-by-op / the path's at its best N (> 1: it wins somewhere)
+        e["best_ratio"] = ratio if e["best_ratio"] is None else min(e["best_ratio"], ratio)
+
+
 def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100", "A100")) -> Dict[str, object]:
     """The crossover document (see the module docstring)."""
     entries: Dict[str, Dict[str, Dict[str, Dict[str, dict]]]] = {}
@@ -44,17 +61,8 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
         for lv in build_levels(config, 1):
             if not lv.fusable:
                 continue
-            op = STACK_OPS[lv.kind]
-            for name in hardware:
-                hw, arch = C.HARDWARE[name], C.ARCH[name]
-                times = [(step_time(with_n(lv, n), "fused", hw, arch), step_time(with_n(lv, n), "op_by_op", hw, arch))
-                         for n in N_GRID]
-                e = entries.setdefault(op, {}).setdefault(DTYPE, {}).setdefault(f"sm_{arch}", {}).setdefault(
-                    str(lv.width), {"levels": [], "wins": [True] * len(N_GRID), "best_ratio": None})
-                e["levels"].append(f"{config} {lv.label} (depth {lv.depth}, L {lv.tokens})")
-                e["wins"] = [a and f < o for a, (f, o) in zip(e["wins"], times)]
-                ratio = min(o / f for f, o in times)  # op-by-op / fused at the fused kernel's best N
-                e["best_ratio"] = ratio if e["best_ratio"] is None else min(e["best_ratio"], ratio)
+            for op, path in ((STACK_OPS[lv.kind], "fused"),) + (((SKINNY_OP, "skinny"),) if lv.kind == "AR" else ()):
+                _add(entries, op, path, lv, config, hardware)
     for by_dtype in entries.values():
         for by_arch in by_dtype.values():
             for by_width in by_arch.values():
@@ -67,9 +75,10 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
         "source": "python -m benchmarks.costmodel --write-policy (benchmarks/costmodel: per-launch cost MODEL with the "
                   "constants of shared/PERFORMANCE.md; nothing measured)",
         "n_grid": list(N_GRID),
-        "note": "fused_n: inclusive [lo, hi] ranges of N (sequences / rows per call) where the fused block stack's "
-                "modeled step time beats op-by-op at every published level of that width; best_ratio: op-by-op / "
-                "fused modeled time at the fused kernel's best N (< 1: fused loses everywhere)",
+        "note": "fused_n: inclusive [lo, hi] ranges of N (sequences / rows per call) where the op's modeled step time "
+                "(mar_block_stack / ar_block_stack_decode: the fused block stack; ar_skinny_step: the AR step with "
+                "skinny_linear launches) beats op-by-op with aten linears at every published level of that width; "
+                "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere)",
         "entries": entries,
     }
 

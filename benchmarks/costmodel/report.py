@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from . import constants as C
 from .launch import launch_time, record as launch_record
 from .levels import PATHS, PRE28_MAX_WIDTH, build_levels, generate_overhead, step_launches, syncs_per_step
+from .crossover import SKINNY_OP
 from .workload import STACK_OPS, Level, elementwise
 
 KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "grid_ctas", "ctas_per_sm",
@@ -28,11 +29,22 @@ def fuses(lv: Level, doc: Optional[dict], arch: int) -> bool:
     return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
 
 
+def skinny_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
+    """What the AR engine picks for this level's linears at its N: skinny_linear only inside a modeled range of
+    ``doc``'s ``ar_skinny_step`` entry (the engine's ``explain_skinny_step`` reads the same entry)."""
+    if lv.kind != "AR" or doc is None:
+        return False
+    e = doc.get("entries", {}).get(SKINNY_OP, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(str(lv.width))
+    return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
+
+
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
-    if path == "fast":
-        return "fused" if fuses(lv, doc, arch) else "op_by_op"
+    if path in ("fast", "fast_graph"):
+        return "fused" if fuses(lv, doc, arch) else "skinny" if skinny_wins(lv, doc, arch) else "op_by_op"
     if path == "op_by_op_graph":
         return "op_by_op"
+    if path == "skinny":
+        return "skinny" if lv.kind == "AR" else "op_by_op"
     if path == "pre28_default":
         return "fused" if lv.fusable and lv.width <= PRE28_MAX_WIDTH else "op_by_op"
     if path == "fused" and not lv.fusable:
@@ -63,7 +75,8 @@ def config_records(config: str, batch: int, doc: Optional[dict], hw_name: str = 
             floor = max(lv.roof["fast_flops"] / (hw.hgmma_flops or hw.hmma_flops),
                         (lv.roof["fast_weight_bytes"] + lv.roof["fast_act_bytes"]) / hw.hbm_bytes_per_s)
             for kernel, (launch, per_step) in _merge(step_launches(lv, lp, hw, arch)).items():
-                if path == "op_by_op_graph":
+                if path == "op_by_op_graph" or (path == "fast_graph" and lv.kind == "AR" and lp != "fused"
+                                                and launch.kernel != "aten:level glue"):
                     launch = dataclasses.replace(launch, launch_kind="graph")
                 r = launch_record(launch, hw)
                 out.append(dict(config=config, batch=batch, path=path, level=lv.label, level_path=lp, kernel=kernel,
@@ -192,27 +205,32 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "",
         "Per launch: time = max(HBM bytes / HBM BW, L2 bytes / L2 BW, per-CTA streaming by Little's law x rounds, "
         "per-CTA compute x rounds) + launch cost (`benchmarks/costmodel/launch.py`). Paths: `fast` = what dispatch "
-        "picks (the fused block stack only where `fractal_kernels/data/block_stack_model.json` says it wins at "
-        "that N), `op_by_op` = the kernel path without fused stacks, `fused` = the fused stack at every level "
+        "picks (the fused block stack, or the AR levels' skinny-linear step, only where `fractal_kernels/data/"
+        "block_stack_model.json` says it wins at that N), `op_by_op` = the kernel path without fused stacks and "
+        "with aten linears, `skinny` = op by op with the AR levels' linears as `skinny_linear` launches (RMSNorm, "
+        "SwiGLU and residual fused: 6 launches a block instead of 13; issue #28 item 4), `fused` = the fused stack at every level "
         "that has one (shown so a losing fused kernel is visible), `pre28_default` = the default before issue #28 "
         "(fused stacks at widths ≤ 512, the engine the launch MODEL put at 0.68 s/img for fractalar_in64), "
         "`reference` = the reference loop; `op_by_op_graph` is a what-if, not a path of the library: the "
-        "op-by-op launches at the CUDA-graph node cost (kernels unchanged; issue #28 item 4). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
+        "op-by-op launches at the CUDA-graph node cost (kernels unchanged); `fast_graph` = the fast path with "
+        "the AR levels' block launches replayed from per-position CUDA graphs (the engine's `step_graphs` option: "
+        "GPU-only, never run, so also unmeasured). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
         "come from the launchers' own config functions at the original width and the AOT report.",
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
-        "| config | batch | fast | op_by_op | fused | pre28_default | reference | what-if: op_by_op_graph | fast: "
-        "launches/img | fast: bound (share of time) | target | met? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | fast | op_by_op | skinny | fused | pre28_default | reference | what-if: op_by_op_graph "
+        "| fast_graph (GPU-only option) | fast: launches/img | fast: bound (share of time) | target | met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head:
         tgt = (f"≤ {h['target_s']} s" if "target_s" in h else "—")
         met = ("—" if "target_s" not in h else "**met**" if h["target_met"] else
                f"missed by {h['target_factor']:.1f}×")
         lines.append(f"| {h['config']} | {h['batch']} | **{_fmt_s(h['fast_s'])}** | {_fmt_s(h['op_by_op_s'])} | "
-                     f"{_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | {_fmt_s(h['reference_s'])} | "
-                     f"{_fmt_s(h['op_by_op_graph_s'])} | {h['fast_launches']:,.0f} | "
+                     f"{_fmt_s(h['skinny_s'])} | {_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | "
+                     f"{_fmt_s(h['reference_s'])} | {_fmt_s(h['op_by_op_graph_s'])} | {_fmt_s(h['fast_graph_s'])} | "
+                     f"{h['fast_launches']:,.0f} | "
                      f"{h['fast_bound']} | {tgt} | {met} |")
     lines += ["", "## The reference loop beside the upstream figures (MODEL vs measured; constants unchanged)", "",
               "| figure | config | batch | measured on | measured s/img | MODEL s/img (H100 constants) | measured / "
@@ -293,7 +311,7 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
     fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.4), squeeze=False)
     for ax, low, config in zip(axes[0], axes[1], configs):
         batches = sorted({b for c, b, _ in tot if c == config})
-        for p, style in zip(PATHS, ("o-", "s--", "x:", "d:", "^-.", "v:")):
+        for p, style in zip(PATHS, ("o-", "s--", "P-", "x:", "d:", "^-.", "v:", "*-")):
             ax.plot(batches, [tot[(config, b, p)]["s"] for b in batches], style, label=p)
         for (c, b), t in C.TARGETS.items():
             if c == config:

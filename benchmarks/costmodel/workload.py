@@ -222,6 +222,32 @@ def ar_stack(lv: Level, hw: C.Hardware, arch: int) -> Launch:
                   meta={"kc": cfg.kc, "nc": cfg.nc, "num_stages": 1})
 
 
+SKINNY_REGS = 80  # registers of the widest specialization compiled for sm_90 (32-80: norm + qkv; no spills)
+
+
+def skinny(name: str, M: int, N: int, K: int, hw: C.Hardware, arch: int, *, gate: bool = False, norm: bool = False,
+           residual: bool = False, x_bytes: int = F32) -> Launch:
+    """``_skinny_linear_kernel`` (``skinny_linear``): ``cdiv(N, BN) x cdiv(M, BM)`` programs from the launcher's own
+    config at ``arch`` (>= one per SM), each streaming its ``[BN, K]`` weight rows (two with a gate) once; ``x``
+    re-read by every program (twice with the RMSNorm prologue). In flight: one weight tile per program (Triton's
+    pipeliner stages only loads that feed a ``tl.dot``; this kernel has none, so ``num_stages`` buys nothing)."""
+    from fractal_kernels.ops.skinny_linear.launch import grid as sk_grid
+    from fractal_kernels.ops.skinny_linear.launch import skinny_linear_config
+    cfg = skinny_linear_config(M, N, K, gate, torch.device("cuda"), arch=arch, interpret=False)
+    gx, gy = sk_grid(cfg, M, N)
+    mats = 2 if gate else 1
+    rows = min(cfg.bm, M)
+    per = (mats * cfg.bn * K * EB + rows * K * x_bytes * (2 if norm else 1)
+           + rows * cfg.bn * (F32 * 2 if residual else EB))
+    ctas = aot_ctas_per_sm("_skinny_linear_kernel", arch, {}) or occupancy(SKINNY_REGS, cfg.num_warps, hw=hw)
+    return Launch(kernel=f"triton:skinny_linear {name} {N}x{K}", grid_ctas=gx * gy, ctas_per_sm=ctas,
+                  bytes_per_cta=per, in_flight_bytes=mats * cfg.bn * min(cfg.bk, K) * EB,
+                  unique_bytes=gy * mats * N * K * EB + M * K * x_bytes + M * N * (F32 * 2 if residual else EB),
+                  weight_bytes=mats * N * K * EB, flops_per_cta=2.0 * cfg.bm * cfg.bn * K * mats, unit="FMA",
+                  launch_kind="triton", note=f"CTAs/SM from {SKINNY_REGS} registers x {cfg.num_warps} warps",
+                  meta=cfg._asdict())
+
+
 def pixel_head(lv: Level, hw: C.Hardware, arch: int) -> Launch:
     """``_pixel_head_kernel`` (guided: CFG on): a persistent grid over tiles of ``block_b`` pixel pairs."""
     from fractal_kernels._target import target_arch

@@ -7,14 +7,15 @@ op for op (equal images in fp32), on a kernel backend each block is the decode k
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractal_kernels import dispatch
+from fractal_kernels import dispatch, policy
 from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache, pack_ar_stack
+from fractal_kernels.ops.skinny_linear import skinny_linear
 from fractal_kernels.ops.tiny_attention import tiny_attention_decode
 from fractal_models.layers import autocast_on, is_one as _is_one, kernel_backend, use_kernel
 
@@ -35,6 +36,7 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     dim = 3 * m.patch_size ** 2
     freqs = m.freqs_cis_on(device)
     fused = _fused_stack_backend(m, device, rows)
+    skinny = None if fused is not None else explain_skinny_step(m, device, rows=rows)[0]
     if fused is not None:  # every block and m.norm as one launch per step, on the op's own cache
         stack = _packed_stack(m, device)
         stack_cache = ar_stack_cache(stack, rows, m.seq_len, device)
@@ -50,7 +52,7 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
             if fused is not None:
                 h = ar_block_stack_decode(h[:, 0], stack, stack_cache, step, freqs, m.config.n_head, backend=fused)
             else:
-                h = _blocks_step(m, h, step, freqs)
+                h = _blocks_step(m, h, step, freqs, skinny)
             cfg_iter = 1 + (cfg - 1) * (step + 1) / m.seq_len if cfg_schedule == "linear" else cfg
             sampled = next_level_sample_function(cond_list=[h], cfg=cfg_iter, temperature=temperature,
                                                  filter_threshold=filter_threshold)
@@ -67,8 +69,12 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     return m.unpatchify(torch.cat(outs, dim=1))
 
 
-def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor) -> torch.Tensor:
-    """The blocks and ``m.norm`` of one step, op by op: ``h`` ``[rows, 1, E]`` -> ``[rows, E]``."""
+def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor, skinny: Optional[str] = None) -> torch.Tensor:
+    """The blocks and ``m.norm`` of one step, op by op: ``h`` ``[rows, 1, E]`` -> ``[rows, E]``. ``skinny``
+    (a backend, from :func:`explain_skinny_step`): each block as 4 :func:`skinny_linear` launches around the
+    cache write and the decode kernel (norms, SwiGLU and residuals fused into the linears) instead of ~13."""
+    if skinny is not None:
+        return _blocks_step_skinny(m, h[:, 0], step, skinny)
     cos = sin = None
     for block in m.blocks:
         att = block.attention
@@ -168,14 +174,74 @@ def _attend_step_kernel(att: nn.Module, x: torch.Tensor, pos: int) -> torch.Tens
     """:meth:`Attention.attend` for one cached position on the decode kernel, in the fewest ops: q, k, v as one
     permuted view of the projection, key and value written into the cache with one copy, RoPE in the kernel
     (the cache holds un-rotated keys), the ``[B, H, 1, D]`` output read as ``[B, 1, dim]`` without a copy."""
-    bsz = x.shape[0]
+    return att.wo(_decode_from_qkv(att, att.wqkv(x), pos).reshape(x.shape[0], 1, att.dim))
+
+
+def _decode_from_qkv(att: nn.Module, qkv: torch.Tensor, pos: int) -> torch.Tensor:
+    """The cache write and the decode kernel of one position from the projection ``qkv`` ``[B, (1,) 3 dim]``;
+    returns the attention output ``[B, H, 1, D]`` (before ``wo``)."""
+    bsz = qkv.shape[0]
     cache = att.kv_cache
-    qkv = att.wqkv(x).view(bsz, 1, 3, att.n_head, att.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, 1, D]
+    qkv = qkv.view(bsz, 1, 3, att.n_head, att.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, 1, D]
     if getattr(cache, "slots", None) is None:  # per-position [2, B, H, 1, D] views of the cache, made once
         cache.slots = cache.kv.split(1, dim=3)
     cache.slots[pos].copy_(qkv[1:])
     cache.length = pos + 1
     q = qkv[0] if qkv.dtype == cache.kv.dtype else qkv[0].to(cache.kv.dtype)
-    out = tiny_attention_decode(q, cache.k, cache.v, pos + 1, freqs_cis=cache.freqs_cis,
-                                backend=kernel_backend(att.backend))
-    return att.wo(out.reshape(bsz, 1, att.dim))
+    return tiny_attention_decode(q, cache.k, cache.v, pos + 1, freqs_cis=cache.freqs_cis,
+                                 backend=kernel_backend(att.backend))
+
+
+SKINNY_OP = "ar_skinny_step"  # the crossover data's name of this step (benchmarks/costmodel/crossover.py)
+
+
+def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool = False,
+                        rows: int = None) -> Tuple[Optional[str], str]:
+    """(backend of :func:`skinny_linear` or None, why) for the op-by-op step's linears: the kernel path in eval
+    mode, and the level's ``skinny_linears`` attribute (True / False force; None: the crossover data at ``rows``
+    rows on this GPU -- ``policy.block_stack_rule`` over ``fractal_kernels/data/block_stack_model.json``, op
+    ``ar_skinny_step`` -- else off, the safe default)."""
+    if m.training:
+        return None, "train mode: aten linears"
+    if len(m.blocks) == 0:
+        return None, "no blocks"
+    att = m.blocks[0].attention
+    kb = kernel_backend(backend or att.backend)
+    if not policy_only and not use_kernel(kb, device):
+        return None, "torch backend: aten linears"
+    dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type) else att.wqkv.weight.dtype)
+    arch = None
+    if device.type == "cuda" and rows is not None:
+        from fractal_kernels._target import device_arch
+        arch = device_arch(device)
+    on, why = policy.block_stack_rule(m.config.dim, m.__dict__.get("skinny_linears"), op=SKINNY_OP, n=rows,
+                                      dtype=str(dtype).replace("torch.", ""), arch=arch)
+    if why == policy._BLOCK_STACK_DEFAULT_WHY:
+        why = ("default: aten linears (no crossover data for this width, N and GPU says the skinny-linear step "
+               "wins; skinny_linears=True forces it)")
+    why = why.replace("fused_stack", "skinny_linears").replace("the fused stack", "the skinny-linear step")
+    if not on:
+        return None, why
+    if policy_only:
+        return "triton", why
+    which = dispatch.resolve("skinny_linear", kb if kb in ("triton", "torch") else None, device, dtype=dtype)
+    if which != "triton":
+        return None, f"{why}, but skinny_linear resolves to {which}: aten linears"
+    return which, why
+
+
+def _blocks_step_skinny(m, x: torch.Tensor, pos: int, backend: str) -> torch.Tensor:
+    """One step's blocks with the linears as :func:`skinny_linear` launches: ``x`` ``[rows, E]`` (the fp32
+    residual stream) -> ``m.norm(x)`` ``[rows, E]``. Weights from :func:`_packed_stack` (the autocast dtype);
+    the roundings are the op's (one at each linear's input, one at its output), not autocast's per-op ones."""
+    stack = _packed_stack(m, x.device)
+    for i, block in enumerate(m.blocks):
+        att = block.attention
+        qkv = skinny_linear(x, stack.wqkv[i], norm_weight=block.attention_norm.weight,
+                            norm_eps=block.attention_norm.eps, backend=backend)
+        o = _decode_from_qkv(att, qkv, pos)  # [B, H, 1, D]
+        x = skinny_linear(o.reshape(x.shape[0], att.dim), stack.wo[i], residual=x, backend=backend)
+        g = skinny_linear(x, stack.w1[i], gate=stack.w3[i], norm_weight=block.ffn_norm.weight,
+                          norm_eps=block.ffn_norm.eps, backend=backend)
+        x = skinny_linear(g, stack.w2[i], residual=x, backend=backend)
+    return m.norm(x)

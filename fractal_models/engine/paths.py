@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from fractal_models.engine.ar import explain_fused_stack
+from fractal_models.engine.ar import explain_fused_stack, explain_skinny_step
 from fractal_models.engine.mar import explain_fused_blocks
 
 
@@ -20,7 +20,7 @@ def _mar_tokens(m) -> int:
 def level_paths(model, device: torch.device, backend: Optional[str] = None,
                 policy_only: bool = False) -> List[Dict[str, Any]]:
     """One row per level, top first: ``level``, ``kind`` (MAR / AR / PixelLoss), ``width``, ``path``
-    (``fused`` / ``op_by_op`` for generator levels; the pixel head's own description) and ``why``.
+    (``fused`` / ``skinny`` (op by op, linears as ``skinny_linear``) / ``op_by_op`` for generator levels; the pixel head's own description) and ``why``.
 
     ``backend`` is what ``generate(backend=...)`` would set (None: each level's own). ``policy_only`` answers
     for a machine where the Triton kernels run (the dispatch rule alone), without resolving backends here."""
@@ -31,6 +31,12 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
         if hasattr(m, "config"):  # AR level
             which, why = explain_fused_stack(m, device, backend, policy_only=policy_only)
             width = m.config.dim
+            if not which:  # op by op: aten linears, or skinny_linear launches (issue #28 item 4)
+                sk, sk_why = explain_skinny_step(m, device, backend, policy_only=policy_only)
+                if sk:
+                    rows.append(dict(level=i, kind=kind, width=int(width), path="skinny", why=sk_why))
+                    continue
+                why = f"{why}; linears: {sk_why}"
         else:
             which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
             width = m.norm.normalized_shape[0]
