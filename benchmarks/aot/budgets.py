@@ -58,6 +58,9 @@ CI_SUBSET: List[Tuple[str, str]] = [
     ("_mar_stack_kernel", "mar_stack D=512 H=8 depth=8 L=22 bf16 (large L1)"),
     ("_ar_stack_decode_kernel", "ar_stack D=512 H=8 depth=8 T=16 fp32"),
     ("_ar_stack_decode_kernel", "ar_stack D=512 H=8 depth=8 T=16 bf16"),
+    ("_skinny_linear_kernel", "skinny_linear D=512 rows=2 wqkv+norm bf16"),
+    ("_skinny_linear_kernel", "skinny_linear D=1024 rows=2 w1|w3+norm bf16"),
+    ("_skinny_linear_kernel", "skinny_linear D=512 rows=2 wqkv+norm fp32"),
 ]
 # Cost of the subset (committed run, 2026-12-01): 28 compiles, 157 CPU-s of compiles and 197 CPU-s for the whole
 # run (capture, compiles, disassembly) -> about 3.5 min at -j 1, under 2 min at -j 2 on 2 idle cores (CI: 8-min

@@ -244,9 +244,38 @@ def _ar_block_stack_decode_cases() -> List[Case]:
     ar("ar_stack D=128 H=4 depth=3 T=16 bf16", step(128, 4, 3, 16, bf16))
     return c
 
+def _skinny_linear_cases() -> List[Case]:
+    import torch
+    from fractal_kernels.ops.skinny_linear import skinny_linear
+
+    def linear(rows, N, K, dtype, *, norm=False, gate=False, residual=False, x16=False):
+        # one linear of an AR decode step with its fused neighbours (fractal_models/engine/ar.py
+        # _blocks_step_skinny): x the fp32 residual stream, or the 16-bit attention output / SwiGLU hidden
+        def run():
+            w = lambda: torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5  # noqa: E731
+            x = torch.randn(rows, K, device="cuda", dtype=dtype if x16 else torch.float32)
+            skinny_linear(x, w(), norm_weight=torch.ones(K, device="cuda") if norm else None,
+                          gate=w() if gate else None,
+                          residual=torch.randn(rows, N, device="cuda") if residual else None, backend="triton")
+        return run
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    c = []
+    sk = lambda label, fn: c.append(Case(label, "skinny_linear", "sample", fn))  # noqa: E731
+    # fractalar_in64: level 1 (D=512, hidden 1536) and level 0 (D=1024, hidden 2816); rows 2 = batch 1 with CFG,
+    # 16 = batch 8 (the crossover data's range)
+    for D, Hd, rows in ((512, 1536, 2), (1024, 2816, 2), (512, 1536, 16)):
+        sk(f"skinny_linear D={D} rows={rows} wqkv+norm bf16", linear(rows, 3 * D, D, bf16, norm=True))
+        sk(f"skinny_linear D={D} rows={rows} wo+residual bf16", linear(rows, D, D, bf16, residual=True, x16=True))
+        sk(f"skinny_linear D={D} rows={rows} w1|w3+norm bf16", linear(rows, Hd, D, bf16, norm=True, gate=True))
+        sk(f"skinny_linear D={D} rows={rows} w2+residual bf16", linear(rows, D, Hd, bf16, residual=True, x16=True))
+    sk("skinny_linear D=512 rows=2 wqkv+norm fp32", linear(2, 1536, 512, fp32, norm=True))
+    return c
+
+
 def cases() -> List[Case]:
     return (_attention_cases() + _pixel_head_cases() + _sampler_ce_cases() + _mar_stack_cases()
-            + _ar_block_stack_decode_cases())
+            + _ar_block_stack_decode_cases() + _skinny_linear_cases())
 
 
 # ---- capture ---------------------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "_sample_logits_kernel": ("cond_ptr", ("HAS_UNCOND", "CFG_PER_ROW", "HAS_UNIFORMS", "WRITE_PROBS", "DO_TOP_K",
                                            "DO_TOP_P", "GREEDY", "BLOCK_N", "BLOCK_V")),
     "_ce_rows_kernel": ("logits_ptr", ("WRITE_GRAD", "ROW_SCALE", "BLOCK_N", "BLOCK_V")),
+    "_skinny_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "NORM", "GATE", "BIAS", "RES", "ROUND", "EVEN_K")),
 }
 #: the benchmarks.aot case groups of those kernels
-GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode", "sampler", "ce")
+GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode", "sampler", "ce", "skinny_linear")
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -17,9 +17,10 @@ import torch
 from fractal_kernels.dispatch import BackendUnavailable, last_backend
 from fractal_kernels.ops.skinny_linear import launch_triton, skinny_linear, skinny_linear_config
 from fractal_kernels.ops.skinny_linear import kernels as sk_kernels
-from fractal_kernels.ops.skinny_linear.launch import grid
+from fractal_kernels.ops.skinny_linear.launch import SkinnyLinearConfig, grid
 from fractal_kernels.reference.skinny_linear import skinny_linear_reference
 
+from tests.fractal_kernels import gpu_configs
 from tests.fractal_kernels.numerics import FLIP_ULPS, allowed_rows, check_flips
 
 CPU = torch.device("cpu")
@@ -113,6 +114,32 @@ def test_gpu_configuration(arch, case):
     assert trips >= 2 or case == 4, f"K={k} runs {trips} trip(s) of BK={cfg.bk}: the loop is not exercised"
     x, w, kw = inputs(m, n, k, wdtype, parts, seed=case)
     close(run(x, w, kw, config=cfg), x, w, kw, what=f"sm_{arch} {cfg}")
+
+
+def test_every_aot_configuration_is_exercised():
+    """Every (sm_90, sm_80) launch of the AOT capture list (benchmarks/aot/caselist.py: fractalar_in64's linears
+    at 2 and 16 rows) runs here with its own constexprs -- rows, columns and K chunk, the fused parts, the
+    rounding, EVEN_K -- at a width narrowed to 3 column programs plus a partial one and 2 K trips, against the
+    reference; the recorded launches' code paths cover the capture's."""
+    dtypes = {"float32": F32, "bfloat16": BF16, "float16": F16}
+    paths = {p for p in gpu_configs.aot_code_paths()["_skinny_linear_kernel"].values()}
+    exercised = set()
+    for path in sorted(paths, key=str):
+        f = dict(path[1:])
+        wdtype = dtypes[path[0]]
+        cfg = SkinnyLinearConfig(bm=f["BM"], bn=f["BN"], bk=f["BK"], num_warps=8, num_stages=3)
+        m, n = max(1, f["BM"] - 1) if f["BM"] > 2 else f["BM"], 3 * f["BN"] + max(1, f["BN"] // 2)
+        k = 2 * f["BK"] if f["EVEN_K"] else 2 * f["BK"] - 8
+        parts = {name for name, flag in (("norm", "NORM"), ("gate", "GATE"), ("bias", "BIAS"),
+                                         ("residual", "RES")) if f[flag]}
+        x, w, kw = inputs(m, n, k, wdtype, parts, seed=len(exercised))
+        with gpu_configs.recording(sk_kernels._skinny_linear_kernel) as seen:
+            got = run(x, w, kw, config=cfg)
+        assert len(seen) == 1
+        exercised.add(gpu_configs.launched_path("_skinny_linear_kernel", seen[0]))
+        close(got, x, w, kw, what=f"AOT path {path}")
+    assert not gpu_configs.missing("_skinny_linear_kernel", exercised), gpu_configs.missing(
+        "_skinny_linear_kernel", exercised)
 
 
 @pytest.mark.parametrize("arch,sms", [(90, 132), (80, 108)])
