@@ -3,7 +3,9 @@
 An AR level at batch 1 is launch-bound: each decode step is ~110 tiny launches (MODEL, ``shared/PERFORMANCE.md``:
 ~5 µs an eager launch, ~2 µs a CUDA-graph node). With ``m.step_graphs = True`` (or ``sample(step_graphs=True)``)
 the blocks and ``m.norm`` of one step (``engine.ar._blocks_step``, kernel path or torch path) are captured once
-per position and replayed: the step reads a static input ``h_in [rows, 1, E]`` and writes a static output.
+per position and replayed: the step reads one static input ``h_in [rows, 1, E]`` and each position's graph
+writes its own static output (kept, so later captures cannot take its memory; it may sit where an earlier
+position's temporaries were, so it is valid until the level's next replay: the caller consumes it in the step).
 
 Why per position: the step takes the position as a Python int (cache slot views, ``kv_lens``, the RoPE row),
 which a graph freezes; one graph per position keeps the step function unchanged.
@@ -12,6 +14,10 @@ Caches: the graphs bake in the KV cache's addresses, so the level state here own
 ``m.setup_caches``, re-attached to the blocks at every ``sample()`` call, never reallocated while its graphs
 live; ``m.clear_caches`` at the end of ``sample()`` only detaches them). A step reads cache slots ``<= pos``,
 all written in the same call, so the reused caches need no zeroing.
+Other tensors a graph reads must outlive it too: the weights and the RoPE table (held by the module; their
+addresses are in the key) and the decode kernel's ``kv_lens`` tensors, which ``tiny_attention_decode`` keeps in
+an LRU cache of 1024 entries (``_uniform_lens``): evicting a live graph's entry would leave it reading freed
+memory (not guarded here; a level uses ``seq_len`` entries per row count).
 
 Cost and lifetime: a capture costs a warm-up step, a device sync and an allocator flush; one capture per position
 per ``sample()`` call would cost more than it saves at batch 1 (the level is called once per step of the level
@@ -182,7 +188,7 @@ class _Runner:
 
     def step(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         """The step at ``pos`` for ``h`` ``[rows, 1, E]`` -> ``[rows, E]``: the graph's static output, valid
-        until this position is replayed again (the next ``sample()`` call)."""
+        until the level's next replay (clone it to keep it longer)."""
         st = self.state
         h_in = st.inputs.get(h.dtype)
         if h_in is None:
