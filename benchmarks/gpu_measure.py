@@ -14,7 +14,10 @@ the budget recorded as ``"skipped: budget"``):
    ``flash_attn_qkvpacked_func`` if installed) at the target shape (MAR L=21 D=64 H=8 bf16, N=4096);
    then ``benchmarks.attention.crossover_rows``: the Triton/SDPA crossover, written to the policy overlay;
 4. ``sampler``: ``sample_logits`` Triton vs torch (V=256, 4096 rows, CFG);
-5. ``images_per_s``: ``fractalar_in64`` at batch 1 and ``fractalmar_large_in256`` at batch 64 (random
+5. ``ar_step`` (:mod:`benchmarks.gpu_ar_step`, at most 30 s): ``fractalar_in64``'s level 1 at batch 1 with CFG, one
+   decode step op by op eager vs replayed from its CUDA graph (``step_graphs``) vs the fused stack, each checked
+   against eager (max abs diff), and a whole level call eager vs step graphs;
+6. ``images_per_s``: ``fractalar_in64`` at batch 1 and ``fractalmar_large_in256`` at batch 64 (random
    weights): the reference loop (``fast=False``) vs the fast engine; one warm call, one timed.
 
 On a CPU every section runs its code on tiny shapes (the fused stack with ``backend="torch"``, the reference
@@ -30,6 +33,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from .gpu_ar_step import ar_step
 
 SKIPPED = "skipped: no GPU"
 
@@ -215,7 +220,7 @@ def images_per_s(c: Ctx) -> List[Dict[str, Any]]:
 
 
 #: priority order; cuda_graphs last: its first call runs torch.compile, the longest and least predictable step
-SECTIONS = (("crossover", crossover), ("attention", attention), ("sampler", sampler),
+SECTIONS = (("crossover", crossover), ("attention", attention), ("sampler", sampler), ("ar_step", ar_step),
             ("images_per_s", images_per_s), ("cuda_graphs", cuda_graphs))
 
 

@@ -38,7 +38,8 @@ DRY_RUN_SLACK = 3
 MAX_RESULT_FILES = 8
 #: the GPU tests: the kernels (Triton on the GPU, CUDA where built) and the models on the kernel backends
 GPU_TESTS = ["tests/fractal_kernels", "tests/models/test_kernel_backends.py", "tests/models/test_fused_stack_mar.py",
-             "tests/models/test_fused_stack_ar.py", "tests/models/test_sampling.py::test_cuda_generate_bf16_autocast"]
+             "tests/models/test_fused_stack_ar.py", "tests/models/test_step_graphs.py",
+             "tests/models/test_sampling.py::test_cuda_generate_bf16_autocast"]
 PER_TEST_TIMEOUT_S = 60
 TEST_WORKERS = 8  # xdist processes, files kept together (--dist loadfile): compiles in parallel, one GPU shared
 

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fractal_kernels.nn.rope_attention import Attention, KVCache, apply_rotary_emb  # noqa: F401 (public here too)
 from fractal_models.engine import ar as _engine
+from fractal_models.engine import graphs as _graphs
 from fractal_models.layers import init_vit_weights, known_patches, patchify, unpatchify
 from fractal_models.layers import is_one as _is_one
 
@@ -112,6 +113,10 @@ class AR(nn.Module):
     ``fused_stack`` (plain attribute, not in the state dict): whether the fast engine's sampling runs each
     step's blocks and final norm as one fused launch (``fractal_kernels.ops.ar_stack``) on a kernel backend:
     None = ``fractal_kernels.dispatch.choose_block_stack``'s width rule, True / False = force on / off.
+
+    ``step_graphs`` (plain attribute, default False; GPU only, unmeasured): whether the fast engine's op-by-op step
+    is replayed from per-position CUDA graphs kept on the level across ``sample()`` calls
+    (:mod:`fractal_models.engine.graphs`); :meth:`release_step_graphs` frees them.
     """
 
     def __init__(self, seq_len: int, patch_size: int, cond_embed_dim: int, embed_dim: int, num_blocks: int,
@@ -135,6 +140,7 @@ class AR(nn.Module):
         self.freqs_cis = precompute_freqs_cis_2d(self.grid, embed_dim // num_heads, self.config.rope_base, 1)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.fused_stack: Optional[bool] = None
+        self.step_graphs: bool = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -172,6 +178,10 @@ class AR(nn.Module):
     def clear_caches(self) -> None:
         for b in self.blocks:
             b.attention.kv_cache = None
+
+    def release_step_graphs(self) -> bool:
+        """Free the step graphs, their static KV caches and buffers (``step_graphs``); True if there were any."""
+        return _graphs.release(self)
 
     def _embed(self, x: torch.Tensor, cond_list: Sequence[torch.Tensor]) -> torch.Tensor:
         x = self.patch_emb(x)

@@ -70,6 +70,27 @@ def test_outcome_summary_per_kernel():
     assert kernel_of("tests/models/test_fused_stack_ar.py::t") == "models/fused_stack_ar"
 
 
+def test_measure_ar_step_dry_run_and_budget():
+    """The measure phase's AR decode-step section on the CPU (tiny_ar's level 1, the graph recorder, the fused stack
+    on torch): outputs checked against eager, timings skipped; past its budget each later part says so."""
+    from benchmarks import gpu_measure
+    assert [n for n, _ in gpu_measure.SECTIONS].index("ar_step") < [n for n, _ in gpu_measure.SECTIONS].index(
+        "images_per_s")
+    doc = gpu_measure.run(True, 60, None, only=["ar_step"])
+    r = doc["sections"]["ar_step"]
+    assert r["status"] == "ok", r
+    res = r["result"]
+    assert res["config"] == "tiny_ar" and res["rows"] == 2 and res["position"] == res["seq_len"] // 2
+    assert res["graph_max_abs_diff"] == 0.0 and res["fused_max_abs_diff"] < 1e-4
+    assert res["graph_info"] == {"captures": res["position"] + 1, "failed": None}
+    for k in ("eager_s", "graph_s", "fused_s", "call_eager_s", "call_graphs_s"):
+        assert res[k] == gpu_measure.SKIPPED, (k, res[k])
+    c = gpu_measure.Ctx(False, 6, None)  # 1 s past the 5 s reserve: only the eager step runs
+    res = gpu_measure.ar_step(c)
+    assert res["eager_s"] == gpu_measure.SKIPPED
+    assert all(res[k] == "skipped: budget" for k in ("graph_s", "fused_s", "call_eager_s", "call_graphs_s")), res
+
+
 def test_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable)

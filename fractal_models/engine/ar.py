@@ -17,18 +17,22 @@ from fractal_kernels import dispatch, policy
 from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache, pack_ar_stack
 from fractal_kernels.ops.skinny_linear import skinny_linear
 from fractal_kernels.ops.tiny_attention import tiny_attention_decode
+from fractal_models.engine import graphs as _graphs
 from fractal_models.layers import autocast_on, is_one as _is_one, kernel_backend, use_kernel
 
 
 def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature: float,
-                 filter_threshold: float, next_level_sample_function: Callable, visualize=False) -> torch.Tensor:
+                 filter_threshold: float, next_level_sample_function: Callable, visualize=False,
+                 step_graphs: Optional[bool] = None) -> torch.Tensor:
     """The KV-cached loop of :meth:`AR.sample` with the per-step bookkeeping cut: only the newest patch is
     embedded (no doubled copy of all patches per step), results are written in place (no clones), and the
     no-op dropout modules are not called. On the torch backend the same math op for op (the tests check
     equal images in fp32); on a kernel backend each block is the decode kernel (RoPE inside), a fused
     RMSNorm and the Linear layers -- or, when ``dispatch.choose_block_stack`` fuses the level (eval mode and
     ``m.fused_stack=True``; no level fuses by default), all blocks and ``m.norm`` of a step are one :func:`ar_block_stack_decode`
-    launch on its own cache (weights packed once, :func:`_packed_stack`)."""
+    launch on its own cache (weights packed once, :func:`_packed_stack`). Otherwise, with ``step_graphs`` (None:
+    the level's ``step_graphs`` attribute, default False) on a CUDA device, the op-by-op step is replayed from
+    per-position CUDA graphs kept on the level (:mod:`fractal_models.engine.graphs`)."""
     guided = not _is_one(cfg)
     rows = cond_list[0].size(0)
     bsz = rows // 2 if guided else rows
@@ -37,11 +41,15 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
     freqs = m.freqs_cis_on(device)
     fused = _fused_stack_backend(m, device, rows)
     skinny = None if fused is not None else explain_skinny_step(m, device, rows=rows)[0]
+    step_fn = _blocks_step if skinny is None else _blocks_step_skinny_linears
+    graphs = None
     if fused is not None:  # every block and m.norm as one launch per step, on the op's own cache
         stack = _packed_stack(m, device)
         stack_cache = ar_stack_cache(stack, rows, m.seq_len, device)
-    else:
-        m.setup_caches(rows, m.seq_len, device=device, freqs_cis=freqs)
+    else:  # per-position graphs (their static caches attached to the blocks), or None: eager on fresh caches
+        graphs = _graphs.begin(m, rows, device, freqs, step_fn, step_graphs, visualize)
+        if graphs is None:
+            m.setup_caches(rows, m.seq_len, device=device, freqs_cis=freqs)
     prev = None  # the last sampled patch of every row [rows, 1, dim]
     pos_embed = m.pos_embed_learned.unbind(1)  # per-position [1, E] views, made once (no op per step)
     outs = []  # sampled patches [B, 1, dim], concatenated at the end
@@ -51,8 +59,10 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
             h = m.patch_emb_ln(h + pos_embed[step])
             if fused is not None:
                 h = ar_block_stack_decode(h[:, 0], stack, stack_cache, step, freqs, m.config.n_head, backend=fused)
+            elif graphs is not None:
+                h = graphs.step(h, step)
             else:
-                h = _blocks_step(m, h, step, freqs, skinny)
+                h = step_fn(m, h, step, freqs)
             cfg_iter = 1 + (cfg - 1) * (step + 1) / m.seq_len if cfg_schedule == "linear" else cfg
             sampled = next_level_sample_function(cond_list=[h], cfg=cfg_iter, temperature=temperature,
                                                  filter_threshold=filter_threshold)
@@ -89,6 +99,12 @@ def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor, skinny: Opt
             h = h + _attend_step(att, _rms_norm(block.attention_norm, h), step, cos, sin)
             h = h + block.feed_forward.ffn(_rms_norm(block.ffn_norm, h))
     return m.norm(h)[:, 0]
+
+
+def _blocks_step_skinny_linears(m, h: torch.Tensor, step: int, freqs: torch.Tensor) -> torch.Tensor:
+    """:func:`_blocks_step` with the linears as Triton :func:`skinny_linear` launches (one function object, so the
+    step graphs key on it)."""
+    return _blocks_step(m, h, step, freqs, "triton")
 
 
 def _fused_stack_backend(m, device: torch.device, rows: int = None):

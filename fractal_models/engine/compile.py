@@ -6,7 +6,8 @@ exactly like an eager one. With ``cuda_graphs`` the stacks are compiled with ``m
 (CUDA graphs) and their batch rows padded to the next power of two, so a handful of graphs serve every
 step's varying number of rows instead of one capture per size (dynamo recompiles once per bucket; past
 its ``cache_size_limit`` it runs that shape eagerly, with a warning). AR levels stay eager: their KV-cache
-updates are in-place writes into Python-held tensors, which graphs would freeze. The pixel heads need no
+updates are in-place writes into Python-held tensors, which graphs would freeze (their opt-in per-position graphs,
+with static caches, are ``step_graphs``: :mod:`fractal_models.engine.graphs`). The pixel heads need no
 graph on a GPU: on a kernel backend each call is one fused launch already.
 
 Status: ``compile=True`` is tested on a CPU (inductor); the ``cuda_graphs`` path has not run on a GPU yet.

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fractal_models.engine.ar import explain_fused_stack, explain_skinny_step
+from fractal_models.engine.graphs import explain_step_graphs
 from fractal_models.engine.mar import explain_fused_blocks
 
 
@@ -20,7 +21,9 @@ def _mar_tokens(m) -> int:
 def level_paths(model, device: torch.device, backend: Optional[str] = None,
                 policy_only: bool = False) -> List[Dict[str, Any]]:
     """One row per level, top first: ``level``, ``kind`` (MAR / AR / PixelLoss), ``width``, ``path``
-    (``fused`` / ``skinny`` (op by op, linears as ``skinny_linear``) / ``op_by_op`` for generator levels; the pixel head's own description) and ``why``.
+    (``fused`` / ``skinny`` (op by op, linears as ``skinny_linear``) / ``op_by_op`` for generator levels; the
+    pixel head's own description) and ``why``; AR levels also ``step_graphs`` (whether the op-by-op step is
+    replayed from per-position CUDA graphs) and ``step_graphs_why``.
 
     ``backend`` is what ``generate(backend=...)`` would set (None: each level's own). ``policy_only`` answers
     for a machine where the Triton kernels run (the dispatch rule alone), without resolving backends here."""
@@ -31,16 +34,21 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
         if hasattr(m, "config"):  # AR level
             which, why = explain_fused_stack(m, device, backend, policy_only=policy_only)
             width = m.config.dim
+            graphed, graphs_why = (False, "fused stack: one launch per step already") if which else \
+                explain_step_graphs(m, device)
             if not which:  # op by op: aten linears, or skinny_linear launches (issue #28 item 4)
                 sk, sk_why = explain_skinny_step(m, device, backend, policy_only=policy_only)
                 if sk:
-                    rows.append(dict(level=i, kind=kind, width=int(width), path="skinny", why=sk_why))
-                    continue
-                why = f"{why}; linears: {sk_why}"
+                    which, why = "skinny", sk_why
+                else:
+                    why = f"{why}; linears: {sk_why}"
         else:
             which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
             width = m.norm.normalized_shape[0]
-        rows.append(dict(level=i, kind=kind, width=int(width), path="fused" if which else "op_by_op", why=why))
+        path = "skinny" if which == "skinny" else "fused" if which else "op_by_op"
+        rows.append(dict(level=i, kind=kind, width=int(width), path=path, why=why))
+        if hasattr(m, "config"):
+            rows[-1].update(step_graphs=graphed, step_graphs_why=graphs_why)
     head = levels[-1]
     rows.append(dict(level=len(levels) - 1, kind=type(head).__name__, width=int(head.cond_proj.out_features),
                      path="pixel_head", why="one pixel_head_sample launch per pixel on a kernel backend, else the "
@@ -50,4 +58,5 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
 
 def describe(rows: List[Dict[str, Any]]) -> List[str]:
     """Human lines for :func:`level_paths` rows."""
-    return [f"level {r['level']} {r['kind']:<9} width {r['width']:<5} {r['path']:<10} {r['why']}" for r in rows]
+    return [f"level {r['level']} {r['kind']:<9} width {r['width']:<5} {r['path']:<10} {r['why']}"
+            + (f"; step graphs: {r['step_graphs_why']}" if "step_graphs_why" in r else "") for r in rows]

@@ -1,0 +1,123 @@
+"""The GPU session's AR decode-step measurement (``benchmarks.gpu_measure`` section ``ar_step``; issue #28 item 7).
+
+``fractalar_in64``'s level 1 built alone (width 512, 8 blocks, 8 heads, 16 positions, random weights: the same
+shapes as in the full model, without building its 432M parameters), rows = 2 (batch 1 with CFG), fp16 autocast
+and the default backend ("auto": the decode kernel per block), as ``generate`` samples on a GPU:
+
+1. one decode step at position ``seq_len // 2`` (its cache filled by the steps before it, the same random inputs on
+   every path): op by op eager (``engine.ar._blocks_step``), op by op replayed from its CUDA graph
+   (``engine.graphs``, ``step_graphs``; includes the copy into the static input), the fused stack
+   (``ar_block_stack_decode``, ``fused_stack=True``); CUDA-event medians; each output's max abs diff vs eager;
+   the host time per capture (warm-up + capture + first replay);
+2. one whole level call (``engine.ar.sample``, 16 steps, a stub next level): eager vs step graphs.
+
+Capped at :data:`CAP_S` seconds (and the measure budget): a part that would start past it is recorded
+``"skipped: budget"``. On a CPU (dry run): ``tiny_ar``'s level 1, the graphs replaced by the CPU recorder, the
+fused stack on ``backend="torch"``; timings ``"skipped: no GPU"``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import torch
+
+CAP_S = 30.0      # of the measure phase's ~95 s: the sections after this one keep the rest
+STEP_REPEATS = 50  # one step is ~0.1-1 ms: 50 CUDA-event timings cost well under a second
+CALL_REPEATS = 10
+
+
+def _level(config: str, index: int, device: torch.device):
+    """Level ``index`` of ``config`` built alone, with the constructor arguments ``FractalGen`` gives it."""
+    from fractal_models.ar import AR
+    from fractal_models.configs import config_kwargs
+    k = config_kwargs(config)
+    sizes = k["img_size_list"]
+    m = AR(seq_len=(sizes[index] // sizes[index + 1]) ** 2, patch_size=sizes[index + 1],
+           cond_embed_dim=k["embed_dim_list"][index - 1] if index > 0 else k["embed_dim_list"][0],
+           embed_dim=k["embed_dim_list"][index], num_blocks=k["num_blocks_list"][index],
+           num_heads=k["num_heads_list"][index])
+    for b in m.blocks:
+        b.attention.backend = "auto"  # generate's default backend
+    return m.to(device).eval()
+
+
+def ar_step(c) -> Dict[str, Any]:
+    """The section (``c``: ``gpu_measure.Ctx``); see the module docstring."""
+    from fractal_kernels import ar_block_stack_decode, ar_stack_cache
+    from fractal_models.engine import ar as engine_ar
+    from fractal_models.engine import graphs
+    from fractal_models.layers import use_kernel
+    stop = time.perf_counter() + min(CAP_S, c.left() - 5)
+    left = lambda: stop - time.perf_counter()  # noqa: E731
+    config = "fractalar_in64" if c.gpu else "tiny_ar"
+    dev = c.device
+    torch.manual_seed(0)
+    m = _level(config, 1, dev)
+    rows, pos, E = 2, m.seq_len // 2, m.config.dim
+    freqs = m.freqs_cis_on(dev)
+    hs = torch.randn(pos + 1, rows, 1, E, device=dev)  # the inputs of steps 0..pos, the same on every path
+    out: Dict[str, Any] = {"config": config, "level": 1, "width": E, "blocks": len(m.blocks), "rows": rows,
+                           "position": pos, "seq_len": m.seq_len, "precision": "fp16 autocast" if c.gpu else "fp32",
+                           "path": "kernel" if use_kernel(m.blocks[0].attention.backend, dev) else "torch"}
+    step = engine_ar._blocks_step
+    amp = torch.autocast(dev.type, dtype=torch.float16) if c.gpu else torch.autocast(dev.type, enabled=False)
+    off_cuda, threads = graphs._OFF_CUDA, torch.get_num_threads()
+    if not c.gpu:
+        graphs._OFF_CUDA = graphs._Recorder  # the dry run drives the same plumbing without CUDA graphs
+        torch.set_num_threads(1)  # tiny CPU ops: threads only contend on a shared machine
+    try:
+        with torch.no_grad(), amp:
+            m.setup_caches(rows, m.seq_len, device=dev, freqs_cis=freqs)
+            for p in range(pos + 1):
+                ref = step(m, hs[p], p, freqs)
+            ref = ref.float().clone()
+            out["eager_s"] = c.time(lambda: step(m, hs[pos], pos, freqs), repeats=STEP_REPEATS, warmup=3)
+            m.clear_caches()
+
+            if left() > 5:
+                runner = graphs.begin(m, rows, dev, freqs, step, enabled=True)
+                t0 = time.perf_counter()
+                for p in range(pos + 1):
+                    got = runner.step(hs[p], p)
+                if c.gpu:
+                    torch.cuda.synchronize(dev)
+                out["capture_host_s_per_position"] = round((time.perf_counter() - t0) / (pos + 1), 4)
+                out["graph_max_abs_diff"] = float((got.float() - ref).abs().max())
+                out["graph_s"] = c.time(lambda: runner.step(hs[pos], pos), repeats=STEP_REPEATS, warmup=3)
+                out["graph_info"] = {k: v for k, v in graphs.info(m).items() if k in ("captures", "failed")}
+                m.clear_caches()
+            else:
+                out["graph_s"] = "skipped: budget"
+
+            if left() > 10:  # the fused stack's first call may compile (the prewarm may not have)
+                stack = engine_ar._packed_stack(m, dev)
+                cache = ar_stack_cache(stack, rows, m.seq_len, dev)
+                backend = "triton" if c.gpu else "torch"
+                fused = lambda p: ar_block_stack_decode(hs[p][:, 0], stack, cache, p, freqs, m.config.n_head,  # noqa: E731
+                                                        backend=backend)
+                for p in range(pos + 1):
+                    got = fused(p)
+                out["fused_max_abs_diff"] = float((got.float() - ref).abs().max())
+                out["fused_s"] = c.time(lambda: fused(pos), repeats=STEP_REPEATS, warmup=3)
+            else:
+                out["fused_s"] = "skipped: budget"
+
+            cond = [torch.randn(rows, m.cond_emb.in_features, device=dev)]
+            stub_patch = torch.zeros(rows // 2, 3 * m.patch_size ** 2, device=dev)
+            stub = lambda cond_list, cfg, temperature, filter_threshold: stub_patch  # noqa: E731
+            for name, flag in (("call_eager_s", False), ("call_graphs_s", True)):
+                if left() > 3:
+                    out[name] = c.time(lambda: engine_ar.sample(m, cond, 2.0, "linear", 1.0, 1e-4, stub,
+                                                                step_graphs=flag), repeats=CALL_REPEATS, warmup=1)
+                else:
+                    out[name] = "skipped: budget"
+    finally:
+        graphs._OFF_CUDA = off_cuda
+        torch.set_num_threads(threads)
+        m.release_step_graphs()
+    for a, b in (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("call_eager_s", "call_graphs_s")):
+        x, y = out.get(a), out.get(b)
+        if isinstance(x, float) and isinstance(y, float) and y > 0:
+            out[f"{a[:-2]}_over_{b[:-2]}"] = round(x / y, 3)
+    return out
