@@ -7,7 +7,8 @@ and the default backend ("auto": the decode kernel per block), as ``generate`` s
 1. one decode step at position ``seq_len // 2`` (its cache filled by the steps before it, the same random inputs on
    every path): op by op eager (``engine.ar._blocks_step``), op by op replayed from its CUDA graph
    (``engine.graphs``, ``step_graphs``; includes the copy into the static input), the fused stack
-   (``ar_block_stack_decode``, ``fused_stack=True``); CUDA-event medians; each output's max abs diff vs eager;
+   (``ar_block_stack_decode``, ``fused_stack=True``), and the step with its linears as ``skinny_linear``
+   launches, eager and graphed; CUDA-event medians; each output's max abs diff vs eager;
    the host time per capture (warm-up + capture + first replay);
 2. one whole level call (``engine.ar.sample``, 16 steps, a stub next level): eager vs step graphs.
 
@@ -75,6 +76,28 @@ def ar_step(c) -> Dict[str, Any]:
             out["eager_s"] = c.time(lambda: step(m, hs[pos], pos, freqs), repeats=STEP_REPEATS, warmup=3)
             m.clear_caches()
 
+            # the same step with the linears as skinny_linear launches (what dispatch picks at 2 rows on a GPU),
+            # eager and replayed from its graphs; on the dry run through skinny_linear's torch backend
+            sk_step = engine_ar._blocks_step_skinny_linears if c.gpu else (
+                lambda mm, h, p, f: engine_ar._blocks_step(mm, h, p, f, "torch"))
+            if left() > 10:
+                m.setup_caches(rows, m.seq_len, device=dev, freqs_cis=freqs)
+                for p in range(pos + 1):
+                    got = sk_step(m, hs[p], p, freqs)
+                out["skinny_max_abs_diff"] = float((got.float() - ref).abs().max())
+                out["skinny_s"] = c.time(lambda: sk_step(m, hs[pos], pos, freqs), repeats=STEP_REPEATS, warmup=3)
+                m.clear_caches()
+                runner = graphs.begin(m, rows, dev, freqs, sk_step, enabled=True)
+                for p in range(pos + 1):
+                    got = runner.step(hs[p], p)
+                out["skinny_graph_max_abs_diff"] = float((got.float() - ref).abs().max())
+                out["skinny_graph_s"] = c.time(lambda: runner.step(hs[pos], pos), repeats=STEP_REPEATS, warmup=3)
+                m.clear_caches()
+                m.release_step_graphs()
+            else:
+                out["skinny_s"] = out["skinny_graph_s"] = "skipped: budget"
+            out["call_linears"] = engine_ar.explain_skinny_step(m, dev, rows=rows)[1]
+
             if left() > 5:
                 runner = graphs.begin(m, rows, dev, freqs, step, enabled=True)
                 t0 = time.perf_counter()
@@ -116,7 +139,8 @@ def ar_step(c) -> Dict[str, Any]:
         graphs._OFF_CUDA = off_cuda
         torch.set_num_threads(threads)
         m.release_step_graphs()
-    for a, b in (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("call_eager_s", "call_graphs_s")):
+    for a, b in (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("eager_s", "skinny_s"), ("eager_s", "skinny_graph_s"),
+                 ("call_eager_s", "call_graphs_s")):
         x, y = out.get(a), out.get(b)
         if isinstance(x, float) and isinstance(y, float) and y > 0:
             out[f"{a[:-2]}_over_{b[:-2]}"] = round(x / y, 3)

@@ -82,13 +82,15 @@ def test_measure_ar_step_dry_run_and_budget():
     res = r["result"]
     assert res["config"] == "tiny_ar" and res["rows"] == 2 and res["position"] == res["seq_len"] // 2
     assert res["graph_max_abs_diff"] == 0.0 and res["fused_max_abs_diff"] < 1e-4
+    assert res["skinny_max_abs_diff"] < 1e-4 and res["skinny_graph_max_abs_diff"] < 1e-4
     assert res["graph_info"] == {"captures": res["position"] + 1, "failed": None}
-    for k in ("eager_s", "graph_s", "fused_s", "call_eager_s", "call_graphs_s"):
+    for k in ("eager_s", "graph_s", "fused_s", "skinny_s", "skinny_graph_s", "call_eager_s", "call_graphs_s"):
         assert res[k] == gpu_measure.SKIPPED, (k, res[k])
     c = gpu_measure.Ctx(False, 6, None)  # 1 s past the 5 s reserve: only the eager step runs
     res = gpu_measure.ar_step(c)
     assert res["eager_s"] == gpu_measure.SKIPPED
-    assert all(res[k] == "skipped: budget" for k in ("graph_s", "fused_s", "call_eager_s", "call_graphs_s")), res
+    assert all(res[k] == "skipped: budget" for k in ("graph_s", "fused_s", "skinny_s", "skinny_graph_s", "call_eager_s",
+                                                     "call_graphs_s")), res
 
 
 def test_dry_run(tmp_path):

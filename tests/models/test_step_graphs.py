@@ -202,3 +202,21 @@ def test_cuda_graphs_equal_eager(backend):
         st = graphs.info(m)
         assert st["failed"] is None and st["captures"] == m.seq_len, st
         m.release_step_graphs()
+
+
+def test_graphs_replay_the_skinny_linear_step(recorder):
+    """The graphed step is the step dispatch picks: with ``skinny_linears`` the skinny-linear step (triton
+    interpreter here), equal outputs with and without graphs, and the graphs keyed on that step function."""
+    model, _ = model_for("tiny_ar", "triton")
+    level = model.levels()[1]
+    level.skinny_linears = True
+    try:
+        eager = _level_call(level, 4, True)
+        level.step_graphs = True
+        graphed = _level_call(level, 4, True)
+        assert graphs.info(level)["captures"] == level.seq_len
+        assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[2], eager[2])
+    finally:
+        level.release_step_graphs()
+        level.step_graphs = False
+        level.__dict__.pop("skinny_linears", None)
