@@ -230,11 +230,13 @@ def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool
     if device.type == "cuda" and rows is not None:
         from fractal_kernels._target import device_arch
         arch = device_arch(device)
-    on, why = policy.block_stack_rule(m.config.dim, m.__dict__.get("skinny_linears"), op=SKINNY_OP, n=rows,
-                                      dtype=str(dtype).replace("torch.", ""), arch=arch)
-    if why == policy._BLOCK_STACK_DEFAULT_WHY:
-        why = ("default: aten linears (no crossover data for this width, N and GPU says the skinny-linear step "
-               "wins; skinny_linears=True forces it)")
+    force, dt = m.__dict__.get("skinny_linears"), str(dtype).replace("torch.", "")
+    if force is None and (rows is None or arch is None
+                          or (SKINNY_OP, dt, f"sm_{arch}", str(m.config.dim)) not in policy.block_stack_table()):
+        # only crossover data turns it on (the block stacks' width rule is theirs, not this step's)
+        return None, ("default: aten linears (no crossover data for this width, N and GPU says the skinny-linear "
+                      "step wins; skinny_linears=True forces it)")
+    on, why = policy.block_stack_rule(m.config.dim, force, op=SKINNY_OP, n=rows, dtype=dt, arch=arch)
     why = why.replace("fused_stack", "skinny_linears").replace("the fused stack", "the skinny-linear step")
     if not on:
         return None, why

@@ -63,6 +63,8 @@ def test_default_is_off_and_says_why(monkeypatch):
     assert level.__dict__.get("skinny_linears") is None
     which, why = engine_ar.explain_skinny_step(level, CPU, rows=2)
     assert which is None and why.startswith("default: aten linears")
+    monkeypatch.setattr(policy, "BLOCK_STACK_MAX_WIDTH", 4096)  # the block stacks' width rule is not this step's
+    assert engine_ar.explain_skinny_step(level, CPU, rows=2)[0] is None
     level.skinny_linears = True
     assert engine_ar.explain_skinny_step(level, CPU) == ("triton", "skinny_linears=True on the level")
     level.skinny_linears = False
