@@ -307,3 +307,25 @@ def block_stack_rule(width: int, fuse: Optional[bool] = None, *, op: Optional[st
     if width > BLOCK_STACK_MAX_WIDTH:
         return False, _BLOCK_STACK_DEFAULT_WHY
     return True, f"width {width} <= BLOCK_STACK_MAX_WIDTH={BLOCK_STACK_MAX_WIDTH}"
+
+
+def crossover_rule(op: str, width: int, force: Optional[bool], *, n: Optional[int], dtype: Optional[str],
+                   arch: Optional[int], attr: str, what: str, default: str) -> Tuple[bool, str]:
+    """An opt-in alternative of a level step (the AR skinny-linear step, the MAR fused-linear step) and why: the
+    level's ``attr`` (True / False) forces it; otherwise only crossover data turns it on -- the entry of
+    :func:`block_stack_table` for (``op``, ``dtype``, ``arch``, ``width``) with ``n`` inside one of its ranges.
+    No entry, or no N / GPU arch known: off, ``default`` says why."""
+    if force is False:
+        return False, f"{attr}=False on the level"
+    if force:
+        return True, f"{attr}=True on the level"
+    hit = None if n is None or arch is None or dtype is None else block_stack_table().get(
+        (op, dtype, f"sm_{arch}", str(width)))
+    if hit is None:
+        return False, default
+    runs, src = hit
+    kind = "measured" if src == overlay_path(BLOCK_STACK) else "MODEL"
+    if any(lo <= n <= hi for lo, hi in runs):
+        return True, f"N={n}: {what} wins here ({kind} crossover data, {src})"
+    return False, (f"at N={n} {what} loses ({kind} crossover data, {src}: only at N in "
+                   f"{[list(r) for r in runs] or 'no range'})")

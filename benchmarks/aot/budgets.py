@@ -61,6 +61,9 @@ CI_SUBSET: List[Tuple[str, str]] = [
     ("_skinny_linear_kernel", "skinny_linear D=512 rows=2 wqkv+norm bf16"),
     ("_skinny_linear_kernel", "skinny_linear D=1024 rows=2 w1|w3+norm bf16"),
     ("_skinny_linear_kernel", "skinny_linear D=512 rows=2 wqkv+norm fp32"),
+    ("_fused_linear_kernel", "fused_linear D=1024 b256 ln+fc1+gelu bf16"),
+    ("_fused_linear_kernel", "fused_linear D=1024 b1 fc2+residual bf16"),
+    ("_fused_linear_kernel", "fused_linear D=1024 b1 ln+qkv fp32"),
 ]
 # Cost of the subset (committed run, 2026-12-01): 28 compiles, 157 CPU-s of compiles and 197 CPU-s for the whole
 # run (capture, compiles, disassembly) -> about 3.5 min at -j 1, under 2 min at -j 2 on 2 idle cores (CI: 8-min

@@ -273,9 +273,39 @@ def _skinny_linear_cases() -> List[Case]:
     return c
 
 
+def _fused_linear_cases() -> List[Case]:
+    import torch
+    from fractal_kernels.ops.fused_linear import fused_linear
+
+    def linear(M, N, K, dtype, *, norm=False, gelu=False, residual=False, x16=False):
+        # one linear of a MAR block with its fused neighbours (fractal_models/engine/mar.py _block_fused_linear):
+        # x the fp32 residual stream (LayerNorm prologue), or the 16-bit attention output / GELU hidden
+        def run():
+            x = torch.randn(M, K, device="cuda", dtype=dtype if x16 else torch.float32)
+            fused_linear(x, torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5,
+                         torch.zeros(N, device="cuda"), norm_weight=torch.ones(K, device="cuda") if norm else None,
+                         norm_bias=torch.zeros(K, device="cuda") if norm else None, act="gelu" if gelu else "none",
+                         residual=torch.randn(M, N, device="cuda") if residual else None, backend="triton")
+        return run
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    c = []
+    fl = lambda label, fn: c.append(Case(label, "fused_linear", "sample", fn))  # noqa: E731
+    # fractalmar_large_in256's level 0 (D=1024, MLP 4096, 2 x 257 rows at batch 1, 512 x 257 at batch 256) and
+    # level 2 (D=256 ... the 16 x 16 pixels' level: M = 4096 sequences x 21 tokens at batch 256)
+    for M, tag in ((514, "b1"), (131584, "b256")):
+        fl(f"fused_linear D=1024 {tag} ln+qkv bf16", linear(M, 3072, 1024, bf16, norm=True))
+        fl(f"fused_linear D=1024 {tag} proj+residual bf16", linear(M, 1024, 1024, bf16, residual=True, x16=True))
+        fl(f"fused_linear D=1024 {tag} ln+fc1+gelu bf16", linear(M, 4096, 1024, bf16, norm=True, gelu=True))
+        fl(f"fused_linear D=1024 {tag} fc2+residual bf16", linear(M, 1024, 4096, bf16, residual=True, x16=True))
+    fl("fused_linear D=256 b256 ln+fc1+gelu bf16", linear(86016, 1024, 256, bf16, norm=True, gelu=True))
+    fl("fused_linear D=1024 b1 ln+qkv fp32", linear(514, 3072, 1024, fp32, norm=True))
+    return c
+
+
 def cases() -> List[Case]:
     return (_attention_cases() + _pixel_head_cases() + _sampler_ce_cases() + _mar_stack_cases()
-            + _ar_block_stack_decode_cases() + _skinny_linear_cases())
+            + _ar_block_stack_decode_cases() + _skinny_linear_cases() + _fused_linear_cases())
 
 
 # ---- capture ---------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool
                         rows: int = None) -> Tuple[Optional[str], str]:
     """(backend of :func:`skinny_linear` or None, why) for the op-by-op step's linears: the kernel path in eval
     mode, and the level's ``skinny_linears`` attribute (True / False force; None: the crossover data at ``rows``
-    rows on this GPU -- ``policy.block_stack_rule`` over ``fractal_kernels/data/block_stack_model.json``, op
+    rows on this GPU -- ``policy.crossover_rule`` over ``fractal_kernels/data/block_stack_model.json``, op
     ``ar_skinny_step`` -- else off, the safe default)."""
     if m.training:
         return None, "train mode: aten linears"
@@ -230,14 +230,11 @@ def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool
     if device.type == "cuda" and rows is not None:
         from fractal_kernels._target import device_arch
         arch = device_arch(device)
-    force, dt = m.__dict__.get("skinny_linears"), str(dtype).replace("torch.", "")
-    if force is None and (rows is None or arch is None
-                          or (SKINNY_OP, dt, f"sm_{arch}", str(m.config.dim)) not in policy.block_stack_table()):
-        # only crossover data turns it on (the block stacks' width rule is theirs, not this step's)
-        return None, ("default: aten linears (no crossover data for this width, N and GPU says the skinny-linear "
-                      "step wins; skinny_linears=True forces it)")
-    on, why = policy.block_stack_rule(m.config.dim, force, op=SKINNY_OP, n=rows, dtype=dt, arch=arch)
-    why = why.replace("fused_stack", "skinny_linears").replace("the fused stack", "the skinny-linear step")
+    on, why = policy.crossover_rule(
+        SKINNY_OP, m.config.dim, m.__dict__.get("skinny_linears"), n=rows, dtype=str(dtype).replace("torch.", ""),
+        arch=arch, attr="skinny_linears", what="the skinny-linear step",
+        default="default: aten linears (no crossover data for this width, N and GPU says the skinny-linear step "
+                "wins; skinny_linears=True forces it)")
     if not on:
         return None, why
     if policy_only:

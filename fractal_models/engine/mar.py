@@ -27,8 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fractal_kernels import dispatch, policy
 from fractal_kernels.dispatch import MAR_STACK_MAX_L, explain_block_stack
+from fractal_kernels.ops.fused_linear import fused_linear
 from fractal_kernels.ops.mar_stack import mar_block_stack, pack_mar_stack
+from fractal_kernels.ops.tiny_attention import tiny_attention_packed
 from fractal_models.layers import autocast_on, kernel_backend, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
 
 
@@ -85,7 +88,7 @@ def sample(m, cond_list: List[torch.Tensor], num_iter: int, cfg: float, cfg_sche
     mask_token = m.mask_token
     # fractal_models.engine.compiled_levels may install a compiled version for the call
     run_blocks = (m.__dict__.get("_compiled_blocks") or fused_blocks(m, device, n_prefix + seq_len, ranks.shape[0])
-                  or m.blocks_eval)
+                  or linear_blocks(m, device, ranks.shape[0]) or m.blocks_eval)
     # token indices of the 5 neighbour conditions of those positions; n_prefix + L is a zero token
     sizes = [n_pred for n_pred, _, _ in schedule]
     # per step, as views made once (slicing in the loop would be an op per step)
@@ -232,6 +235,74 @@ def fused_blocks(m, device: torch.device, seq: int, n: int = None):
     dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
     weights = _packed_stack(m, dtype)
     return lambda x: mar_block_stack(x, weights, attn.num_heads, backend=which)
+
+
+LINEAR_OP = "mar_linear_step"  # the crossover data's name of this step (benchmarks/costmodel/crossover.py)
+
+
+def linear_blocks(m, device: torch.device, n: int = None):
+    """``x -> blocks and final norm`` with every linear a :func:`fused_linear` launch (LayerNorm prologues; bias,
+    GELU and residual epilogues: 5 launches a block instead of 10) where :func:`explain_fused_linear_step` picks
+    it, else None. Weights from :func:`_packed_stack` in the autocast dtype (packed once per weights)."""
+    which, _ = explain_fused_linear_step(m, device, n=n)
+    if which is None:
+        return None
+    attn = m.blocks[0].attn
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
+    weights = _packed_stack(m, dtype)
+    return lambda x: _blocks_fused_linear(m, x, weights, which)
+
+
+def explain_fused_linear_step(m, device: torch.device, backend=None, policy_only: bool = False,
+                              n: int = None):
+    """(backend of :func:`fused_linear` or None, why) for a MAR step's blocks: the kernel path in eval mode, and
+    the level's ``fused_linears`` attribute (True / False force; None: the crossover data at ``n`` sequences on
+    this GPU -- ``policy.crossover_rule``, op ``mar_linear_step`` -- else off, the safe default)."""
+    if m.training:
+        return None, "train mode: aten linears"
+    if len(m.blocks) == 0:
+        return None, "no blocks"
+    attn = m.blocks[0].attn
+    kb = kernel_backend(backend or attn.backend)
+    if not policy_only and not use_kernel(kb, device):
+        return None, "torch backend: aten linears"
+    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
+    arch = None
+    if device.type == "cuda" and n is not None:
+        from fractal_kernels._target import device_arch
+        arch = device_arch(device)
+    on, why = policy.crossover_rule(
+        LINEAR_OP, m.norm.normalized_shape[0], m.__dict__.get("fused_linears"), n=n,
+        dtype=str(dtype).replace("torch.", ""), arch=arch, attr="fused_linears", what="the fused-linear step",
+        default="default: aten linears (no crossover data for this width, N and GPU says the fused-linear step "
+                "wins; fused_linears=True forces it)")
+    if not on:
+        return None, why
+    if policy_only:
+        return "triton", why
+    which = dispatch.resolve("fused_linear", kb if kb in ("triton", "torch") else None, device, dtype=dtype)
+    if which != "triton":
+        return None, f"{why}, but fused_linear resolves to {which}: aten linears"
+    return which, why
+
+
+def _blocks_fused_linear(m, x: torch.Tensor, w, backend: str) -> torch.Tensor:
+    """The blocks and the final norm of one step, ``[N, T, E] -> [N, T, E]``, each linear one
+    :func:`fused_linear` launch on the packed weights ``w``; the residual stream keeps ``x``'s dtype. The
+    roundings are the op's (one at each linear's input, one at its output), not autocast's per-op ones."""
+    n, t, e = x.shape
+    h = x.reshape(n * t, e)
+    for i, block in enumerate(m.blocks):
+        attn = block.attn
+        qkv = fused_linear(h, w.qkv_w[i], w.qkv_b[i], norm_weight=w.norm1_w[i], norm_bias=w.norm1_b[i],
+                           norm_eps=block.norm1.eps, backend=backend)
+        o = tiny_attention_packed(qkv.view(n, t, 3 * e), attn.num_heads, scale=attn.scale,
+                                  backend=kernel_backend(attn.backend))
+        h = fused_linear(o.reshape(n * t, e), w.proj_w[i], w.proj_b[i], residual=h, backend=backend)
+        g = fused_linear(h, w.fc1_w[i], w.fc1_b[i], norm_weight=w.norm2_w[i], norm_bias=w.norm2_b[i],
+                         norm_eps=block.norm2.eps, act="gelu", backend=backend)
+        h = fused_linear(g, w.fc2_w[i], w.fc2_b[i], residual=h, backend=backend)
+    return m.norm(h.view(n, t, e))
 
 
 def explain_fused_blocks(m, device: torch.device, seq: int, backend=None, policy_only: bool = False,

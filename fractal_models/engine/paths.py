@@ -10,7 +10,7 @@ import torch
 
 from fractal_models.engine.ar import explain_fused_stack, explain_skinny_step
 from fractal_models.engine.graphs import explain_step_graphs
-from fractal_models.engine.mar import explain_fused_blocks
+from fractal_models.engine.mar import explain_fused_blocks, explain_fused_linear_step
 
 
 def _mar_tokens(m) -> int:
@@ -21,7 +21,8 @@ def _mar_tokens(m) -> int:
 def level_paths(model, device: torch.device, backend: Optional[str] = None,
                 policy_only: bool = False) -> List[Dict[str, Any]]:
     """One row per level, top first: ``level``, ``kind`` (MAR / AR / PixelLoss), ``width``, ``path``
-    (``fused`` / ``skinny`` (op by op, linears as ``skinny_linear``) / ``op_by_op`` for generator levels; the
+    (``fused`` / ``skinny`` (AR: op by op, linears as ``skinny_linear``) / ``fused_linear`` (MAR: op by op,
+    linears as ``fused_linear``) / ``op_by_op`` for generator levels; the
     pixel head's own description) and ``why``; AR levels also ``step_graphs`` (whether the op-by-op step is
     replayed from per-position CUDA graphs) and ``step_graphs_why``.
 
@@ -45,7 +46,13 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
         else:
             which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
             width = m.norm.normalized_shape[0]
-        path = "skinny" if which == "skinny" else "fused" if which else "op_by_op"
+            if not which:  # op by op: aten linears, or fused_linear launches (issue #28 item 5)
+                fl, fl_why = explain_fused_linear_step(m, device, backend, policy_only=policy_only)
+                if fl:
+                    which, why = "fused_linear", fl_why
+                else:
+                    why = f"{why}; linears: {fl_why}"
+        path = which if which in ("skinny", "fused_linear") else "fused" if which else "op_by_op"
         rows.append(dict(level=i, kind=kind, width=int(width), path=path, why=why))
         if hasattr(m, "config"):
             rows[-1].update(step_graphs=graphed, step_graphs_why=graphs_why)

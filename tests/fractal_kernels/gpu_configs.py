@@ -49,9 +49,10 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
                                            "DO_TOP_P", "GREEDY", "BLOCK_N", "BLOCK_V")),
     "_ce_rows_kernel": ("logits_ptr", ("WRITE_GRAD", "ROW_SCALE", "BLOCK_N", "BLOCK_V")),
     "_skinny_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "NORM", "GATE", "BIAS", "RES", "ROUND", "EVEN_K")),
+    "_fused_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "GROUP_M", "NORM", "BIAS", "ACT", "RES", "EVEN_K")),
 }
 #: the benchmarks.aot case groups of those kernels
-GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode", "sampler", "ce", "skinny_linear")
+GROUPS = ("mar_stack", "ar_stack", "pixel_head", "attention", "decode", "sampler", "ce", "skinny_linear", "fused_linear")
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
