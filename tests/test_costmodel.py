@@ -93,7 +93,7 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
     assert recs and set(report.KEYS) <= set(recs[0])
     combos = {(r["config"], r["batch"], r["path"]) for r in recs}
     assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
-                      for p in ("fast", "op_by_op", "skinny", "fused", "pre28_default", "reference", "op_by_op_graph",
+                      for p in ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default", "reference", "op_by_op_graph",
                                 "fast_graph")}
     for h in doc["headline"]:
         rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
@@ -190,8 +190,13 @@ def test_the_package_data_fuses_no_published_level():
     at every N of every published width; a measured overlay can say otherwise."""
     dispatch.reload()
     table = {k: v for k, v in policy.block_stack_table().items() if v[1] == policy.package_path(policy.BLOCK_STACK)}
-    stacks = {k: v for k, v in table.items() if k[0] != crossover.SKINNY_OP}
+    stacks = {k: v for k, v in table.items() if k[0] not in (crossover.SKINNY_OP, crossover.LINEAR_OP)}
     assert stacks and all(not runs for runs, _ in stacks.values())
     # the AR step with skinny_linear launches wins at few rows (launch count, every SM streaming) and only there
     skinny = {k: v for k, v in table.items() if k[0] == crossover.SKINNY_OP}
     assert skinny and all(runs and runs[0][0] == 1 and runs[-1][1] <= 64 for runs, _ in skinny.values())
+    # the MAR fused-linear step wins only at small N (launch-bound steps), never at large N (L2 traffic of its
+    # 128 x 128 tiles with the fp32 LayerNorm input, MODEL)
+    linear = {k: v for k, v in table.items() if k[0] == crossover.LINEAR_OP}
+    assert linear and all(not runs or (runs[0][0] == 1 and runs[-1][1] <= 256) for runs, _ in linear.values())
+    assert any(runs for runs, _ in linear.values())

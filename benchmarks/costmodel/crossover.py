@@ -1,6 +1,8 @@
 """The modeled crossovers of the fused block stacks and of the AR skinny-linear step, written as package data for
 the dispatch (a MODEL). ``ar_skinny_step`` (AR levels: the step's linears as ``skinny_linear`` launches vs aten
-linears) is read by ``fractal_models.engine.ar.explain_skinny_step`` through the same rule.
+linears) is read by ``fractal_models.engine.ar.explain_skinny_step``, ``mar_linear_step`` (MAR levels: the step's
+linears as ``fused_linear`` launches) by ``fractal_models.engine.mar.explain_fused_linear_step``
+(``policy.crossover_rule``).
 
 For every published level that has a fused block stack (``mar_block_stack``: MAR levels of length <= 64;
 ``ar_block_stack_decode``: AR levels), and each modeled GPU (H100 -> sm_90, A100 -> sm_80), the level step's
@@ -25,6 +27,7 @@ PUBLISHED = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "frac
              "fractalmar_huge_in256")
 DTYPE = "bfloat16"  # precision="auto" on a GPU: bf16 weights in the fused stacks
 SKINNY_OP = "ar_skinny_step"  # fractal_models.engine.ar.SKINNY_OP: the AR step with skinny_linear launches
+LINEAR_OP = "mar_linear_step"  # fractal_models.engine.mar.LINEAR_OP: the MAR step with fused_linear launches
 
 
 def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]]:
@@ -59,10 +62,12 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
     entries: Dict[str, Dict[str, Dict[str, Dict[str, dict]]]] = {}
     for config in configs:
         for lv in build_levels(config, 1):
-            if not lv.fusable:
-                continue
-            for op, path in ((STACK_OPS[lv.kind], "fused"),) + (((SKINNY_OP, "skinny"),) if lv.kind == "AR" else ()):
-                _add(entries, op, path, lv, config, hardware)
+            if lv.kind == "MAR":
+                _add(entries, LINEAR_OP, "fused_linear", lv, config, hardware)
+            if lv.kind == "AR":
+                _add(entries, SKINNY_OP, "skinny", lv, config, hardware)
+            if lv.fusable:
+                _add(entries, STACK_OPS[lv.kind], "fused", lv, config, hardware)
     for by_dtype in entries.values():
         for by_arch in by_dtype.values():
             for by_width in by_arch.values():
@@ -77,7 +82,7 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
         "n_grid": list(N_GRID),
         "note": "fused_n: inclusive [lo, hi] ranges of N (sequences / rows per call) where the op's modeled step time "
                 "(mar_block_stack / ar_block_stack_decode: the fused block stack; ar_skinny_step: the AR step with "
-                "skinny_linear launches) beats op-by-op with aten linears at every published level of that width; "
+                "skinny_linear launches; mar_linear_step: the MAR step with fused_linear launches) beats op-by-op with aten linears at every published level of that width; "
                 "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere)",
         "entries": entries,
     }

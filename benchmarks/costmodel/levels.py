@@ -17,14 +17,17 @@ import torch
 from . import constants as C
 from .launch import Launch, launch_time
 from .workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, attention_decode,
-                                           attention_mar, elementwise, gemm, mar_stack, pixel_head, skinny)
+                                           attention_mar, elementwise, fused_gemm, gemm, mar_stack, pixel_head, skinny)
 
 LAUNCHES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "launches",
                              "launches.json")
-PATHS = ("fast", "op_by_op", "skinny", "fused", "pre28_default", "reference", "op_by_op_graph", "fast_graph")
+PATHS = ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default", "reference", "op_by_op_graph",
+         "fast_graph")
 # skinny: op by op with the AR levels' linears as skinny_linear launches (norm / SwiGLU / residual fused: 6 launches a
 # block, not 13; issue #28 item 4); fast_graph: the fast path with the AR levels' blocks replayed from per-position
-# CUDA graphs (the engine's step_graphs option: GPU-only, never run)
+# CUDA graphs (the engine's step_graphs option: GPU-only, never run); fused_linear: op by op with the MAR levels'
+# linears as fused_linear launches (LayerNorm prologue, bias / GELU / residual epilogues: 5 launches a block, not 10;
+# issue #28 item 5)
 # op_by_op_graph: a what-if, not a path of the library: the op-by-op launches replayed from a CUDA graph (every
 # launch at the graph-node cost, kernels unchanged; issue #28 item 4 asks for it), to show what launches cost
 PRE28_MAX_WIDTH = 512  # the width rule of dispatch before issue #28: levels up to it fused by default
@@ -156,8 +159,8 @@ def generate_overhead(config: str, batch: int) -> Dict[str, Dict[str, float]]:
 # -------------------------------------------------------------------------------------------------- step lists
 def step_launches(lv: Level, path: str, hw: C.Hardware = C.HARDWARE["H100"], arch: int = 90,
                   fuse: Optional[bool] = None) -> List[Tuple[Launch, float]]:
-    """``(launch, launches per level step)`` of one step of ``lv`` on ``path`` ("op_by_op", "skinny", "fused",
-    "reference"; "fast" is resolved by the caller into one of the first three per level)."""
+    """``(launch, launches per level step)`` of one step of ``lv`` on ``path`` ("op_by_op", "skinny" (AR),
+    "fused_linear" (MAR), "fused", "reference"; "fast" is resolved by the caller into one of the first four)."""
     if path == "fast":
         raise ValueError("step_launches: resolve 'fast' to 'fused', 'skinny' or 'op_by_op' first (report.level_path)")
     c = lv.counts
@@ -189,6 +192,12 @@ def step_launches(lv: Level, path: str, hw: C.Hardware = C.HARDWARE["H100"], arc
                 (skinny("w2+residual", M, D, H, hw, arch, residual=True, x_bytes=EB), d),
                 (attention_decode(lv, hw, arch), d), (elementwise("kv cache copy_", 4 * act), d),
                 (elementwise("level glue", 2 * act), c["other_op_by_op"])]
+    if path == "fused_linear" and lv.kind == "MAR":
+        return [(fused_gemm("ln1+qkv", M, 3 * D, D, hw, arch, norm=True), d),
+                (fused_gemm("proj+residual", M, D, D, hw, arch, residual=True, x_bytes=EB), d),
+                (fused_gemm("ln2+fc1+gelu", M, H, D, hw, arch, norm=True, gelu=True), d),
+                (fused_gemm("fc2+residual", M, D, H, hw, arch, residual=True, x_bytes=EB), d),
+                (attention_mar(lv, hw, arch), d), (elementwise("level glue", 2 * act), c["other_op_by_op"])]
     if lv.kind == "MAR":
         ops = [(attention_mar(lv, hw, arch), d), (elementwise("layer_norm", 2 * act), 2 * d),
                (elementwise("add", 3 * act), 2 * d), (elementwise("gelu", 2 * M * H * EB), d)]

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from . import constants as C
 from .launch import launch_time, record as launch_record
 from .levels import PATHS, PRE28_MAX_WIDTH, build_levels, generate_overhead, step_launches, syncs_per_step
-from .crossover import SKINNY_OP
+from .crossover import LINEAR_OP, SKINNY_OP
 from .workload import STACK_OPS, Level, elementwise
 
 KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "grid_ctas", "ctas_per_sm",
@@ -38,9 +38,21 @@ def skinny_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
     return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
 
 
+def linear_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
+    """The MAR engine's choice of the fused-linear step at this N (``mar_linear_step``; ``explain_fused_linear_step``)."""
+    if lv.kind != "MAR" or doc is None:
+        return False
+    e = doc.get("entries", {}).get(LINEAR_OP, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(str(lv.width))
+    return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
+
+
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
     if path in ("fast", "fast_graph"):
-        return "fused" if fuses(lv, doc, arch) else "skinny" if skinny_wins(lv, doc, arch) else "op_by_op"
+        if fuses(lv, doc, arch):
+            return "fused"
+        return "skinny" if skinny_wins(lv, doc, arch) else "fused_linear" if linear_wins(lv, doc, arch) else "op_by_op"
+    if path == "fused_linear":
+        return "fused_linear" if lv.kind == "MAR" else "op_by_op"
     if path == "op_by_op_graph":
         return "op_by_op"
     if path == "skinny":
@@ -205,10 +217,12 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "",
         "Per launch: time = max(HBM bytes / HBM BW, L2 bytes / L2 BW, per-CTA streaming by Little's law x rounds, "
         "per-CTA compute x rounds) + launch cost (`benchmarks/costmodel/launch.py`). Paths: `fast` = what dispatch "
-        "picks (the fused block stack, or the AR levels' skinny-linear step, only where `fractal_kernels/data/"
+        "picks (the fused block stack, the AR levels' skinny-linear step or the MAR levels' fused-linear step, only where `fractal_kernels/data/"
         "block_stack_model.json` says it wins at that N), `op_by_op` = the kernel path without fused stacks and "
         "with aten linears, `skinny` = op by op with the AR levels' linears as `skinny_linear` launches (RMSNorm, "
-        "SwiGLU and residual fused: 6 launches a block instead of 13; issue #28 item 4), `fused` = the fused stack at every level "
+        "SwiGLU and residual fused: 6 launches a block instead of 13; issue #28 item 4), `fused_linear` = op by op "
+        "with the MAR levels' linears as `fused_linear` launches (LayerNorm prologue, bias / GELU / residual "
+        "epilogues: 5 launches a block instead of 10; issue #28 item 5), `fused` = the fused stack at every level "
         "that has one (shown so a losing fused kernel is visible), `pre28_default` = the default before issue #28 "
         "(fused stacks at widths ≤ 512, the engine the launch MODEL put at 0.68 s/img for fractalar_in64), "
         "`reference` = the reference loop; `op_by_op_graph` is a what-if, not a path of the library: the "
@@ -219,16 +233,17 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
-        "| config | batch | fast | op_by_op | skinny | fused | pre28_default | reference | what-if: op_by_op_graph "
-        "| fast_graph (GPU-only option) | fast: launches/img | fast: bound (share of time) | target | met? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | fast | op_by_op | skinny | fused_linear | fused | pre28_default | reference | what-if: "
+        "op_by_op_graph | fast_graph (GPU-only option) | fast: launches/img | fast: bound (share of time) | target "
+        "| met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head:
         tgt = (f"≤ {h['target_s']} s" if "target_s" in h else "—")
         met = ("—" if "target_s" not in h else "**met**" if h["target_met"] else
                f"missed by {h['target_factor']:.1f}×")
         lines.append(f"| {h['config']} | {h['batch']} | **{_fmt_s(h['fast_s'])}** | {_fmt_s(h['op_by_op_s'])} | "
-                     f"{_fmt_s(h['skinny_s'])} | {_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | "
+                     f"{_fmt_s(h['skinny_s'])} | {_fmt_s(h['fused_linear_s'])} | {_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | "
                      f"{_fmt_s(h['reference_s'])} | {_fmt_s(h['op_by_op_graph_s'])} | {_fmt_s(h['fast_graph_s'])} | "
                      f"{h['fast_launches']:,.0f} | "
                      f"{h['fast_bound']} | {tgt} | {met} |")
@@ -311,7 +326,7 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
     fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.4), squeeze=False)
     for ax, low, config in zip(axes[0], axes[1], configs):
         batches = sorted({b for c, b, _ in tot if c == config})
-        for p, style in zip(PATHS, ("o-", "s--", "P-", "x:", "d:", "^-.", "v:", "*-")):
+        for p, style in zip(PATHS, ("o-", "s--", "P-", "h-", "x:", "d:", "^-.", "v:", "*-")):
             ax.plot(batches, [tot[(config, b, p)]["s"] for b in batches], style, label=p)
         for (c, b), t in C.TARGETS.items():
             if c == config:

@@ -248,6 +248,36 @@ def skinny(name: str, M: int, N: int, K: int, hw: C.Hardware, arch: int, *, gate
                   meta=cfg._asdict())
 
 
+# (registers, shared memory bytes) of _fused_linear_kernel's 16-bit specializations per output tile, the worst of
+# this session's sm_90 compiles (benchmarks/aot capture; 0 spills): occupancy from them and the config's warps
+FUSED_LINEAR_RESOURCES = {(128, 128): (202, 90880), (64, 128): (214, 91136), (64, 64): (118, 57344)}
+
+
+def fused_gemm(name: str, M: int, N: int, K: int, hw: C.Hardware, arch: int, *, norm: bool = False,
+               gelu: bool = False, residual: bool = False, x_bytes: int = F32) -> Launch:
+    """``_fused_linear_kernel`` (``fused_linear``): the launcher's own tile at ``arch`` (the largest with a program
+    per SM), ``num_stages - 1`` A and W tiles in flight a program; the LayerNorm prologue re-reads the program's
+    rows twice more (from L2); HBM: the input, the weight and the output once (plus the residual), blocked past
+    the L2 as :func:`gemm`."""
+    from fractal_kernels.ops.fused_linear.launch import fused_linear_config, grid as fl_grid
+    cfg = fused_linear_config(M, N, K, torch.bfloat16, torch.device("cuda"), arch=arch, interpret=False)
+    out_b = F32 if residual else EB
+    rows = min(cfg.bm, M)
+    per = (rows * K * x_bytes * (3 if norm else 1) + cfg.bn * K * EB + rows * cfg.bn * (out_b + (F32 if residual else 0)))
+    unique = N * K * EB + M * K * x_bytes + M * N * (out_b + (F32 if residual else 0))
+    b = math.sqrt(hw.l2_plan_bytes / (3 * EB))
+    hbm = max(unique, 2.0 * M * N * K * EB / b + M * N * out_b) if N * K * EB > hw.l2_plan_bytes else unique
+    regs, smem = FUSED_LINEAR_RESOURCES.get((cfg.bm, cfg.bn), (255, 0))
+    return Launch(kernel=f"triton:fused_linear {name} {N}x{K}", grid_ctas=fl_grid(cfg, M, N)[0],
+                  ctas_per_sm=occupancy(regs, cfg.num_warps, smem, hw=hw), bytes_per_cta=per,
+                  in_flight_bytes=max(1, cfg.num_stages - 1) * (cfg.bm + cfg.bn) * cfg.bk * EB, unique_bytes=hbm,
+                  weight_bytes=N * K * EB, working_set_bytes=min(hbm, hw.l2_plan_bytes),
+                  flops_per_cta=2.0 * cfg.bm * cfg.bn * K,
+                  unit="HGMMA" if arch >= 90 and cfg.bm >= 64 else "HMMA", launch_kind="triton",
+                  note="registers / shared memory from this session's sm_90 compiles (FUSED_LINEAR_RESOURCES)",
+                  meta=cfg._asdict())
+
+
 def pixel_head(lv: Level, hw: C.Hardware, arch: int) -> Launch:
     """``_pixel_head_kernel`` (guided: CFG on): a persistent grid over tiles of ``block_b`` pixel pairs."""
     from fractal_kernels._target import target_arch
