@@ -314,17 +314,20 @@ def crossover_rule(op: str, width: int, force: Optional[bool], *, n: Optional[in
     """An opt-in alternative of a level step (the AR skinny-linear step, the MAR fused-linear step) and why: the
     level's ``attr`` (True / False) forces it; otherwise only crossover data turns it on -- the entry of
     :func:`block_stack_table` for (``op``, ``dtype``, ``arch``, ``width``) with ``n`` inside one of its ranges.
-    No entry, or no N / GPU arch known: off, ``default`` says why."""
+    No entry or no GPU arch: off, ``default`` says why; an entry but no ``n`` (a policy view): off, and the why
+    says at which N it would run."""
     if force is False:
         return False, f"{attr}=False on the level"
     if force:
         return True, f"{attr}=True on the level"
-    hit = None if n is None or arch is None or dtype is None else block_stack_table().get(
-        (op, dtype, f"sm_{arch}", str(width)))
+    hit = None if arch is None or dtype is None else block_stack_table().get((op, dtype, f"sm_{arch}", str(width)))
     if hit is None:
         return False, default
     runs, src = hit
     kind = "measured" if src == overlay_path(BLOCK_STACK) else "MODEL"
+    if n is None:  # a policy view without a call (fractalgen info): say where it would run
+        return False, (f"per call on sm_{arch}: {what} at N in {[list(r) for r in runs] or 'no range'} ({kind} "
+                       f"crossover data, {src}), else aten linears; {attr}=True forces it")
     if any(lo <= n <= hi for lo, hi in runs):
         return True, f"N={n}: {what} wins here ({kind} crossover data, {src})"
     return False, (f"at N={n} {what} loses ({kind} crossover data, {src}: only at N in "

@@ -200,3 +200,6 @@ def test_the_package_data_fuses_no_published_level():
     linear = {k: v for k, v in table.items() if k[0] == crossover.LINEAR_OP}
     assert linear and all(not runs or (runs[0][0] == 1 and runs[-1][1] <= 256) for runs, _ in linear.values())
     assert any(runs for runs, _ in linear.values())
+    # precision="auto" on a GPU is fp16 autocast: every entry is there for fp16 as for bf16 (same bytes, same rate)
+    keys = set(table)
+    assert {(op, "float16", a, w) for op, dt, a, w in keys if dt == "bfloat16"} <= keys

@@ -15,6 +15,7 @@ an entry. ``tests/test_costmodel.py`` checks that the committed file equals what
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Dict, List, Sequence
 
@@ -25,7 +26,10 @@ from .workload import STACK_OPS
 N_GRID = tuple(2 ** k for k in range(17))
 PUBLISHED = ("fractalar_in64", "fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256",
              "fractalmar_huge_in256")
-DTYPE = "bfloat16"  # precision="auto" on a GPU: bf16 weights in the fused stacks
+DTYPE = "bfloat16"  # the modeled 16-bit dtype (bf16 and fp16 move the same bytes at the same tensor-core rate)
+# the entries are written for both: precision="auto" on a GPU is fp16 autocast (the public code's choice), and
+# bf16 is the other 16-bit precision; the dispatch looks its call's dtype up
+DTYPES = ("bfloat16", "float16")
 SKINNY_OP = "ar_skinny_step"  # fractal_models.engine.ar.SKINNY_OP: the AR step with skinny_linear launches
 LINEAR_OP = "mar_linear_step"  # fractal_models.engine.mar.LINEAR_OP: the MAR step with fused_linear launches
 
@@ -74,6 +78,8 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                 for e in by_width.values():
                     e["fused_n"] = ranges(e.pop("wins"))
                     e["best_ratio"] = round(e["best_ratio"], 4)
+        for other in DTYPES:
+            by_dtype.setdefault(other, copy.deepcopy(by_dtype[DTYPE]))
     return {
         "schema": 1,
         "kind": "MODEL",

@@ -213,7 +213,8 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         f"{hw.launch_eager_s * 1e6:.0f} / Triton {hw.launch_triton_s * 1e6:.0f} / graph node "
         f"{hw.launch_graph_s * 1e6:.0f} µs, sync {hw.sync_s * 1e6:.0f} µs; none fitted). Commit `{_commit()}`, "
         f"{now}. Sampling: CFG on (cfg {C.SAMPLING['cfg']}, {C.SAMPLING['cfg_schedule']}), the reference's "
-        "iterations, bf16 weights and activations (`precision=\"auto\"` on a GPU).",
+        "iterations, 16-bit weights and activations (`precision=\"auto\"` on a GPU is fp16 autocast; bf16 "
+        "moves the same bytes at the same rate; the crossover data is written for both).",
         "",
         "Per launch: time = max(HBM bytes / HBM BW, L2 bytes / L2 BW, per-CTA streaming by Little's law x rounds, "
         "per-CTA compute x rounds) + launch cost (`benchmarks/costmodel/launch.py`). Paths: `fast` = what dispatch "

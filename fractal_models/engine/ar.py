@@ -226,8 +226,10 @@ def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool
     if not policy_only and not use_kernel(kb, device):
         return None, "torch backend: aten linears"
     dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type) else att.wqkv.weight.dtype)
+    if policy_only and not autocast_on(device.type):
+        dtype = torch.float16  # the view "on a GPU": precision="auto" samples under fp16 autocast there
     arch = None
-    if device.type == "cuda" and rows is not None:
+    if (device.type == "cuda" and rows is not None) or policy_only:  # policy_only: the view "on a GPU"
         from fractal_kernels._target import device_arch
         arch = device_arch(device)
     on, why = policy.crossover_rule(

@@ -267,8 +267,10 @@ def explain_fused_linear_step(m, device: torch.device, backend=None, policy_only
     if not policy_only and not use_kernel(kb, device):
         return None, "torch backend: aten linears"
     dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
+    if policy_only and not autocast_on(device.type):
+        dtype = torch.float16  # the view "on a GPU": precision="auto" samples under fp16 autocast there
     arch = None
-    if device.type == "cuda" and n is not None:
+    if (device.type == "cuda" and n is not None) or policy_only:  # policy_only: the view "on a GPU"
         from fractal_kernels._target import device_arch
         arch = device_arch(device)
     on, why = policy.crossover_rule(

@@ -58,7 +58,7 @@ def test_default_is_off_forcing_and_crossover(monkeypatch):
     m.eval()
     m.fused_linears = None
     width = m.norm.normalized_shape[0]
-    table = {("mar_linear_step", "float32", "sm_90", str(width)): ([[64, 65536]], "test-data")}
+    table = {("mar_linear_step", "float16", "sm_90", str(width)): ([[64, 65536]], "test-data")}  # policy view: fp16
     monkeypatch.setattr(policy, "block_stack_table", lambda: table)
     monkeypatch.setattr("fractal_kernels._target.device_arch", lambda device=None: 90)
     cuda = torch.device("cuda")

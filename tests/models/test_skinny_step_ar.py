@@ -83,7 +83,7 @@ def test_crossover_data_decides_on_a_gpu(monkeypatch):
     model, _ = model_for("tiny_ar", "triton")
     level = model.levels()[0]
     width = level.config.dim
-    table = {("ar_skinny_step", "float32", "sm_90", str(width)): ([[1, 16]], "test-data")}
+    table = {("ar_skinny_step", "float16", "sm_90", str(width)): ([[1, 16]], "test-data")}  # policy view: fp16
     monkeypatch.setattr(policy, "block_stack_table", lambda: table)
     monkeypatch.setattr("fractal_kernels._target.device_arch", lambda device=None: 90)
     cuda = torch.device("cuda")
