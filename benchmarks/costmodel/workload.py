@@ -11,10 +11,12 @@ Grids, tiles, warps and stages come from each launcher's own config function at 
 specialization (``benchmarks/results/aot/full.json``), or, for kernels it has no row of, from the launcher's
 warps and register cap. aten ops go through the tile model of ``constants.py``.
 
-Paths: ``op_by_op`` (the kernel path, blocks op by op), ``fused`` (the fused block-stack kernel wherever the
-level has one), ``reference`` (the reference loop) and ``fast`` (per level what dispatch picks: the fused stack
-only where the modeled crossover data says it wins at this N). All weights and activations 16-bit (bf16: the
-default ``precision="auto"`` on a GPU); KV-cache attention at the mean cache length of the level.
+Paths (``levels.PATHS``): ``op_by_op`` (the kernel path, blocks op by op, aten linears), ``skinny`` / ``fused_linear``
+(op by op with the AR / MAR levels' linears as ``skinny_linear`` / ``fused_linear`` launches), ``fused`` (the fused
+block-stack kernel wherever the level has one), ``reference`` (the reference loop) and ``fast`` (per level what
+dispatch picks, by the modeled crossover data at this N). All weights and activations 16-bit (the default
+``precision="auto"`` on a GPU is fp16 autocast; bf16 moves the same bytes); KV-cache attention at the mean cache
+length of the level.
 """
 from __future__ import annotations
 
