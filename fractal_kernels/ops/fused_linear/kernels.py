@@ -34,23 +34,26 @@ if HAS_TRITON:
         cols = pid_n * BN + tl.arange(0, BN)
         rmask = rows < M
         cmask = cols < N
+        # padding rows / columns read real rows / columns (indices wrapped, unmasked loads): their results
+        # are never stored, and no load reaches past a tensor; only K is masked (its fill meets the products)
+        rows_c = (rows % M).to(tl.int64)
+        cols_c = (cols % N).to(tl.int64)
         ks0 = tl.arange(0, BK)
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxm
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * swn
+        x_rows = x_ptr + rows_c[:, None] * sxm
+        w_cols = w_ptr + cols_c[None, :] * swn
         if NORM:
             # LayerNorm prologue: every program reduces its BM rows over K itself (two passes, from L2)
             s1 = tl.zeros([BM], dtype=tl.float32)
             for k0 in range(0, K, BK):
                 ks = k0 + ks0
-                xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & (ks < K)[None, :],
-                             other=0.0).to(tl.float32)
+                xt = tl.load(x_rows + ks[None, :] * sxk, mask=(ks < K)[None, :], other=0.0).to(tl.float32)
                 s1 += tl.sum(xt, axis=1)
             mean = s1 / K
             s2 = tl.zeros([BM], dtype=tl.float32)
             for k0 in range(0, K, BK):
                 ks = k0 + ks0
-                xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & (ks < K)[None, :],
-                             other=0.0).to(tl.float32)
+                # lanes past K read wrapped real columns (unmasked): the where drops them
+                xt = tl.load(x_rows + (ks % K)[None, :] * sxk).to(tl.float32)
                 d = tl.where((ks < K)[None, :], xt - mean[:, None], 0.0)
                 s2 += tl.sum(d * d, axis=1)
             rstd = 1.0 / tl.sqrt(s2 / K + eps)
@@ -58,12 +61,12 @@ if HAS_TRITON:
         for k0 in range(0, K, BK):
             ks = k0 + ks0
             if EVEN_K:
-                a = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None], other=0.0)
-                w = tl.load(w_cols + ks[:, None], mask=cmask[None, :], other=0.0)
+                a = tl.load(x_rows + ks[None, :] * sxk)
+                w = tl.load(w_cols + ks[:, None])
             else:
                 kmask = ks < K
-                a = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_cols + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+                a = tl.load(x_rows + ks[None, :] * sxk, mask=kmask[None, :], other=0.0)
+                w = tl.load(w_cols + ks[:, None], mask=kmask[:, None], other=0.0)
             if NORM:
                 if EVEN_K:
                     nw = tl.load(nw_ptr + ks).to(tl.float32)
@@ -84,12 +87,11 @@ if HAS_TRITON:
                 else:
                     acc = tl.dot(a16, w, acc, out_dtype=tl.float32)
         if BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
         if ACT == 1:
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         omask = rmask[:, None] & cmask[None, :]
         if RES:
-            acc += tl.load(r_ptr + rows.to(tl.int64)[:, None] * srm + cols[None, :], mask=omask,
-                           other=0.0).to(tl.float32)
+            acc += tl.load(r_ptr + rows_c[:, None] * srm + cols_c[None, :]).to(tl.float32)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * som + cols[None, :], _cast(acc, out_ptr.dtype.element_ty),
                  mask=omask)

@@ -31,18 +31,21 @@ if HAS_TRITON:
         cols = pid_n * BN + tl.arange(0, BN)
         rmask = rows < M
         cmask = cols < N
+        # padding rows / columns read real rows / columns (indices wrapped, unmasked loads): their results
+        # are never stored, and no load reaches past a tensor; only K is masked (its fill meets the products)
+        rows_c = (rows % M).to(tl.int64)
+        cols_c = (cols % N).to(tl.int64)
         ks0 = tl.arange(0, BK)
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * sxm
+        x_rows = x_ptr + rows_c[:, None] * sxm
         if NORM:
             # RMSNorm prologue: every program reduces its rows itself (K values a row: cheaper than a launch)
             ss = tl.zeros([BM], dtype=tl.float32)
             for k0 in range(0, K, BK):
                 ks = k0 + ks0
                 if EVEN_K:
-                    xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None], other=0.0).to(tl.float32)
+                    xt = tl.load(x_rows + ks[None, :] * sxk).to(tl.float32)
                 else:
-                    xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & (ks < K)[None, :],
-                                 other=0.0).to(tl.float32)
+                    xt = tl.load(x_rows + ks[None, :] * sxk, mask=(ks < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xt * xt, axis=1)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
         # products accumulate elementwise over K chunks and are reduced once at the end (one reduction, not
@@ -50,18 +53,17 @@ if HAS_TRITON:
         acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
         if GATE:
             gacc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * swn
-        g_rows = g_ptr + cols.to(tl.int64)[:, None] * sgn
+        w_rows = w_ptr + cols_c[:, None] * swn
+        g_rows = g_ptr + cols_c[:, None] * sgn
         for k0 in range(0, K, BK):
             ks = k0 + ks0
             if EVEN_K:
-                xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None], other=0.0).to(tl.float32)
-                wt = tl.load(w_rows + ks[None, :], mask=cmask[:, None], other=0.0).to(tl.float32)
+                xt = tl.load(x_rows + ks[None, :] * sxk).to(tl.float32)
+                wt = tl.load(w_rows + ks[None, :]).to(tl.float32)
             else:
                 kmask = ks < K
-                xt = tl.load(x_rows + ks[None, :] * sxk, mask=rmask[:, None] & kmask[None, :],
-                             other=0.0).to(tl.float32)
-                wt = tl.load(w_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                xt = tl.load(x_rows + ks[None, :] * sxk, mask=kmask[None, :], other=0.0).to(tl.float32)
+                wt = tl.load(w_rows + ks[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
             if NORM:
                 if EVEN_K:
                     nw = tl.load(nw_ptr + ks).to(tl.float32)
@@ -76,19 +78,17 @@ if HAS_TRITON:
             acc += xt[:, None, :] * wt[None, :, :]
             if GATE:
                 if EVEN_K:
-                    gt = tl.load(g_rows + ks[None, :], mask=cmask[:, None], other=0.0).to(tl.float32)
+                    gt = tl.load(g_rows + ks[None, :]).to(tl.float32)
                 else:
-                    gt = tl.load(g_rows + ks[None, :], mask=cmask[:, None] & (ks < K)[None, :],
-                                 other=0.0).to(tl.float32)
+                    gt = tl.load(g_rows + ks[None, :], mask=(ks < K)[None, :], other=0.0).to(tl.float32)
                 gacc += xt[:, None, :] * gt[None, :, :]
         y = tl.sum(acc, axis=2)  # [BM, BN]
         if BIAS:
-            y += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
         if GATE:
             y = y * tl.sigmoid(y) * tl.sum(gacc, axis=2)
         omask = rmask[:, None] & cmask[None, :]
         if RES:
-            y += tl.load(r_ptr + rows.to(tl.int64)[:, None] * srm + cols[None, :], mask=omask,
-                         other=0.0).to(tl.float32)
+            y += tl.load(r_ptr + rows_c[:, None] * srm + cols_c[None, :]).to(tl.float32)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * som + cols[None, :], _cast(y, out_ptr.dtype.element_ty),
                  mask=omask)
