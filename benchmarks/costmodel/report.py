@@ -18,32 +18,28 @@ KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "gri
         "weight_bytes_per_launch", "bytes_per_cta", "flops_per_launch", "unit", "modeled_us", "bound")
 
 
-def fuses(lv: Level, doc: Optional[dict], arch: int) -> bool:
-    """What dispatch picks for this level at its N: the fused stack only inside a modeled crossover range of
-    ``doc`` (the :mod:`benchmarks.costmodel.crossover` document, i.e. ``fractal_kernels/data/
-    block_stack_model.json``)."""
-    if not lv.fusable or doc is None:
-        return False
-    e = doc.get("entries", {}).get(STACK_OPS[lv.kind], {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(
+def _in_range(lv: Level, doc: Optional[dict], arch: int, op: str) -> bool:
+    """``lv.n`` inside a modeled crossover range of ``doc``'s entry for ``op`` at this level's width (the
+    :mod:`benchmarks.costmodel.crossover` document, i.e. ``fractal_kernels/data/block_stack_model.json``: what
+    dispatch and the engine read)."""
+    e = None if doc is None else doc.get("entries", {}).get(op, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(
         str(lv.width))
     return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
 
 
+def fuses(lv: Level, doc: Optional[dict], arch: int) -> bool:
+    """What dispatch picks for this level at its N: the fused stack only inside its modeled crossover range."""
+    return lv.fusable and _in_range(lv, doc, arch, STACK_OPS[lv.kind])
+
+
 def skinny_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
-    """What the AR engine picks for this level's linears at its N: skinny_linear only inside a modeled range of
-    ``doc``'s ``ar_skinny_step`` entry (the engine's ``explain_skinny_step`` reads the same entry)."""
-    if lv.kind != "AR" or doc is None:
-        return False
-    e = doc.get("entries", {}).get(SKINNY_OP, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(str(lv.width))
-    return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
+    """The AR engine's choice of the skinny-linear step at this N (``ar_skinny_step``; ``explain_skinny_step``)."""
+    return lv.kind == "AR" and _in_range(lv, doc, arch, SKINNY_OP)
 
 
 def linear_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
     """The MAR engine's choice of the fused-linear step at this N (``mar_linear_step``; ``explain_fused_linear_step``)."""
-    if lv.kind != "MAR" or doc is None:
-        return False
-    e = doc.get("entries", {}).get(LINEAR_OP, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(str(lv.width))
-    return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
+    return lv.kind == "MAR" and _in_range(lv, doc, arch, LINEAR_OP)
 
 
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:

@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractal_kernels import dispatch, policy
+from fractal_kernels import dispatch
 from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache, pack_ar_stack
 from fractal_kernels.ops.skinny_linear import skinny_linear
 from fractal_kernels.ops.tiny_attention import tiny_attention_decode
 from fractal_models.engine import graphs as _graphs
+from fractal_models.engine.alternatives import explain_alternative
 from fractal_models.layers import autocast_on, is_one as _is_one, kernel_backend, use_kernel
 
 
@@ -216,35 +217,11 @@ def explain_skinny_step(m, device: torch.device, backend=None, policy_only: bool
     """(backend of :func:`skinny_linear` or None, why) for the op-by-op step's linears: the kernel path in eval
     mode, and the level's ``skinny_linears`` attribute (True / False force; None: the crossover data at ``rows``
     rows on this GPU -- ``policy.crossover_rule`` over ``fractal_kernels/data/block_stack_model.json``, op
-    ``ar_skinny_step`` -- else off, the safe default)."""
-    if m.training:
-        return None, "train mode: aten linears"
-    if len(m.blocks) == 0:
-        return None, "no blocks"
-    att = m.blocks[0].attention
-    kb = kernel_backend(backend or att.backend)
-    if not policy_only and not use_kernel(kb, device):
-        return None, "torch backend: aten linears"
-    dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type) else att.wqkv.weight.dtype)
-    if policy_only and not autocast_on(device.type):
-        dtype = torch.float16  # the view "on a GPU": precision="auto" samples under fp16 autocast there
-    arch = None
-    if (device.type == "cuda" and rows is not None) or policy_only:  # policy_only: the view "on a GPU"
-        from fractal_kernels._target import device_arch
-        arch = device_arch(device)
-    on, why = policy.crossover_rule(
-        SKINNY_OP, m.config.dim, m.__dict__.get("skinny_linears"), n=rows, dtype=str(dtype).replace("torch.", ""),
-        arch=arch, attr="skinny_linears", what="the skinny-linear step",
-        default="default: aten linears (no crossover data for this width, N and GPU says the skinny-linear step "
-                "wins; skinny_linears=True forces it)")
-    if not on:
-        return None, why
-    if policy_only:
-        return "triton", why
-    which = dispatch.resolve("skinny_linear", kb if kb in ("triton", "torch") else None, device, dtype=dtype)
-    if which != "triton":
-        return None, f"{why}, but skinny_linear resolves to {which}: aten linears"
-    return which, why
+    ``ar_skinny_step`` -- else off, the safe default; :func:`~fractal_models.engine.alternatives.explain_alternative`)."""
+    att = m.blocks[0].attention if len(m.blocks) else None
+    return explain_alternative(m, device, backend, policy_only, rows, attention=att,
+                               weight=att.wqkv.weight if att is not None else None, width=m.config.dim, op=SKINNY_OP,
+                               kernel_op="skinny_linear", attr="skinny_linears", what="the skinny-linear step")
 
 
 def _blocks_step_skinny(m, x: torch.Tensor, pos: int, backend: str) -> torch.Tensor:

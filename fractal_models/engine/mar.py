@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fractal_kernels import dispatch, policy
 from fractal_kernels.dispatch import MAR_STACK_MAX_L, explain_block_stack
 from fractal_kernels.ops.fused_linear import fused_linear
 from fractal_kernels.ops.mar_stack import mar_block_stack, pack_mar_stack
 from fractal_kernels.ops.tiny_attention import tiny_attention_packed
+from fractal_models.engine.alternatives import explain_alternative
 from fractal_models.layers import autocast_on, kernel_backend, is_one as _is_one, known_patches, mask_by_order, to_device_async, use_kernel
 
 
@@ -258,34 +258,11 @@ def explain_fused_linear_step(m, device: torch.device, backend=None, policy_only
     """(backend of :func:`fused_linear` or None, why) for a MAR step's blocks: the kernel path in eval mode, and
     the level's ``fused_linears`` attribute (True / False force; None: the crossover data at ``n`` sequences on
     this GPU -- ``policy.crossover_rule``, op ``mar_linear_step`` -- else off, the safe default)."""
-    if m.training:
-        return None, "train mode: aten linears"
-    if len(m.blocks) == 0:
-        return None, "no blocks"
-    attn = m.blocks[0].attn
-    kb = kernel_backend(backend or attn.backend)
-    if not policy_only and not use_kernel(kb, device):
-        return None, "torch backend: aten linears"
-    dtype = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else attn.qkv.weight.dtype
-    if policy_only and not autocast_on(device.type):
-        dtype = torch.float16  # the view "on a GPU": precision="auto" samples under fp16 autocast there
-    arch = None
-    if (device.type == "cuda" and n is not None) or policy_only:  # policy_only: the view "on a GPU"
-        from fractal_kernels._target import device_arch
-        arch = device_arch(device)
-    on, why = policy.crossover_rule(
-        LINEAR_OP, m.norm.normalized_shape[0], m.__dict__.get("fused_linears"), n=n,
-        dtype=str(dtype).replace("torch.", ""), arch=arch, attr="fused_linears", what="the fused-linear step",
-        default="default: aten linears (no crossover data for this width, N and GPU says the fused-linear step "
-                "wins; fused_linears=True forces it)")
-    if not on:
-        return None, why
-    if policy_only:
-        return "triton", why
-    which = dispatch.resolve("fused_linear", kb if kb in ("triton", "torch") else None, device, dtype=dtype)
-    if which != "triton":
-        return None, f"{why}, but fused_linear resolves to {which}: aten linears"
-    return which, why
+    attn = m.blocks[0].attn if len(m.blocks) else None
+    return explain_alternative(m, device, backend, policy_only, n, attention=attn,
+                               weight=attn.qkv.weight if attn is not None else None,
+                               width=m.norm.normalized_shape[0], op=LINEAR_OP, kernel_op="fused_linear",
+                               attr="fused_linears", what="the fused-linear step")
 
 
 def _blocks_fused_linear(m, x: torch.Tensor, w, backend: str) -> torch.Tensor:

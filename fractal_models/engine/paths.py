@@ -32,29 +32,23 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
     levels = model.levels()
     for i, m in enumerate(levels[:-1]):
         kind = type(m).__name__
-        if hasattr(m, "config"):  # AR level
+        ar = hasattr(m, "config")  # AR level, else MAR
+        if ar:
             which, why = explain_fused_stack(m, device, backend, policy_only=policy_only)
             width = m.config.dim
             graphed, graphs_why = (False, "fused stack: one launch per step already") if which else \
                 explain_step_graphs(m, device)
-            if not which:  # op by op: aten linears, or skinny_linear launches (issue #28 item 4)
-                sk, sk_why = explain_skinny_step(m, device, backend, policy_only=policy_only)
-                if sk:
-                    which, why = "skinny", sk_why
-                else:
-                    why = f"{why}; linears: {sk_why}"
         else:
             which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
             width = m.norm.normalized_shape[0]
-            if not which:  # op by op: aten linears, or fused_linear launches (issue #28 item 5)
-                fl, fl_why = explain_fused_linear_step(m, device, backend, policy_only=policy_only)
-                if fl:
-                    which, why = "fused_linear", fl_why
-                else:
-                    why = f"{why}; linears: {fl_why}"
-        path = which if which in ("skinny", "fused_linear") else "fused" if which else "op_by_op"
+        path = "fused" if which else "op_by_op"
+        if not which:  # op by op: aten linears, or skinny_linear (AR) / fused_linear (MAR) launches (issue #28)
+            explain_alt, alt_path = ((explain_skinny_step, "skinny") if ar else
+                                     (explain_fused_linear_step, "fused_linear"))
+            alt, alt_why = explain_alt(m, device, backend, policy_only=policy_only)
+            path, why = (alt_path, alt_why) if alt else (path, f"{why}; linears: {alt_why}")
         rows.append(dict(level=i, kind=kind, width=int(width), path=path, why=why))
-        if hasattr(m, "config"):
+        if ar:
             rows[-1].update(step_graphs=graphed, step_graphs_why=graphs_why)
     head = levels[-1]
     rows.append(dict(level=len(levels) - 1, kind=type(head).__name__, width=int(head.cond_proj.out_features),

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from fractal_kernels import dispatch
+from fractal_kernels.ops._linear import refuse_grad
 from fractal_kernels.ops.fused_linear.launch import check, launch_triton
 from fractal_kernels.reference.fused_linear import fused_linear_reference
 
@@ -41,10 +42,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if which not in ("triton", "torch"):
         raise dispatch.BackendUnavailable(f"{OP}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
     m, n = x.shape[0], weight.shape[0]
-    if which == "triton" and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, norm_bias, residual)):
-        raise RuntimeError(f"{OP}: the Triton kernel has no backward (an inference op: the sampling steps); run it "
-                           f"under torch.no_grad() / inference_mode(), or use backend='torch' for gradients")
+    if which == "triton":
+        refuse_grad(OP, (x, weight, bias, norm_weight, norm_bias, residual))
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x.device)
     if which == "torch":

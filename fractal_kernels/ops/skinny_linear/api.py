@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from fractal_kernels import dispatch
+from fractal_kernels.ops._linear import refuse_grad
 from fractal_kernels.ops.skinny_linear.launch import check, launch_triton
 from fractal_kernels.reference.skinny_linear import skinny_linear_reference
 
@@ -44,10 +45,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if which not in ("triton", "torch"):
         raise dispatch.BackendUnavailable(f"{OP}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
     m, n = x.shape[0], weight.shape[0]
-    if which == "triton" and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, gate, residual)):
-        raise RuntimeError(f"{OP}: the Triton kernel has no backward (an inference op: the sampling steps); run it "
-                           f"under torch.no_grad() / inference_mode(), or use backend='torch' for gradients")
+    if which == "triton":
+        refuse_grad(OP, (x, weight, bias, norm_weight, gate, residual))
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x.device)
     if which == "torch":

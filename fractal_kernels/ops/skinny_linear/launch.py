@@ -8,6 +8,7 @@ import torch
 
 from fractal_kernels._target import device_arch, sm_count
 from fractal_kernels.dispatch import triton_interpreting
+from fractal_kernels.ops._linear import check_core, check_eps, check_output, check_vector, shape_of
 from fractal_kernels.ops.skinny_linear.kernels import HAS_TRITON
 
 if HAS_TRITON:
@@ -87,58 +88,16 @@ def launch_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 # ---- input checks ------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def check(x, weight, bias, norm_weight, norm_eps, gate, residual, out_dtype) -> torch.dtype:
     """Validate the op's arguments (ValueError / TypeError naming the argument); returns the output dtype."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x: expected a float [M, K] tensor, got {_shape(x)}"
-                         f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x: expected fp32 / bf16 / fp16, got {x.dtype}")
-    m, k = x.shape
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"weight: expected an [N, K={k}] tensor (nn.Linear layout), got {_shape(weight)}")
-    if weight.dtype not in _DTYPES:
-        raise TypeError(f"weight: expected fp32 / bf16 / fp16, got {weight.dtype}")
-    if k < 1 or weight.shape[0] < 1:
-        raise ValueError(f"weight: expected in_features >= 1 and out_features >= 1, got {_shape(weight)}")
-    if weight.stride(1) != 1:
-        raise ValueError(f"weight: expected unit stride along K, got strides {weight.stride()}")
-    n = weight.shape[0]
-    for name, t in (("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("gate", gate),
-                    ("residual", residual)):
-        if t is not None and isinstance(t, torch.Tensor) and t.device != x.device:
-            raise ValueError(f"{name}: on {t.device}, x on {x.device}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)
-                             or not bias.is_floating_point() or bias.stride(0) != 1):
-        raise ValueError(f"bias: expected a contiguous float [N={n}] tensor, got {_shape(bias)}")
+    m, n, k = check_core(x, weight, bias, (("norm_weight", norm_weight), ("gate", gate), ("residual", residual)))
     if norm_weight is not None:
-        if not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (k,) \
-                or not norm_weight.is_floating_point() or norm_weight.stride(0) != 1:
-            raise ValueError(f"norm_weight: expected a contiguous float [K={k}] tensor (RMSNorm weight), got "
-                             f"{_shape(norm_weight)}")
-        if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not norm_eps >= 0 \
-                or norm_eps == float("inf"):
-            raise ValueError(f"norm_eps: expected a finite number >= 0, got {norm_eps!r}")
+        check_vector("norm_weight", norm_weight, k, "K", " (RMSNorm weight)")
+        check_eps(norm_eps)
     if gate is not None:
         if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (n, k) or gate.dtype != weight.dtype \
                 or gate.stride(1) != 1:
             raise ValueError(f"gate: expected a [N={n}, K={k}] {weight.dtype} tensor with unit stride along K "
-                             f"(SwiGLU's w3, like weight), got {_shape(gate)}"
+                             f"(SwiGLU's w3, like weight), got {shape_of(gate)}"
                              f"{' ' + str(gate.dtype) if isinstance(gate, torch.Tensor) else ''}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n) \
-                or residual.dtype not in _DTYPES or (m > 0 and residual.stride(1) != 1):
-            raise ValueError(f"residual: expected a float [M={m}, N={n}] tensor with unit stride along N, got "
-                             f"{_shape(residual)}")
-    if out_dtype is None:
-        out_dtype = residual.dtype if residual is not None else weight.dtype
-    if out_dtype not in _DTYPES:
-        raise TypeError(f"out_dtype: expected fp32 / bf16 / fp16 or None, got {out_dtype}")
-    return out_dtype
+    return check_output(residual, m, n, weight, out_dtype)
