@@ -71,6 +71,8 @@ def _heads(block) -> int:
 
 
 def _linears(block) -> List[Tuple[int, int]]:
+    """(out, in) of a block's Linear layers in module order: qkv, projection, the MLP's, its last one (fc2 / w2:
+    ``(width, hidden)``) last."""
     return [(m.out_features, m.in_features) for m in block.modules() if isinstance(m, torch.nn.Linear)]
 
 
@@ -88,7 +90,7 @@ def _structure(config: str) -> Tuple[dict, ...]:
         lin = _linears(ph.blocks[0])
         width = ph.ln.normalized_shape[0]
         out.append(dict(label=label, kind="pixel", width=width, depth=len(ph.blocks), heads=_heads(ph.blocks[0]),
-                        hidden=max(o for o, i in lin if i == width and o != 3 * width), tokens=4, linears=lin,
+                        hidden=lin[-1][1], tokens=4, linears=lin,
                         c_in=ph.cond_proj.in_features))
 
     for lvl, gen in enumerate(gens[:-1]):
@@ -101,7 +103,7 @@ def _structure(config: str) -> Tuple[dict, ...]:
         tokens = gen.seq_len + gen.num_conds + int(gen.guiding_pixel) if mar else gen.seq_len + 1
         out.append(dict(label=f"L{lvl} {'MAR' if mar else 'AR'}", kind="MAR" if mar else "AR", width=width,
                         depth=len(gen.blocks), heads=_heads(b), tokens=tokens, linears=lin,
-                        hidden=max(o for o, i in lin if i == width and o != 3 * width), c_in=0,
+                        hidden=lin[-1][1], c_in=0,
                         uniform_heads=all(_heads(x) == _heads(b) for x in gen.blocks)))
     head("pixel head", gens[-1])
     return tuple(out)
