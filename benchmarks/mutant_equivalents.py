@@ -23,7 +23,7 @@ EQUIVALENT: dict = {
         "and lo terms are exact zeros; an fp32 a now takes the fp32 dot of a and w, the same exact products the "
         "three-term split (exact at 24 bits) sums, in another order (fp32 rounding only). Only a GPU tells them "
         "apart (DOT16 == 1: an fp32 operand in a 16-bit tensor-core dot)",
-    "fractal_kernels/ops/pixel_head/kernels.py:_pixel_head_kernel:35ab1b15:& -> |:0":
+    "fractal_kernels/ops/pixel_head/kernels.py:_sample_pixels:35ab1b15:& -> |:0":
         "the divisor differs only for rows without a finite logit (e is all zeros there: 0 / 0 = NaN instead of "
         "0) and for padding pixels; the kernel never outputs probabilities, such a row's id is forced to -1 "
         "(idx = where(valid, ...)) and padding pixels are never stored: the outputs are the same",

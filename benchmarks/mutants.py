@@ -75,6 +75,16 @@ FAMILIES = {f.name: f for f in (
         _T + "test_pixel_head.py::test_value_table_returns_the_ids_values[True-triton]",
         _T + "test_pixel_head.py::test_philox_same_seed_same_ids_on_both_backends",
         _T + "test_pixel_head_mutants.py")),
+    Family("pixel_head_phased", "fractal_kernels/ops/pixel_head/phased_kernels.py", tuple(
+        _T + f"test_pixel_head_phased.py::test_phased_gpu_configs[{c}]"
+        for c in ("W128-H4-C256-b1-guided-float32", "W64-H2-C128-b12-guided-float32",
+                  "W64-H2-C128-b12-guided-bfloat16", "W64-H4-C256-b4-guided-float32",
+                  "W16-H2-C32-b1-unguided-float32")) + (
+        _T + "test_pixel_head_phased.py::test_phases_match_torch[1-6-config1]",
+        _T + "test_pixel_head_phased.py::test_phases_match_torch[2-17-config0]",
+        _T + "test_pixel_head_phased.py::test_nan_rows_value_table_and_empty_batch",
+        _T + "test_pixel_head_phased.py::test_draws_agree_with_the_tile_kernel",
+        _T + "test_pixel_head_phased.py::test_scratch_is_written_before_it_is_read[sm_90]")),
     Family("tiny_attention", "fractal_kernels/ops/tiny_attention/kernels.py", (
         _T + "test_tiny_attention.py::test_forward_grid_fp32[17-80-False]",
         _T + "test_tiny_attention.py::test_forward_grid_fp32[261-16-True]",

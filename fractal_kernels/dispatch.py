@@ -39,6 +39,7 @@ import torch
 
 from fractal_kernels import policy
 from fractal_kernels._jit import JIT as _JIT, cuda_sources, jit_build as _jit_build  # noqa: F401 (re-exported)
+from fractal_kernels._record import forget, last_backend, record  # noqa: F401 (what ran: part of this API)
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 # ops with a compiled C++ CPU kernel (fractal_kernels/cpu): where PyTorch's per-op dispatch dominates on a CPU
@@ -46,7 +47,6 @@ CPU_OPS = ("pixel_head_sample",)
 # op name -> the function of fractal_kernels._C that implements its CUDA path
 CUDA_SYMBOLS = {"sample_logits": "sample_logits", "pixel_cross_entropy": "ce_rows",
                 "tiny_attention": "tiny_attention_fwd"}
-_LAST: Dict[str, str] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -389,6 +389,17 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
     return which
 
 
+def choose_pixel_head_schedule(schedule: Optional[str], device: torch.device, width: int, rows: int,
+                               wdtype: torch.dtype) -> Tuple[str, str]:
+    """The Triton pixel head's schedule and why (:func:`fractal_kernels.policy.pixel_head_schedule_rule`: forced
+    by ``schedule`` or ``$FRACTAL_PIXEL_HEAD_SCHEDULE``, else the crossover data at this call's rows on a CUDA
+    device's arch); recorded as the op ``pixel_head_schedule`` (:func:`last_backend`)."""
+    from fractal_kernels._target import device_arch
+    which, why = policy.pixel_head_schedule_rule(width, schedule=schedule, rows=rows, dtype=str(wdtype)[6:],
+                                                 arch=device_arch(device) if device.type == "cuda" else None)
+    return record("pixel_head_schedule", which), why
+
+
 MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel
 
 
@@ -423,26 +434,3 @@ def choose_block_stack(op: str, backend: Optional[str], device: torch.device, wi
     data says the fused stack wins at ``n`` rows of weight ``dtype`` on this GPU (today's MODEL data: nowhere), else
     by ``policy.BLOCK_STACK_MAX_WIDTH`` (0: none); ``fuse`` (the level's ``fused_stack``) forces either way."""
     return explain_block_stack(op, backend, device, width, fuse, n=n, dtype=dtype)[0]
-
-
-def record(op: str, choice: str) -> str:
-    """Note that ``choice`` runs ``op`` (for ``last_backend`` and ``FRACTAL_KERNELS_VERBOSE``); returns it.
-    Ops call it directly for choices outside the three backends (e.g. "sdpa" for long attention)."""
-    _LAST[op] = choice
-    if os.environ.get("FRACTAL_KERNELS_VERBOSE") == "1":
-        print(f"fractal_kernels: {op} -> {choice}", file=sys.stderr)
-    return choice
-
-
-def last_backend(op: str) -> Optional[str]:
-    """The backend that ran ``op`` most recently in this process (None if it has not run)."""
-    return _LAST.get(op)
-
-
-def forget(op: Optional[str] = None) -> None:
-    """Clear what :func:`last_backend` remembers for ``op`` (every op if None), so a caller can tell which ops
-    ran, and where, inside a block (the benchmarks do, to fail a row that fell back to another backend)."""
-    if op is None:
-        _LAST.clear()
-    else:
-        _LAST.pop(op, None)

@@ -94,7 +94,7 @@ def test_the_cli_runs_on_the_tiny_configs(tiny_doc):
     combos = {(r["config"], r["batch"], r["path"]) for r in recs}
     assert combos == {(c, b, p) for c in ("tiny_mar", "tiny_ar", "tiny_mar_gp") for b in (1, 8)
                       for p in ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default", "reference", "op_by_op_graph",
-                                "fast_graph")}
+                                "fast_graph", "fast_persistent")}
     for h in doc["headline"]:
         rs = [r for r in recs if r["config"] == h["config"] and r["batch"] == h["batch"] and r["path"] == "fast"]
         assert h["fast_s"] == pytest.approx(sum(r["launches_per_image"] * r["modeled_us"] for r in rs) * 1e-6)
@@ -139,11 +139,14 @@ def test_the_fast_path_takes_the_skinny_step_only_where_the_data_says():
     doc = crossover.sweep(("fractalar_in64",), ("H100",))
     e = doc["entries"][crossover.SKINNY_OP]["bfloat16"]["sm_90"]
     assert e and all(runs and runs[0][0] == 1 for runs in (v["fused_n"] for v in e.values()))
-    recs = report.config_records("fractalar_in64", 1, doc, "H100", paths=("fast", "skinny", "op_by_op"))
+    # the AR levels (the pixel head's schedule is its own choice: test below)
+    recs = [r for r in report.config_records("fractalar_in64", 1, doc, "H100", paths=("fast", "skinny", "op_by_op"))
+            if r["level"] != "pixel head"]
     tot = report.totals(recs)
     assert tot[("fractalar_in64", 1, "fast")]["s"] == pytest.approx(tot[("fractalar_in64", 1, "skinny")]["s"])
     assert tot[("fractalar_in64", 1, "skinny")]["s"] < tot[("fractalar_in64", 1, "op_by_op")]["s"]
-    recs256 = report.config_records("fractalar_in64", 256, doc, "H100", paths=("fast", "op_by_op"))
+    recs256 = [r for r in report.config_records("fractalar_in64", 256, doc, "H100", paths=("fast", "op_by_op"))
+               if r["level"] != "pixel head"]
     tot256 = report.totals(recs256)
     assert tot256[("fractalar_in64", 256, "fast")]["s"] == pytest.approx(tot256[("fractalar_in64", 256, "op_by_op")]["s"])
 
@@ -190,7 +193,8 @@ def test_the_package_data_fuses_no_published_level():
     at every N of every published width; a measured overlay can say otherwise."""
     dispatch.reload()
     table = {k: v for k, v in policy.block_stack_table().items() if v[1] == policy.package_path(policy.BLOCK_STACK)}
-    stacks = {k: v for k, v in table.items() if k[0] not in (crossover.SKINNY_OP, crossover.LINEAR_OP)}
+    stacks = {k: v for k, v in table.items() if k[0] not in (crossover.SKINNY_OP, crossover.LINEAR_OP,
+                                                              crossover.PIXEL_PHASES_OP, crossover.PIXEL_PERSISTENT_OP)}
     assert stacks and all(not runs for runs, _ in stacks.values())
     # the AR step with skinny_linear launches wins at few rows (launch count, every SM streaming) and only there
     skinny = {k: v for k, v in table.items() if k[0] == crossover.SKINNY_OP}
@@ -203,3 +207,63 @@ def test_the_package_data_fuses_no_published_level():
     # precision="auto" on a GPU is fp16 autocast: every entry is there for fp16 as for bf16 (same bytes, same rate)
     keys = set(table)
     assert {(op, "float16", a, w) for op, dt, a, w in keys if dt == "bfloat16"} <= keys
+
+
+def test_a_phased_pixel_head_phase_by_hand():
+    """fractalar_in64's pixel head (W = 128, 4 heads, MLP 512, fp32 weights) at batch 1 with CFG (2 rows): the
+    launcher's sm_90 config gives 2-row tiles and 2-column items, so PROJ is 64 programs, each reading the 2 rows of
+    the attention output (2 x 128 fp32), its 2 weight rows (2 x 128 fp32) and read-modify-writing 2 x 2 outputs, in
+    one K trip; a launch of its own (phases) or behind a grid barrier of 3 L2 round trips (persistent)."""
+    from benchmarks.costmodel import pixel
+    from benchmarks.costmodel.levels import build_levels
+    lv = next(lv for lv in build_levels("fractalar_in64", 1) if lv.kind == "pixel")
+    assert (lv.width, lv.hidden, lv.heads, lv.depth, lv.n) == (128, 512, 4, 3, 2)
+    phases = dict((la.kernel.split()[-1], (la, n)) for la, n in pixel.phased(lv, H100, 90))
+    proj, per_call = phases["PROJ"]
+    assert per_call == 9 and proj.grid_ctas == 64 and proj.items_per_cta == 1
+    assert proj.bytes_per_cta == 2 * 128 * 4 + 2 * 128 * 4 + 2 * 2 * 2 * 4
+    assert proj.in_flight_bytes == 2 * 128 * 4 + 2 * 128 * 4  # the whole K in one trip
+    t = launch_time(proj)
+    assert t["terms"]["launch"] == pytest.approx(3e-6) and t["bound"] == "launch"
+    persistent = dict((la.kernel.split()[-1], la) for la, _ in pixel.phased(lv, H100, 90, persistent=True))
+    assert persistent["EMB"].launch_kind == "triton" and persistent["PROJ"].launch_kind == "barrier"
+    assert launch_time(persistent["PROJ"])["terms"]["launch"] == pytest.approx(3 * 0.3e-6)
+    # the phases of one call: 1 + 3 x (4 x 3 + 2) = 43, as the kernel's phase_count
+    assert sum(n for _, n in pixel.phased(lv, H100, 90)) == 43
+    # the tile kernel at batch 1: one program streams every weight 3 times (blocks and a codebook per channel)
+    tiles = pixel.tiles(lv, H100, 90)
+    blocks = 3 * (3 * 128 * 128 + 128 * 128 + 2 * 512 * 128) * 4
+    assert tiles.grid_ctas == 1 and tiles.bytes_per_cta == 512 * 128 * 4 + 3 * (blocks + 256 * 128 * 4) + 16 * 512 * 2
+
+
+def test_the_pixel_head_schedules_win_only_at_few_rows_and_persistent_needs_a_measurement(tmp_path, monkeypatch):
+    from fractal_kernels._target import target_arch
+    dispatch.reload()
+    table = policy.block_stack_table()
+    phases = {k: v for k, v in table.items() if k[0] == crossover.PIXEL_PHASES_OP}
+    # the MODEL: the phased head beats the tile kernel from 1 row up to some hundreds, never at 65536 rows
+    assert phases and all(k[1] == "float32" and runs and runs[0][0] == 1 and runs[-1][1] < 65536
+                          for k, (runs, _) in phases.items())
+    cuda = torch.device("cuda")
+    with target_arch(90):
+        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.float32)[0] == "phases"
+        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 65536, torch.float32)[0] == "tiles"
+        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.bfloat16)[0] == "tiles"  # no entry
+        # the MODEL's persistent entry alone never picks it
+        assert (crossover.PIXEL_PERSISTENT_OP, "float32", "sm_90", "128") in table
+        assert dispatch.choose_pixel_head_schedule("persistent", cuda, 128, 2, torch.float32)[0] == "persistent"
+    assert dispatch.choose_pixel_head_schedule(None, torch.device("cpu"), 128, 2, torch.float32)[0] == "tiles"
+    with pytest.raises(ValueError, match="schedule"):
+        dispatch.choose_pixel_head_schedule("fast", cuda, 128, 2, torch.float32)
+    doc = {"entries": {crossover.PIXEL_PERSISTENT_OP: {"float32": {"sm_90": {"128": {"fused_n": [[1, 64]]}}}}}}
+    monkeypatch.setenv("FRACTAL_HOME", str(tmp_path))
+    (tmp_path / policy.BLOCK_STACK).write_text(json.dumps(doc))
+    dispatch.reload()
+    try:
+        with target_arch(90):
+            which, why = dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.float32)
+            assert which == "persistent" and "measured" in why
+            assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 128, torch.float32)[0] == "phases"
+    finally:
+        monkeypatch.delenv("FRACTAL_HOME")
+        dispatch.reload()

@@ -108,14 +108,15 @@ def _pixel_head_cases() -> List[Case]:
     import fractal_kernels as fk
 
     def head(W, H, depth, C, *, guided=True, per_row=False, top_p=1.0, uniforms=False, greedy=False,
-             dtype=torch.float32, seed=SEED_HI_LO, B=256):
+             dtype=torch.float32, seed=SEED_HI_LO, B=256, schedule="tiles"):
         def run():
             w = _pixel_head_weights(W, depth, C, dtype)
             cond = torch.randn(2 * B if guided else B, C, device="cuda", dtype=dtype)
             cfg = torch.full((B,), 3.0, device="cuda") if per_row else (3.0 if guided else 1.0)
             u = torch.rand(3, B, device="cuda", dtype=torch.float64) if uniforms else None
             fk.pixel_head_sample(cond, w, H, guided=guided, cfg=cfg, temperature=0.0 if greedy else 1.0,
-                                 filter_threshold=1e-4, top_p=top_p, uniforms=u, seed=seed, backend="triton")
+                                 filter_threshold=1e-4, top_p=top_p, uniforms=u, seed=seed, backend="triton",
+                                 schedule=schedule)
         return run
 
     c = []
@@ -135,6 +136,16 @@ def _pixel_head_cases() -> List[Case]:
     ph("pixel_head W=16 H=2 depth=1 C=32 guided", head(16, 2, 1, 32))
     ph("pixel_head W=16 H=2 depth=1 C=32 unguided uniforms", head(16, 2, 1, 32, guided=False, uniforms=True))
     ph("pixel_head W=16 H=2 depth=1 C=32 greedy", head(16, 2, 1, 32, greedy=True))
+    # the phased schedule (_pixel_head_phased_kernel): the 64x64 models' head at batch 1 (2 rows: broadcast-FMA
+    # tiles) and batch 8 (16 rows: dot tiles), one launch with grid barriers, the 256^2 models' last level at
+    # batch 1 (4 pixels a call: 8 rows), a 16-bit weight set, the smallest head
+    ph(f"{w128} phases b1", head(128, 4, 3, 512, B=1, schedule="phases"))
+    ph(f"{w128} phases b8", head(128, 4, 3, 512, B=8, schedule="phases"))
+    ph(f"{w128} persistent b1", head(128, 4, 3, 512, B=1, schedule="persistent"))
+    ph("pixel_head W=64 H=4 depth=1 C=256 phases b4", head(64, 4, 1, 256, B=4, schedule="phases"))
+    ph(f"{w128} phases b8 bf16 cond+weights", head(128, 4, 3, 512, B=8, dtype=torch.bfloat16, schedule="phases"))
+    ph("pixel_head W=16 H=2 depth=1 C=32 phases b1 unguided", head(16, 2, 1, 32, B=1, guided=False,
+                                                                    schedule="phases"))
     return c
 
 

@@ -56,6 +56,8 @@ SOURCES = {
     "registers, shared memory, warps of a Triton specialization": "benchmarks/results/aot/full.json (sm_90 rows); "
         "where a kernel has no row there, its launcher's num_warps and register cap (maxnreg) (see launch.py)",
     "cuBLAS tile model": "ours (this file): a MODEL, no source; a GPU run must check it",
+    "grid barrier = 3 L2 round trips": "ours (this file, BARRIER_L2_TRIPS): derived from the L2 latency; a GPU run "
+                                       "must check it",
     "upstream figures": "fractalgen issue #13 (21 s, one FractalAR-64 image, RTX 4090) and issue #19 (~7 min for "
                         "512 FractalMAR-L images on one H100: ~0.82 s/img)",
 }
@@ -80,6 +82,13 @@ GEMM_CTAS_PER_SM = 2
 # to cover the tensor, 8 CTAs per SM
 ELEM_BYTES_PER_CTA_IN_FLIGHT = 4 * 32 * 16
 ELEM_CTAS_PER_SM = 8
+
+# a grid-wide barrier between two phases of a persistent launch (the phased pixel head's "persistent" schedule):
+# ours, a MODEL derived from the L2 latency of the table, never measured: the release fence before the arrival,
+# the arrival atomic, and the poll that sees the last arrival, each one L2 round trip (3 x 0.3 us = 0.9 us; the
+# "No Bubbles" anchor asks ~1 us of a gap between dependent steps). The GPU session's pixel-head phase measures
+# the persistent and the phased launch side by side, which bounds it.
+BARRIER_L2_TRIPS = 3
 
 # the README's sampling settings (CFG on: two rows per image) and the published batches of the issue
 BATCHES = (1, 8, 64, 256)

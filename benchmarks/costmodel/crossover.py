@@ -19,6 +19,8 @@ import copy
 import json
 from typing import Dict, List, Sequence
 
+from fractal_kernels.policy import PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP
+
 from . import constants as C
 from .levels import build_levels, step_time, with_n
 from .workload import STACK_OPS
@@ -32,6 +34,9 @@ DTYPE = "bfloat16"  # the modeled 16-bit dtype (bf16 and fp16 move the same byte
 DTYPES = ("bfloat16", "float16")
 SKINNY_OP = "ar_skinny_step"  # fractal_models.engine.ar.SKINNY_OP: the AR step with skinny_linear launches
 LINEAR_OP = "mar_linear_step"  # fractal_models.engine.mar.LINEAR_OP: the MAR step with fused_linear launches
+# the pixel-head schedules (fractal_kernels.policy's ops; vs the tile kernel, N = rows per call, both CFG halves),
+# keyed by float32: the engine passes the head's fp32 parameters (benchmarks/costmodel/pixel.py)
+PIXEL_DTYPE = "float32"
 
 
 def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]]:
@@ -47,13 +52,14 @@ def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]
     return out
 
 
-def _add(entries: dict, op: str, path: str, lv, config: str, hardware: Sequence[str]) -> None:
-    """Fold one level's modeled step times on ``path`` vs op by op (aten linears) into ``entries[op]``."""
+def _add(entries: dict, op: str, path: str, lv, config: str, hardware: Sequence[str], dtype: str = DTYPE) -> None:
+    """Fold one level's modeled step times on ``path`` vs op by op (aten linears; a pixel head: the tile kernel)
+    into ``entries[op]``."""
     for name in hardware:
         hw, arch = C.HARDWARE[name], C.ARCH[name]
         times = [(step_time(with_n(lv, n), path, hw, arch), step_time(with_n(lv, n), "op_by_op", hw, arch))
                  for n in N_GRID]
-        e = entries.setdefault(op, {}).setdefault(DTYPE, {}).setdefault(f"sm_{arch}", {}).setdefault(
+        e = entries.setdefault(op, {}).setdefault(dtype, {}).setdefault(f"sm_{arch}", {}).setdefault(
             str(lv.width), {"levels": [], "wins": [True] * len(N_GRID), "best_ratio": None})
         e["levels"].append(f"{config} {lv.label} (depth {lv.depth}, L {lv.tokens})")
         e["wins"] = [a and f < o for a, (f, o) in zip(e["wins"], times)]
@@ -72,13 +78,16 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                 _add(entries, SKINNY_OP, "skinny", lv, config, hardware)
             if lv.fusable:
                 _add(entries, STACK_OPS[lv.kind], "fused", lv, config, hardware)
+            if lv.kind == "pixel":
+                _add(entries, PIXEL_PHASES_OP, "phases", lv, config, hardware, PIXEL_DTYPE)
+                _add(entries, PIXEL_PERSISTENT_OP, "persistent", lv, config, hardware, PIXEL_DTYPE)
     for by_dtype in entries.values():
         for by_arch in by_dtype.values():
             for by_width in by_arch.values():
                 for e in by_width.values():
                     e["fused_n"] = ranges(e.pop("wins"))
                     e["best_ratio"] = round(e["best_ratio"], 4)
-        for other in DTYPES:
+        for other in DTYPES if DTYPE in by_dtype else ():
             by_dtype.setdefault(other, copy.deepcopy(by_dtype[DTYPE]))
     return {
         "schema": 1,
@@ -88,7 +97,10 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
         "n_grid": list(N_GRID),
         "note": "fused_n: inclusive [lo, hi] ranges of N (sequences / rows per call) where the op's modeled step time "
                 "(mar_block_stack / ar_block_stack_decode: the fused block stack; ar_skinny_step: the AR step with "
-                "skinny_linear launches; mar_linear_step: the MAR step with fused_linear launches) beats op-by-op with aten linears at every published level of that width; "
+                "skinny_linear launches; mar_linear_step: the MAR step with fused_linear launches; pixel_head_phases / "
+                "pixel_head_persistent: the pixel head's phased schedule, a launch per phase / one launch with grid "
+                "barriers, fp32 weights, N = rows per call) beats op-by-op with aten linears (a pixel head: its tile "
+                "kernel) at every published level of that width; "
                 "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere)",
         "entries": entries,
     }

@@ -8,7 +8,8 @@ and the launch cost kind. :func:`launch_time` returns the modeled time and which
                  L2 bytes / L2 bandwidth,
                  per-CTA streaming time (Little's law: bytes x latency / bytes in flight) x rounds,
                  per-CTA compute time (CTAs sharing an SM share its peak) x rounds)
-    time   = device + launch cost (eager PyTorch op, bare Triton launch or CUDA-graph node)
+    time   = device + launch cost (eager PyTorch op, bare Triton launch, CUDA-graph node, or a grid barrier
+             between the phases of one persistent launch)
 
 rounds = waves (``ceil(grid / (SMs x CTAs per SM))``) x items per CTA. HBM bytes: the distinct bytes of the
 launch when its working set fits the L2 (``l2_plan_bytes``), else every byte every CTA reads (re-reads miss).
@@ -23,9 +24,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
-from .constants import HARDWARE, Hardware
+from .constants import BARRIER_L2_TRIPS, HARDWARE, Hardware
 
-LAUNCH_KINDS = ("eager", "triton", "graph")
+LAUNCH_KINDS = ("eager", "triton", "graph", "barrier")
 UNITS = ("HGMMA", "HMMA", "FMA", "none")
 
 
@@ -84,6 +85,8 @@ def unit_peak(unit: str, hw: Hardware) -> float:
 
 
 def launch_cost(kind: str, hw: Hardware) -> float:
+    if kind == "barrier":  # a grid-wide barrier inside a persistent launch: see constants.BARRIER_L2_TRIPS
+        return BARRIER_L2_TRIPS * hw.l2_latency_s
     return {"eager": hw.launch_eager_s, "triton": hw.launch_triton_s, "graph": hw.launch_graph_s}[kind]
 
 

@@ -15,14 +15,17 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import constants as C
+from . import pixel
 from .launch import Launch, launch_time
 from .workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, attention_decode,
-                                           attention_mar, elementwise, fused_gemm, gemm, mar_stack, pixel_head, skinny)
+                                           attention_mar, elementwise, fused_gemm, gemm, mar_stack, skinny)
 
 LAUNCHES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "launches",
                              "launches.json")
 PATHS = ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default", "reference", "op_by_op_graph",
-         "fast_graph")
+         "fast_graph", "fast_persistent")
+# pixel heads: their schedule per path is report.pixel_schedule (tiles / phases / persistent, pixel.SCHEDULES);
+# fast_persistent: the fast path with the pixel heads' phases in one launch with grid barriers (GPU-only option)
 # skinny: op by op with the AR levels' linears as skinny_linear launches (norm / SwiGLU / residual fused: 6 launches a
 # block, not 13; issue #28 item 4); fast_graph: the fast path with the AR levels' blocks replayed from per-position
 # CUDA graphs (the engine's step_graphs option: GPU-only, never run); fused_linear: op by op with the MAR levels'
@@ -171,7 +174,8 @@ def step_launches(lv: Level, path: str, hw: C.Hardware = C.HARDWARE["H100"], arc
             per = c["reference"]["total"]
             nbytes = (lv.roof["ref_weight_bytes"] + lv.roof["ref_act_bytes"]) / max(lv.invocations_per_image, 1e-30)
             return [(elementwise("reference op", nbytes / max(per, 1.0)), per)]
-        return [(pixel_head(lv, hw, arch), c["kernel_launches"])]
+        # the pixel head's schedules (pixel.SCHEDULES); a block path name means the tile kernel, as before
+        return pixel.step(lv, path if path in pixel.SCHEDULES else "tiles", hw, arch)
     D, H = lv.width, lv.hidden
     M = lv.n * lv.tokens if lv.kind == "MAR" else lv.n
     act = M * D * EB

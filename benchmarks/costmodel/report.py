@@ -11,18 +11,18 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from . import constants as C
 from .launch import launch_time, record as launch_record
 from .levels import PATHS, PRE28_MAX_WIDTH, build_levels, generate_overhead, step_launches, syncs_per_step
-from .crossover import LINEAR_OP, SKINNY_OP
+from .crossover import LINEAR_OP, PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP, SKINNY_OP
 from .workload import STACK_OPS, Level, elementwise
 
 KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "grid_ctas", "ctas_per_sm",
         "weight_bytes_per_launch", "bytes_per_cta", "flops_per_launch", "unit", "modeled_us", "bound")
 
 
-def _in_range(lv: Level, doc: Optional[dict], arch: int, op: str) -> bool:
+def _in_range(lv: Level, doc: Optional[dict], arch: int, op: str, dtype: str = "bfloat16") -> bool:
     """``lv.n`` inside a modeled crossover range of ``doc``'s entry for ``op`` at this level's width (the
     :mod:`benchmarks.costmodel.crossover` document, i.e. ``fractal_kernels/data/block_stack_model.json``: what
     dispatch and the engine read)."""
-    e = None if doc is None else doc.get("entries", {}).get(op, {}).get("bfloat16", {}).get(f"sm_{arch}", {}).get(
+    e = None if doc is None else doc.get("entries", {}).get(op, {}).get(dtype, {}).get(f"sm_{arch}", {}).get(
         str(lv.width))
     return bool(e) and any(lo <= lv.n <= hi for lo, hi in e.get("fused_n", ()))
 
@@ -42,8 +42,23 @@ def linear_wins(lv: Level, doc: Optional[dict], arch: int) -> bool:
     return lv.kind == "MAR" and _in_range(lv, doc, arch, LINEAR_OP)
 
 
+def pixel_schedule(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
+    """A pixel head's schedule on ``path``: what dispatch picks on the fast paths (``policy.pixel_head_schedule_rule``:
+    phases inside the modeled crossover, fp32 weights), the persistent one where its crossover says it wins on
+    ``fast_persistent`` (an option dispatch takes only from measured data), the tile kernel elsewhere."""
+    if path == "reference":
+        return "reference"
+    if path == "fast_persistent" and _in_range(lv, doc, arch, PIXEL_PERSISTENT_OP, "float32"):
+        return "persistent"
+    if path in ("fast", "fast_graph", "fast_persistent") and _in_range(lv, doc, arch, PIXEL_PHASES_OP, "float32"):
+        return "phases"
+    return "tiles"
+
+
 def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
-    if path in ("fast", "fast_graph"):
+    if lv.kind == "pixel":
+        return pixel_schedule(lv, path, doc, arch)
+    if path in ("fast", "fast_graph", "fast_persistent"):
         if fuses(lv, doc, arch):
             return "fused"
         return "skinny" if skinny_wins(lv, doc, arch) else "fused_linear" if linear_wins(lv, doc, arch) else "op_by_op"
@@ -129,7 +144,7 @@ def totals(records: Sequence[dict]) -> Dict[Tuple[str, int, str], dict]:
                             "launches_by_level": defaultdict(float), "floor_by_level": {}, "path_by_level": {}})
         s = r["launches_per_image"] * r["modeled_us"] * 1e-6
         t["s"] += s
-        if r["kernel"] != "host sync":
+        if r["kernel"] != "host sync" and r.get("launch_kind") != "barrier":  # a barrier record: a phase, no launch
             t["launches"] += r["launches_per_image"]
             t["launches_by_level"][r["level"]] += r["launches_per_image"]
         t["by_bound"][r["bound"]] += s
@@ -225,15 +240,20 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "`reference` = the reference loop; `op_by_op_graph` is a what-if, not a path of the library: the "
         "op-by-op launches at the CUDA-graph node cost (kernels unchanged); `fast_graph` = the fast path with "
         "the AR levels' block launches replayed from per-position CUDA graphs (the engine's `step_graphs` option: "
-        "GPU-only, never run, so also unmeasured). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
+        "GPU-only, never run, so also unmeasured); the pixel heads take the schedule dispatch picks "
+        "(`tiles`: the tile kernel, a program per 8 pixels; `phases`: the phased kernel, a launch per phase split over "
+        "the grid, where the crossover data says it wins); `fast_persistent` = the fast path with the pixel heads' "
+        "phases in one launch with grid barriers where that wins (`schedule=\"persistent\"`: GPU-only, never run; "
+        "dispatch takes it only from measured data; a barrier costs 3 L2 round trips, ours; its later phases are records of "
+        "`launch_kind` `barrier`, whose `launches_per_image` counts phase runs, not launches). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
         "come from the launchers' own config functions at the original width and the AOT report.",
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
         "| config | batch | fast | op_by_op | skinny | fused_linear | fused | pre28_default | reference | what-if: "
-        "op_by_op_graph | fast_graph (GPU-only option) | fast: launches/img | fast: bound (share of time) | target "
-        "| met? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "op_by_op_graph | fast_graph (GPU-only option) | fast_persistent (GPU-only option) | fast: launches/img | "
+        "fast: bound (share of time) | target | met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in head:
         tgt = (f"≤ {h['target_s']} s" if "target_s" in h else "—")
@@ -242,6 +262,7 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         lines.append(f"| {h['config']} | {h['batch']} | **{_fmt_s(h['fast_s'])}** | {_fmt_s(h['op_by_op_s'])} | "
                      f"{_fmt_s(h['skinny_s'])} | {_fmt_s(h['fused_linear_s'])} | {_fmt_s(h['fused_s'])} | {_fmt_s(h['pre28_default_s'])} | "
                      f"{_fmt_s(h['reference_s'])} | {_fmt_s(h['op_by_op_graph_s'])} | {_fmt_s(h['fast_graph_s'])} | "
+                     f"{_fmt_s(h['fast_persistent_s'])} | "
                      f"{h['fast_launches']:,.0f} | "
                      f"{h['fast_bound']} | {tgt} | {met} |")
     lines += ["", "## The reference loop beside the upstream figures (MODEL vs measured; constants unchanged)", "",
@@ -323,7 +344,7 @@ def plot(records: Sequence[dict], path: str) -> Optional[str]:
     fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.4), squeeze=False)
     for ax, low, config in zip(axes[0], axes[1], configs):
         batches = sorted({b for c, b, _ in tot if c == config})
-        for p, style in zip(PATHS, ("o-", "s--", "P-", "h-", "x:", "d:", "^-.", "v:", "*-")):
+        for p, style in zip(PATHS, ("o-", "s--", "P-", "h-", "x:", "d:", "^-.", "v:", "*-", "<-")):
             ax.plot(batches, [tot[(config, b, p)]["s"] for b in batches], style, label=p)
         for (c, b), t in C.TARGETS.items():
             if c == config:

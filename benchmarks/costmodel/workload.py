@@ -278,24 +278,3 @@ def fused_gemm(name: str, M: int, N: int, K: int, hw: C.Hardware, arch: int, *, 
                   unit="HGMMA" if arch >= 90 and cfg.bm >= 64 else "HMMA", launch_kind="triton",
                   note="registers / shared memory from this session's sm_90 compiles (FUSED_LINEAR_RESOURCES)",
                   meta=cfg._asdict())
-
-
-def pixel_head(lv: Level, hw: C.Hardware, arch: int) -> Launch:
-    """``_pixel_head_kernel`` (guided: CFG on): a persistent grid over tiles of ``block_b`` pixel pairs."""
-    from fractal_kernels._target import target_arch
-    from fractal_kernels.ops.pixel_head.launch import pixel_head_config
-    pairs = max(1, lv.n // 2)
-    with target_arch(arch):
-        cfg = pixel_head_config(lv.width, lv.hidden, lv.c_in, pairs, True, torch.bfloat16, torch.device("cuda"))
-    tiles = math.ceil(pairs / cfg.block_b)
-    grid = max(1, min(tiles, 2 * hw.sms))
-    rows = 2 * cfg.block_b
-    wbytes = lv.roof["weight_bytes_per_call"]
-    per = wbytes + rows * (lv.c_in + 8) * EB
-    flops_row = lv.roof["fast_flops"] / max(1.0, lv.roof["rows_per_image"])
-    ctas = aot_ctas_per_sm("_pixel_head_kernel", arch, {"W": lv.width}) or 1
-    return Launch(kernel="triton:_pixel_head_kernel", grid_ctas=grid, ctas_per_sm=ctas, bytes_per_cta=per,
-                  in_flight_bytes=cfg.kc * cfg.nc * EB * max(1, cfg.num_stages - 1),
-                  unique_bytes=wbytes + lv.n * (lv.c_in + 8) * EB, weight_bytes=wbytes,
-                  flops_per_cta=flops_row * rows, unit="HMMA", items_per_cta=math.ceil(tiles / grid),
-                  launch_kind="triton", meta={"block_b": cfg.block_b, "tiles": tiles})

@@ -39,6 +39,7 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "_mar_stack_kernel": ("qkv_w", ("LP", "NC", "KC", "DC", "EVEN")),
     "_ar_stack_decode_kernel": ("wqkv", ("BM", "KC", "NC", "KB", "EVEN")),
     "_pixel_head_kernel": ("qkv_w", ("GUIDED", "BLOCK_B", "KC", "NC", "HC", "BK")),
+    "_pixel_head_phased_kernel": ("qkv_w", ("GUIDED", "BR", "BN", "KC", "KCQ", "BP", "BARRIER")),
     "_attn_fwd_kernel": ("q_ptr", ("CAUSAL", "DECODE", "ROPE", "HAS_LENS", "DROPOUT", "GROUPS", "LPQ", "LPK",
                                    "BLOCK_M", "BLOCK_N", "BLOCK_D", "PREC")),
     "_attn_bwd_packed_kernel": ("q_ptr", ("CAUSAL", "HAS_LENS", "DROPOUT", "GROUPS", "LP", "BLOCK", "BLOCK_D",

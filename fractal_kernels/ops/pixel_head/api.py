@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from fractal_kernels.dispatch import choose_pixel_head as _choose
+from fractal_kernels.dispatch import choose_pixel_head_schedule as _schedule
 from fractal_kernels.ops.pixel_head.launch import _check
 from fractal_kernels.ops.pixel_head.register import _pixel_head_op
 from fractal_kernels.reference.philox import philox_uniform
@@ -30,6 +31,7 @@ def pixel_head_sample(
     backend: Optional[str] = None,
     exponentials: Optional[torch.Tensor] = None,
     value_table: Optional[torch.Tensor] = None,
+    schedule: Optional[str] = None,
 ) -> torch.Tensor:
     """Sample whole pixels with FractalGen's pixel head; returns int64 ids ``[B, 3]`` (R, G, B in 0..255).
 
@@ -56,6 +58,13 @@ def pixel_head_sample(
     it raises ``BackendUnavailable``). The Triton kernel takes widths that are powers of two in 16..128; auto
     dispatch runs other widths on the torch backend. The CPU kernel takes any width; its logits agree with the
     torch backend's to ~1e-6 (another summation order), so ids can differ where two candidates nearly tie.
+
+    ``schedule`` (the Triton backend's work split; None/"auto": :func:`fractal_kernels.dispatch.
+    choose_pixel_head_schedule`, the cost MODEL's crossover at this call's rows): "tiles" (a program runs its pixels'
+    whole 3-channel loop: fills the GPU from ~132 tiles of 8 pixels up), "phases" (the loop cut into ``1 + 3 (4
+    depth + 2)`` phases, each split over the grid by output columns, a launch per phase: batch 1 uses ~100
+    programs, not one), "persistent" (those phases in one launch with grid barriers: CUDA only, never the default
+    until a GPU run has measured it). Every schedule draws the same ids (fp32 math; logits to ~1e-6).
 
     ``value_table`` ``[3, 257]`` float32 (the channel's value of each id, column 256 that of id -1): return the
     values ``value_table[c, ids[:, c]]`` ``[B, 3]`` float32 instead of the ids, looked up inside the kernel (no
@@ -84,6 +93,12 @@ def pixel_head_sample(
     w, guided, bsz = _check(cond, weights, num_heads, guided, cfg, temperature, filter_threshold, top_p, uniforms,
                             offset, exponentials)
     which = _choose(backend, cond.device, w.ln_w.shape[0])
+    if schedule not in (None, "auto", "tiles") and which != "triton":
+        raise ValueError(f"schedule: {schedule!r} is a split of the Triton kernel; backend {which!r} runs the whole "
+                         f"head its own way (use schedule=None, or backend='triton')")
+    sched = "tiles"
+    if which == "triton":
+        sched, _ = _schedule(schedule, cond.device, w.ln_w.shape[0], cond.shape[0], w.qkv_w.dtype)
     if bsz == 0:
         return torch.empty(0, 3, dtype=torch.int64 if value_table is None else torch.float32, device=cond.device)
     greedy = temperature == 0
@@ -114,4 +129,4 @@ def pixel_head_sample(
     return _pixel_head_op(cond if cond.stride(1) == 1 else cond.contiguous(), list(w), num_heads, guided, cfg_t,
                           cfg_scalar, inv_temp, float(filter_threshold), float(top_p), greedy, uni,
                           seed & 0xFFFFFFFF, seed >> 32, int(offset), exp, which,
-                          None if value_table is None else value_table.contiguous())
+                          None if value_table is None else value_table.contiguous(), sched)

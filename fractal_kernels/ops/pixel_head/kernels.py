@@ -76,6 +76,48 @@ if HAS_TRITON:
     def _heads(t, R: tl.constexpr, H: tl.constexpr, DH: tl.constexpr):
         return tl.reshape(t, [R, H, DH])
 
+    @triton.jit
+    def _sample_pixels(cond_rows, uncond_rows, pix, pmask, c, B, cfg_ptr, cfg_scalar, cfg_rows, inv_temp,
+                       filter_threshold, top_p, do_top_p, draw, u_ptr, e_ptr, seed_lo, seed_hi, offset,
+                       GUIDED: tl.constexpr, V: tl.constexpr, P: tl.constexpr):
+        # channel c's draw for the pixels pix [P] (math of _sample_logits_kernel, V = 256, no top-k): cond_rows /
+        # uncond_rows [P, 1] pointers to their fp32 logit rows -> (ids [P] int32, valid [P]: a finite logit)
+        vcols = tl.arange(0, V)
+        vmask = vcols < V
+        vm2 = pmask[:, None] & vmask[None, :]
+        p64 = pix.to(tl.int64)
+        xc = tl.load(cond_rows + vcols[None, :], mask=vm2, other=0.0)
+        x_s = _sanitize(xc * inv_temp)
+        if GUIDED:
+            xu = tl.load(uncond_rows + vcols[None, :], mask=vm2, other=0.0)
+            u = _sanitize(xu * inv_temp)
+            # per-pixel cfg, or the scalar broadcast (a masked-off load reads nothing)
+            wcfg = tl.load(cfg_ptr + pix, mask=pmask & (pix * 0 + cfg_rows != 0), other=cfg_scalar).to(tl.float32)
+            x_s = _filter_cfg_mix(x_s, u, wcfg[:, None], filter_threshold)
+        xmax = tl.max(x_s, axis=1)
+        valid = xmax > float("-inf")
+        shift = tl.where(valid, xmax, 0.0)
+        # rows without a finite logit (and padding pixels) divide by 1, not 0: no NaN, zero probabilities
+        e = tl.where(valid[:, None] & vm2, tl.exp(x_s - shift[:, None]), 0.0)
+        pr = e / tl.where(valid & pmask, tl.sum(e, axis=1), 1.0)[:, None]
+        if do_top_p != 0:
+            t = _bisect_threshold(pr, vmask, top_p, True, P)
+            pr = tl.where(pr >= t[:, None], pr, 0.0)
+            pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
+        if draw == 3:
+            idx = tl.argmax(x_s, axis=1)
+        elif draw == 2:
+            # exponential race, torch.multinomial's algorithm: argmax of p / e, e ~ Exp(1) given
+            ev = tl.load(e_ptr + (c * B + p64)[:, None] * V + vcols[None, :], mask=vm2, other=1.0)
+            idx = tl.argmax(pr / ev, axis=1)
+        else:
+            uni = tl.load(u_ptr + c * B + pix, mask=pmask & (pix * 0 + draw == 1), other=0.5)
+            if draw == 0:
+                uni = _philox_uniform(seed_lo, seed_hi, (p64 + c * B + offset).to(tl.uint64)).to(tl.float64)
+            # the sampler contract's draw (fractal_kernels/reference/pixel_sampling.py)
+            idx = _inverse_cdf_draw(pr, vmask, uni)
+        return idx, valid
+
     @triton.jit(do_not_specialize=["B", "n_rows", "depth", "n_tiles", "ws_stride", "seed_lo", "seed_hi", "offset",
                                    "cfg_rows", "draw", "do_top_p", "write_logits", "write_values"])
     def _pixel_head_kernel(
@@ -100,8 +142,6 @@ if HAS_TRITON:
         nprog = tl.num_programs(0)
         r = tl.arange(0, R)
         cols = tl.arange(0, W)
-        vcols = tl.arange(0, V)
-        vmask = vcols < V
         bb = tl.arange(0, BLOCK_B)
 
         # this program's scratch (fp32, reused by every tile it runs): A and Bo [R, W] staged dot operands
@@ -129,7 +169,6 @@ if HAS_TRITON:
             pix = tile * BLOCK_B + bb  # [BB] one per pixel (sampler side)
             pmask = pix < B
             p64 = pix.to(tl.int64)
-            vm2 = pmask[:, None] & vmask[None, :]
 
             dead = tl.where(c == 0, 0, dead)  # a new tile
             # ---- token c's embedding [R, W]: the condition's projection, or the drawn id's codebook row
@@ -229,36 +268,9 @@ if HAS_TRITON:
             tl.debug_barrier()
 
             # ---- the sampler (math of _sample_logits_kernel, V = 256, no top-k)
-            xc = tl.load(sF + bb[:, None] * V + vcols[None, :])
-            x_s = _sanitize(xc * inv_temp)
-            if GUIDED:
-                xu = tl.load(sF + (BLOCK_B + bb)[:, None] * V + vcols[None, :])
-                u = _sanitize(xu * inv_temp)
-                # per-pixel cfg, or the scalar broadcast (a masked-off load reads nothing)
-                wcfg = tl.load(cfg_ptr + pix, mask=pmask & (pix * 0 + cfg_rows != 0), other=cfg_scalar).to(tl.float32)
-                x_s = _filter_cfg_mix(x_s, u, wcfg[:, None], filter_threshold)
-            xmax = tl.max(x_s, axis=1)
-            valid = xmax > float("-inf")
-            shift = tl.where(valid, xmax, 0.0)
-            # rows without a finite logit (and padding pixels) divide by 1, not 0: no NaN, zero probabilities
-            e = tl.where(valid[:, None] & vm2, tl.exp(x_s - shift[:, None]), 0.0)
-            pr = e / tl.where(valid & pmask, tl.sum(e, axis=1), 1.0)[:, None]
-            if do_top_p != 0:
-                t = _bisect_threshold(pr, vmask, top_p, True, BLOCK_B)
-                pr = tl.where(pr >= t[:, None], pr, 0.0)
-                pr = pr / tl.where(valid & pmask, tl.sum(pr, axis=1), 1.0)[:, None]
-            if draw == 3:
-                idx = tl.argmax(x_s, axis=1)
-            elif draw == 2:
-                # exponential race, torch.multinomial's algorithm: argmax of p / e, e ~ Exp(1) given
-                ev = tl.load(e_ptr + (c * B + p64)[:, None] * V + vcols[None, :], mask=vm2, other=1.0)
-                idx = tl.argmax(pr / ev, axis=1)
-            else:
-                uni = tl.load(u_ptr + c * B + pix, mask=pmask & (pix * 0 + draw == 1), other=0.5)
-                if draw == 0:
-                    uni = _philox_uniform(seed_lo, seed_hi, (p64 + c * B + offset).to(tl.uint64)).to(tl.float64)
-                # the sampler contract's draw (fractal_kernels/reference/pixel_sampling.py)
-                idx = _inverse_cdf_draw(pr, vmask, uni)
+            idx, valid = _sample_pixels(sF + bb[:, None] * V, sF + (BLOCK_B + bb)[:, None] * V, pix, pmask, c, B,
+                                        cfg_ptr, cfg_scalar, cfg_rows, inv_temp, filter_threshold, top_p,
+                                        do_top_p, draw, u_ptr, e_ptr, seed_lo, seed_hi, offset, GUIDED, V, BLOCK_B)
             idx = tl.where(valid & (dead == 0), idx, -1)
             dead = tl.where(idx < 0, 1, dead)
             tl.store(ids_ptr + p64 * 3 + c, idx.to(tl.int64), mask=pmask)
