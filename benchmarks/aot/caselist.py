@@ -259,15 +259,20 @@ def _skinny_linear_cases() -> List[Case]:
     import torch
     from fractal_kernels.ops.skinny_linear import skinny_linear
 
-    def linear(rows, N, K, dtype, *, norm=False, gate=False, residual=False, x16=False):
+    def linear(rows, N, K, dtype, *, norm=False, gate=False, residual=False, x16=False, kv_heads=0):
         # one linear of an AR decode step with its fused neighbours (fractal_models/engine/ar.py
-        # _blocks_step_skinny): x the fp32 residual stream, or the 16-bit attention output / SwiGLU hidden
+        # _blocks_step_skinny): x the fp32 residual stream, or the 16-bit attention output / SwiGLU hidden;
+        # kv_heads: wqkv writes its key / value columns into the fp32 KV cache's slot of one position
         def run():
             w = lambda: torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5  # noqa: E731
             x = torch.randn(rows, K, device="cuda", dtype=dtype if x16 else torch.float32)
+            kv = None
+            if kv_heads:
+                kv = torch.zeros(2, rows, kv_heads, 16, N // 3 // kv_heads, device="cuda")[:, :, :, 8]
             skinny_linear(x, w(), norm_weight=torch.ones(K, device="cuda") if norm else None,
                           gate=w() if gate else None,
-                          residual=torch.randn(rows, N, device="cuda") if residual else None, backend="triton")
+                          residual=torch.randn(rows, N, device="cuda") if residual else None, backend="triton",
+                          kv_out=kv)
         return run
 
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -276,11 +281,12 @@ def _skinny_linear_cases() -> List[Case]:
     # fractalar_in64: level 1 (D=512, hidden 1536) and level 0 (D=1024, hidden 2816); rows 2 = batch 1 with CFG,
     # 16 = batch 8 (the crossover data's range)
     for D, Hd, rows in ((512, 1536, 2), (1024, 2816, 2), (512, 1536, 16)):
-        sk(f"skinny_linear D={D} rows={rows} wqkv+norm bf16", linear(rows, 3 * D, D, bf16, norm=True))
+        sk(f"skinny_linear D={D} rows={rows} wqkv+norm bf16", linear(rows, 3 * D, D, bf16, norm=True,
+                                                                     kv_heads=D // 64))
         sk(f"skinny_linear D={D} rows={rows} wo+residual bf16", linear(rows, D, D, bf16, residual=True, x16=True))
         sk(f"skinny_linear D={D} rows={rows} w1|w3+norm bf16", linear(rows, Hd, D, bf16, norm=True, gate=True))
         sk(f"skinny_linear D={D} rows={rows} w2+residual bf16", linear(rows, D, Hd, bf16, residual=True, x16=True))
-    sk("skinny_linear D=512 rows=2 wqkv+norm fp32", linear(2, 1536, 512, fp32, norm=True))
+    sk("skinny_linear D=512 rows=2 wqkv+norm fp32", linear(2, 1536, 512, fp32, norm=True, kv_heads=8))
     return c
 
 

@@ -26,8 +26,8 @@ PATHS = ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default",
          "fast_graph", "fast_persistent")
 # pixel heads: their schedule per path is report.pixel_schedule (tiles / phases / persistent, pixel.SCHEDULES);
 # fast_persistent: the fast path with the pixel heads' phases in one launch with grid barriers (GPU-only option)
-# skinny: op by op with the AR levels' linears as skinny_linear launches (norm / SwiGLU / residual fused: 6 launches a
-# block, not 13; issue #28 item 4); fast_graph: the fast path with the AR levels' blocks replayed from per-position
+# skinny: op by op with the AR levels' linears as skinny_linear launches (norm / SwiGLU / residual / the KV-cache write
+# fused: 5 launches a block, not 13; issue #28 item 4); fast_graph: the fast path with the AR levels' blocks replayed from per-position
 # CUDA graphs (the engine's step_graphs option: GPU-only, never run); fused_linear: op by op with the MAR levels'
 # linears as fused_linear launches (LayerNorm prologue, bias / GELU / residual epilogues: 5 launches a block, not 10;
 # issue #28 item 5)
@@ -196,7 +196,7 @@ def step_launches(lv: Level, path: str, hw: C.Hardware = C.HARDWARE["H100"], arc
                 (skinny("wo+residual", M, D, D, hw, arch, residual=True, x_bytes=EB), d),
                 (skinny("w1|w3+rmsnorm+swiglu", M, H, D, hw, arch, gate=True, norm=True), d),
                 (skinny("w2+residual", M, D, H, hw, arch, residual=True, x_bytes=EB), d),
-                (attention_decode(lv, hw, arch), d), (elementwise("kv cache copy_", 4 * act), d),
+                (attention_decode(lv, hw, arch), d),  # the cache write: inside the wqkv launch (kv_out)
                 (elementwise("level glue", 2 * act), c["other_op_by_op"])]
     if path == "fused_linear" and lv.kind == "MAR":
         return [(fused_gemm("ln1+qkv", M, 3 * D, D, hw, arch, norm=True), d),

@@ -232,7 +232,7 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "picks (the fused block stack, the AR levels' skinny-linear step or the MAR levels' fused-linear step, only where `fractal_kernels/data/"
         "block_stack_model.json` says it wins at that N), `op_by_op` = the kernel path without fused stacks and "
         "with aten linears, `skinny` = op by op with the AR levels' linears as `skinny_linear` launches (RMSNorm, "
-        "SwiGLU and residual fused: 6 launches a block instead of 13; issue #28 item 4), `fused_linear` = op by op "
+        "SwiGLU, residual and the KV-cache write fused: 5 launches a block instead of 13; issue #28 item 4), `fused_linear` = op by op "
         "with the MAR levels' linears as `fused_linear` launches (LayerNorm prologue, bias / GELU / residual "
         "epilogues: 5 launches a block instead of 10; issue #28 item 5), `fused` = the fused stack at every level "
         "that has one (shown so a losing fused kernel is visible), `pre28_default` = the default before issue #28 "

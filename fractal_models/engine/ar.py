@@ -83,7 +83,7 @@ def sample(m, cond_list: List[torch.Tensor], cfg, cfg_schedule: str, temperature
 def _blocks_step(m, h: torch.Tensor, step: int, freqs: torch.Tensor, skinny: Optional[str] = None) -> torch.Tensor:
     """The blocks and ``m.norm`` of one step, op by op: ``h`` ``[rows, 1, E]`` -> ``[rows, E]``. ``skinny``
     (a backend, from :func:`explain_skinny_step`): each block as 4 :func:`skinny_linear` launches around the
-    cache write and the decode kernel (norms, SwiGLU and residuals fused into the linears) instead of ~13."""
+    decode kernel (norms, SwiGLU, residuals and the cache write fused into the linears) instead of ~13."""
     if skinny is not None:
         return _blocks_step_skinny(m, h[:, 0], step, skinny)
     cos = sin = None
@@ -203,8 +203,15 @@ def _decode_from_qkv(att: nn.Module, qkv: torch.Tensor, pos: int) -> torch.Tenso
     if getattr(cache, "slots", None) is None:  # per-position [2, B, H, 1, D] views of the cache, made once
         cache.slots = cache.kv.split(1, dim=3)
     cache.slots[pos].copy_(qkv[1:])
+    return _decode_q(att, qkv[0], pos)
+
+
+def _decode_q(att: nn.Module, q: torch.Tensor, pos: int) -> torch.Tensor:
+    """The decode kernel of position ``pos`` (its key and value already in the cache) for the queries ``q``
+    ``[B, H, 1, D]``; the attention output ``[B, H, 1, D]``."""
+    cache = att.kv_cache
     cache.length = pos + 1
-    q = qkv[0] if qkv.dtype == cache.kv.dtype else qkv[0].to(cache.kv.dtype)
+    q = q if q.dtype == cache.kv.dtype else q.to(cache.kv.dtype)
     return tiny_attention_decode(q, cache.k, cache.v, pos + 1, freqs_cis=cache.freqs_cis,
                                  backend=kernel_backend(att.backend))
 
@@ -229,11 +236,13 @@ def _blocks_step_skinny(m, x: torch.Tensor, pos: int, backend: str) -> torch.Ten
     residual stream) -> ``m.norm(x)`` ``[rows, E]``. Weights from :func:`_packed_stack` (the autocast dtype);
     the roundings are the op's (one at each linear's input, one at its output), not autocast's per-op ones."""
     stack = _packed_stack(m, x.device)
+    bsz = x.shape[0]
     for i, block in enumerate(m.blocks):
         att = block.attention
-        qkv = skinny_linear(x, stack.wqkv[i], norm_weight=block.attention_norm.weight,
-                            norm_eps=block.attention_norm.eps, backend=backend)
-        o = _decode_from_qkv(att, qkv, pos)  # [B, H, 1, D]
+        # the key and value go straight into the cache slot of this position (no copy launch); q comes back
+        q = skinny_linear(x, stack.wqkv[i], norm_weight=block.attention_norm.weight,
+                          norm_eps=block.attention_norm.eps, backend=backend, kv_out=att.kv_cache.kv[:, :, :, pos])
+        o = _decode_q(att, q.view(bsz, 1, att.n_head, att.head_dim).transpose(1, 2), pos)  # [B, H, 1, D]
         x = skinny_linear(o.reshape(x.shape[0], att.dim), stack.wo[i], residual=x, backend=backend)
         g = skinny_linear(x, stack.w1[i], gate=stack.w3[i], norm_weight=block.ffn_norm.weight,
                           norm_eps=block.ffn_norm.eps, backend=backend)

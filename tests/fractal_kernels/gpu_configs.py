@@ -49,7 +49,8 @@ CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "_sample_logits_kernel": ("cond_ptr", ("HAS_UNCOND", "CFG_PER_ROW", "HAS_UNIFORMS", "WRITE_PROBS", "DO_TOP_K",
                                            "DO_TOP_P", "GREEDY", "BLOCK_N", "BLOCK_V")),
     "_ce_rows_kernel": ("logits_ptr", ("WRITE_GRAD", "ROW_SCALE", "BLOCK_N", "BLOCK_V")),
-    "_skinny_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "NORM", "GATE", "BIAS", "RES", "ROUND", "EVEN_K")),
+    "_skinny_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "NORM", "GATE", "BIAS", "RES", "ROUND", "EVEN_K",
+                                        "KV")),
     "_fused_linear_kernel": ("w_ptr", ("BM", "BN", "BK", "GROUP_M", "NORM", "BIAS", "ACT", "RES", "EVEN_K")),
 }
 #: the benchmarks.aot case groups of those kernels

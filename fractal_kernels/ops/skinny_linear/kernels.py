@@ -16,10 +16,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _skinny_linear_kernel(
-            x_ptr, w_ptr, g_ptr, b_ptr, nw_ptr, r_ptr, out_ptr,
-            M, N, K, sxm, sxk, swn, sgn, srm, som, eps,
+            x_ptr, w_ptr, g_ptr, b_ptr, nw_ptr, r_ptr, out_ptr, kv_ptr,
+            M, N, K, sxm, sxk, swn, sgn, srm, som, eps, NQ, HD, skv0, skvm, skvh, skvd,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GATE: tl.constexpr,
-            BIAS: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, EVEN_K: tl.constexpr):
+            BIAS: tl.constexpr, RES: tl.constexpr, ROUND: tl.constexpr, EVEN_K: tl.constexpr, KV: tl.constexpr):
         # One program: BN output columns of BM rows. The weight tile is the only large operand, so the columns
         # are split over (at least) one program per SM and each program streams its [BN, K] weight rows once;
         # x (few rows) is re-read by every program from L2. No tensor cores: at BM <= 16 rows the work is a
@@ -90,5 +90,16 @@ if HAS_TRITON:
         omask = rmask[:, None] & cmask[None, :]
         if RES:
             y += tl.load(r_ptr + rows_c[:, None] * srm + cols_c[None, :]).to(tl.float32)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * som + cols[None, :], _cast(y, out_ptr.dtype.element_ty),
-                 mask=omask)
+        yo = _cast(y, out_ptr.dtype.element_ty)
+        if KV:
+            # an attention projection [q | k | v]: columns >= NQ are the key / value of one cache position, stored
+            # into the cache (kv_ptr: [2, M, H, HD] strided, the position's slice) after the output's rounding,
+            # what the unfused path's copy of the output into the cache would store; q stays in out
+            isq = cols < NQ
+            c2 = tl.where(isq, 0, cols - NQ).to(tl.int64)
+            part = c2 // (NQ)  # 0: key, 1: value (NQ = H * HD columns each)
+            head = (c2 % NQ) // HD
+            kv_off = part * skv0 + rows.to(tl.int64)[:, None] * skvm + (head * skvh + (c2 % HD) * skvd)[None, :]
+            tl.store(kv_ptr + kv_off, yo.to(kv_ptr.dtype.element_ty), mask=omask & (~isq)[None, :])
+            omask = omask & isq[None, :]
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * som + cols[None, :], yo, mask=omask)

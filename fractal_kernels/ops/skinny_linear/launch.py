@@ -67,30 +67,41 @@ def grid(cfg: SkinnyLinearConfig, m: int, n: int):
 def launch_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   norm_weight: Optional[torch.Tensor], norm_eps: float, gate: Optional[torch.Tensor],
                   residual: Optional[torch.Tensor], out: torch.Tensor,
-                  config: Optional[SkinnyLinearConfig] = None) -> None:
-    """Run the kernel into ``out`` ``[M, N]`` (inputs checked by the caller); ``config`` replaces
-    :func:`skinny_linear_config`'s choice (tests)."""
+                  config: Optional[SkinnyLinearConfig] = None, kv_out: Optional[torch.Tensor] = None) -> None:
+    """Run the kernel into ``out`` ``[M, N]`` (``[M, N - 2 H D]``, the q columns, with ``kv_out`` ``[2, M, H, D]``
+    taking the rest; inputs checked by the caller); ``config`` replaces :func:`skinny_linear_config`'s choice
+    (tests)."""
     m, k = x.shape
     n = weight.shape[0]
     cfg = config or skinny_linear_config(m, n, k, gate is not None, x.device)
     rnd = {torch.bfloat16: 1, torch.float16: 2}.get(weight.dtype, 0)
     dummy = weight
+    kv = kv_out if kv_out is not None else out
+    nq, hd, skv = (n - 2 * kv.shape[2] * kv.shape[3], kv.shape[3], kv.stride()) if kv_out is not None \
+        else (n, 1, (0, 0, 0, 0))
     _skinny_linear_kernel[grid(cfg, m, n)](
         x, weight, gate if gate is not None else dummy, bias if bias is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out,
+        norm_weight if norm_weight is not None else dummy, residual if residual is not None else dummy, out, kv,
         m, n, k, x.stride(0), x.stride(1), weight.stride(0), gate.stride(0) if gate is not None else 0,
-        residual.stride(0) if residual is not None else 0, out.stride(0), float(norm_eps),
+        residual.stride(0) if residual is not None else 0, out.stride(0), float(norm_eps), nq, hd, *skv,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, NORM=norm_weight is not None, GATE=gate is not None,
-        BIAS=bias is not None, RES=residual is not None, ROUND=rnd, EVEN_K=k % cfg.bk == 0,
+        BIAS=bias is not None, RES=residual is not None, ROUND=rnd, EVEN_K=k % cfg.bk == 0, KV=kv_out is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 # ---- input checks ------------------------------------------------------------------------------------------
 
-def check(x, weight, bias, norm_weight, norm_eps, gate, residual, out_dtype) -> torch.dtype:
+def check(x, weight, bias, norm_weight, norm_eps, gate, residual, out_dtype, kv_out=None) -> torch.dtype:
     """Validate the op's arguments (ValueError / TypeError naming the argument); returns the output dtype."""
     m, n, k = check_core(x, weight, bias, (("norm_weight", norm_weight), ("gate", gate), ("residual", residual)))
+    if kv_out is not None:
+        ok = isinstance(kv_out, torch.Tensor) and kv_out.dim() == 4 and kv_out.shape[0] == 2
+        if not (ok and kv_out.shape[1] == m and 3 * kv_out.shape[2] * kv_out.shape[3] == n
+                and kv_out.device == x.device and kv_out.is_floating_point() and residual is None and gate is None):
+            raise ValueError(f"kv_out: expected a float [2, M={m}, H, D] tensor on {x.device} with 3 H D = N={n} "
+                             f"(an attention projection [q | k | v]; no residual, no gate), got "
+                             f"{shape_of(kv_out)}{' ' + str(kv_out.dtype) if isinstance(kv_out, torch.Tensor) else ''}")
     if norm_weight is not None:
         check_vector("norm_weight", norm_weight, k, "K", " (RMSNorm weight)")
         check_eps(norm_eps)

@@ -72,6 +72,24 @@ def run(x, w, kw, config=None):
     return out
 
 
+def cache_slot(m, heads, d, dtype, pos=3, length=7):
+    """Position ``pos`` of a NaN-filled KV cache ``[2, M, H, length, D]``: a strided ``[2, M, H, D]`` view."""
+    return torch.full((2, m, heads, length, d), float("nan"), dtype=dtype)[:, :, :, pos]
+
+
+def close_kv(q, kv, x, w, kw):
+    """q ``[M, H D]`` and the cache slot ``[2, M, H, D]`` against the reference's ``[q | k | v]`` (k, v rounded to
+    the output dtype, then to the cache's)."""
+    m, nq = q.shape
+    full = skinny_linear_reference(x, w, compute_dtype=torch.float64, out_dtype=q.dtype, **kw)
+    close(q, x, w[:nq], kw, what="q")
+    heads, d = kv.shape[2], kv.shape[3]
+    want = full[:, nq:].to(kv.dtype).reshape(m, 2, heads, d).transpose(0, 1)
+    got = torch.cat([kv[0].reshape(m, -1), kv[1].reshape(m, -1)], 1)
+    close(got.to(q.dtype), x, w[nq:], kw, what="k | v")
+    assert torch.isfinite(kv).all() and torch.equal(kv.isnan(), want.isnan())
+
+
 # ------------------------------------------------------------------------------------- interpreter config
 @pytest.mark.parametrize("wdtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
@@ -132,14 +150,56 @@ def test_every_aot_configuration_is_exercised():
         k = 2 * f["BK"] if f["EVEN_K"] else 2 * f["BK"] - 8
         parts = {name for name, flag in (("norm", "NORM"), ("gate", "GATE"), ("bias", "BIAS"),
                                          ("residual", "RES")) if f[flag]}
+        if f["KV"]:  # [q | k | v] of 2 heads of D columns: 3 programs and a partial one
+            d = (3 * f["BN"] // 2 + 1) // 2 * 2
+            n = 6 * d
         x, w, kw = inputs(m, n, k, wdtype, parts, seed=len(exercised))
         with gpu_configs.recording(sk_kernels._skinny_linear_kernel) as seen:
-            got = run(x, w, kw, config=cfg)
+            if f["KV"]:
+                kv = cache_slot(m, 2, d, F32)
+                q = torch.full((m, 2 * d), float("nan"), dtype=wdtype)
+                launch_triton(x, w, None, kw.get("norm_weight"), kw.get("norm_eps", 1e-5), None, None, q,
+                              config=cfg, kv_out=kv)
+            else:
+                got = run(x, w, kw, config=cfg)
         assert len(seen) == 1
         exercised.add(gpu_configs.launched_path("_skinny_linear_kernel", seen[0]))
-        close(got, x, w, kw, what=f"AOT path {path}")
+        if f["KV"]:
+            close_kv(q, kv, x, w, kw)
+        else:
+            close(got, x, w, kw, what=f"AOT path {path}")
     assert not gpu_configs.missing("_skinny_linear_kernel", exercised), gpu_configs.missing(
         "_skinny_linear_kernel", exercised)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("wdtype,kvdtype", [(F32, F32), (BF16, F32), (F16, F16)], ids=["fp32", "bf16-fp32", "fp16"])
+@pytest.mark.parametrize("config", ["interpreter", "sm_90"])
+def test_kv_out_writes_the_cache_slot(config, wdtype, kvdtype, backend):
+    """An AR step's wqkv with its cache write fused: q comes back, k and v land in position 3 of a strided cache
+    (NaN elsewhere stays NaN: nothing outside the slot is written)."""
+    m, heads, d, k = 3, 4, 24, 96
+    x, w, kw = inputs(m, 3 * heads * d, k, wdtype, {"norm"}, seed=11)
+    cache = torch.full((2, m, heads, 7, d), float("nan"), dtype=kvdtype)
+    kv = cache[:, :, :, 3]
+    if config == "interpreter" or backend == "torch":
+        q = skinny_linear(x, w, kv_out=kv, backend=backend, **kw)
+    else:
+        cfg = skinny_linear_config(m, 3 * heads * d, k, False, CPU, arch=90, interpret=False)
+        q = torch.empty(m, heads * d, dtype=wdtype)
+        launch_triton(x, w, None, kw["norm_weight"], kw["norm_eps"], None, None, q, config=cfg, kv_out=kv)
+    assert q.shape == (m, heads * d) and q.dtype == wdtype
+    close_kv(q, kv, x, w, kw)
+    others = torch.cat([cache[:, :, :, :3], cache[:, :, :, 4:]], 3)
+    assert others.isnan().all()
+    # the same q and slot as the unfused path: the output, then a copy into the cache
+    full = skinny_linear(x, w, backend=backend, **kw)
+    assert torch.equal(q, full[:, :heads * d])
+    assert torch.equal(kv, full[:, heads * d:].reshape(m, 2, heads, d).transpose(0, 1).to(kvdtype))
+    with pytest.raises(ValueError, match="kv_out"):
+        skinny_linear(x, w, kv_out=cache[:, :, :, 3, :d - 1], backend=backend, **kw)
+    with pytest.raises(ValueError, match="kv_out"):
+        skinny_linear(x, w, kv_out=kv, residual=torch.zeros(m, 3 * heads * d), backend=backend, **kw)
 
 
 @pytest.mark.parametrize("arch,sms", [(90, 132), (80, 108)])
