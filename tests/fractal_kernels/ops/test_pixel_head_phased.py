@@ -204,3 +204,24 @@ def test_schedule_errors_name_the_argument():
     # the default on a CPU (no GPU arch, no crossover data) is the tile kernel
     pixel_head_sample(cond, w, 2, uniforms=u, backend="triton")
     assert last_backend("pixel_head_schedule") == "tiles"
+
+
+@pytest.mark.parametrize("bsz", [1, 9], ids=["2-row tiles", "16-row dot tiles"])
+def test_a_hidden_width_no_tile_divides(bsz):
+    """The op takes any MLP width (packed weights, not only PixelLoss's 4 W): 71 hidden units leave a partial
+    column item in FC1 and a partial K chunk in FC2 under the sm_90 configuration, masked both ways."""
+    m = head(32, 1, 2)
+    w = pack_pixel_head_weights(m)
+    hid = 71
+    w = w._replace(fc1_w=w.fc1_w[:, :hid].contiguous(), fc1_b=w.fc1_b[:, :hid].contiguous(),
+                   fc2_w=w.fc2_w[:, :, :hid].contiguous())
+    cond, u = conds(bsz, True), unis(bsz)
+    cfg = phased_config(32, 2, 2 * bsz, CPU, arch=90, interpret=False)
+    assert hid % cfg.bn and (cfg.dot == 0 or hid % cfg.kc)
+    ref_ids, ref_logits = _ref(cond, w, 2, True, 2.0, u)
+    ids = torch.full((bsz, 3), -7, dtype=torch.int64)
+    logits = torch.full((3, 2 * bsz, 256), float("nan"))
+    launch_phased(cond, w, 2, True, None, 2.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids, logits=logits, config=cfg,
+                  max_programs=3)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(ids, ref_ids)
