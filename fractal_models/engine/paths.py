@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from fractal_kernels import policy
+from fractal_kernels._target import device_arch
 from fractal_models.engine.ar import explain_fused_stack, explain_skinny_step
 from fractal_models.engine.graphs import explain_step_graphs
 from fractal_models.engine.mar import explain_fused_blocks, explain_fused_linear_step
@@ -51,9 +53,14 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
         if ar:
             rows[-1].update(step_graphs=graphed, step_graphs_why=graphs_why)
     head = levels[-1]
-    rows.append(dict(level=len(levels) - 1, kind=type(head).__name__, width=int(head.cond_proj.out_features),
-                     path="pixel_head", why="one pixel_head_sample launch per pixel on a kernel backend, else the "
-                     "KV-cached PyTorch head"))
+    width = int(head.cond_proj.out_features)
+    # the Triton kernel's schedule is chosen per call (its rows): say the rule for this GPU
+    arch = device_arch(device) if device.type == "cuda" else None
+    _, sched = policy.pixel_head_schedule_rule(width, rows=None, dtype=str(head.cond_proj.weight.dtype)[6:],
+                                               arch=arch)
+    rows.append(dict(level=len(levels) - 1, kind=type(head).__name__, width=width, path="pixel_head",
+                     why=f"one pixel_head_sample call per pixel step on a kernel backend (Triton schedule: {sched}), "
+                         f"else the KV-cached PyTorch head"))
     return rows
 
 

@@ -220,3 +220,18 @@ def test_graphs_replay_the_skinny_linear_step(recorder):
         level.release_step_graphs()
         level.step_graphs = False
         level.__dict__.pop("skinny_linears", None)
+
+
+def test_level_paths_say_the_pixel_heads_schedule_rule():
+    """``fractalgen info``'s pixel-head row names the Triton schedule rule for the GPU (the crossover data's
+    rows for this width, or the tile kernel without data / without a GPU arch)."""
+    from fractal_kernels import policy
+    from fractal_kernels._target import target_arch
+    model, _ = model_for("tiny_ar", "torch")
+    with target_arch(90):
+        rows = level_paths(model, torch.device("cuda"), "triton", policy_only=True)
+    assert rows[-1]["path"] == "pixel_head" and "Triton schedule:" in rows[-1]["why"]
+    width = rows[-1]["width"]
+    have = ("pixel_head_phases", "float32", "sm_90", str(width)) in policy.block_stack_table()
+    assert ("phases at rows in" in rows[-1]["why"]) == have
+    assert "no GPU arch" in level_paths(model, CPU)[-1]["why"]
