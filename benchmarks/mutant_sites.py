@@ -22,10 +22,11 @@ import math
 
 # Values the interpreter runs with: the launchers pick DOT16 = 2 (16-bit dots emulated with fp32 dots) when
 # interpreting, 1 (tensor cores) on a GPU; tiny_attention's _INTERP is True under the interpreter.
-INTERP_VALUES = {"DOT16": 2, "_INTERP": True}
+# The phased pixel head's BARRIER (grid barriers) is False there: programs run one after another.
+INTERP_VALUES = {"DOT16": 2, "_INTERP": True, "BARRIER": False}
 GPU_RULE = ("a branch is GPU-only when its `if` test, evaluated with the interpreter's values "
-            "(DOT16 == 2, _INTERP true; every other name unknown), is decided against that branch: "
-            "the `else` of `if DOT16 == 2`, the body of `if DOT16 == 1` or `if not _INTERP`")
+            "(DOT16 == 2, _INTERP true, BARRIER false; every other name unknown), is decided against that branch: "
+            "the `else` of `if DOT16 == 2`, the body of `if DOT16 == 1`, `if not _INTERP` or `if BARRIER`")
 
 _BINOPS = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"),
            ast.FloorDiv: ("//", "*"), ast.Mod: ("%", "//"), ast.BitAnd: ("&", "|"), ast.BitOr: ("|", "&"),

@@ -97,6 +97,8 @@ def phase_items(kind: int, cfg: PhasedConfig, width: int, heads: int, hidden: in
 
 
 def scratch_floats(cfg: PhasedConfig, width: int, hidden: int, depth: int, n_rows: int) -> int:
+    if width % cfg.bn or VOCAB % cfg.bn:  # the kernel masks only the MLP's columns
+        raise ValueError(f"config: bn={cfg.bn} must divide the width {width} and {VOCAB}")
     nrp = math.ceil(n_rows / cfg.br) * cfg.br
     return nrp * (3 * width + hidden + VOCAB + max(depth, 1) * 4 * width)
 
@@ -130,6 +132,8 @@ def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg
     width, depth, hidden = w.ln_w.shape[0], w.qkv_w.shape[0], w.fc1_w.shape[1]
     n_rows = 2 * bsz if guided else bsz
     cfg = config or phased_config(width, num_heads, n_rows, cond.device)
+    if width % cfg.bn or VOCAB % cfg.bn:  # the kernel masks only the MLP's columns
+        raise ValueError(f"config: bn={cfg.bn} must divide the width {width} and {VOCAB}")
     nrp = math.ceil(n_rows / cfg.br) * cfg.br
     ws = workspace(scratch_floats(cfg, width, hidden, depth, n_rows), cond.device)
     uni = uniforms.double().contiguous() if uniforms is not None else torch.empty(1, dtype=torch.float64,
@@ -144,11 +148,10 @@ def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg
         most = max(phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden, n_rows, bsz)
                    for p in range(n_ph))
         launches = [(0, n_ph, min(cap, most))]
-        bar = _barrier(cond.device)
     else:
         launches = [(p, p + 1, min(cap, phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden,
                                                     n_rows, bsz))) for p in range(n_ph)]
-        bar = torch.empty(2, dtype=torch.int32, device=cond.device)
+    bar = _barrier(cond.device)  # the phases never touch it (one buffer a device and stream, not one a call)
     args = (cond, *w, cfg_t if cfg_t is not None else ws, uni, exp, ids, ws, logits if logits is not None else ws,
             value_table if value_table is not None else ws, values if values is not None else ws, bar)
     grids = []

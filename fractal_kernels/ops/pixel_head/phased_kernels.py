@@ -45,10 +45,11 @@ if HAS_TRITON:
         return mean, tl.sqrt_rn(tl.sum(xc * xc, axis=1) / W + 1e-6)
 
     @triton.jit
-    def _norm(x, mean, sd, w_ptr, b_ptr, kk, km):
-        # the tile kernel's _layer_norm on a K chunk: (x - mean) / sd * w + b
-        w = tl.load(w_ptr + kk, mask=km, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + kk, mask=km, other=0.0).to(tl.float32)
+    def _norm(x, mean, sd, w_ptr, b_ptr, kk):
+        # the tile kernel's _layer_norm on a K chunk of a W-wide row: (x - mean) / sd * w + b (the chunks of a
+        # normalised operand divide W, powers of two both: no mask)
+        w = tl.load(w_ptr + kk).to(tl.float32)
+        b = tl.load(b_ptr + kk).to(tl.float32)
         return (x - mean[:, None]) / sd[:, None] * w[None, :] + b[None, :]
 
     @triton.jit
@@ -59,16 +60,19 @@ if HAS_TRITON:
         km = kk < K
         a = tl.load(x_ptr + rows[:, None] * ldx + kk[None, :], mask=km[None, :], other=0.0).to(tl.float32)
         if NORM >= 1:
-            a = _norm(a, m0, s0, w0, b0, kk, km)
+            a = _norm(a, m0, s0, w0, b0, kk)
         if NORM == 2:
-            a = _norm(a, m1, s1, w1, b1, kk, km)
+            a = _norm(a, m1, s1, w1, b1, kk)
         return a, kk, km
 
     @triton.jit
-    def _wtile(w_ptr, ldw, ncols, nmask, kk, km):
-        # [KC, N] tile of a row-major [out, in] weight (an nn.Linear's) in its own dtype: rows ncols, columns kk
-        return tl.load(w_ptr + ncols[None, :].to(tl.int64) * ldw + kk[:, None], mask=km[:, None] & nmask[None, :],
-                       other=0.0)
+    def _wtile(w_ptr, ldw, ncols, nmask, kk, km, MASKN: tl.constexpr):
+        # [KC, N] tile of a row-major [out, in] weight (an nn.Linear's) in its own dtype: rows ncols, columns kk;
+        # MASKN: the output columns may end inside the tile (only the MLP's width: W and 256 are multiples of BN)
+        ptrs = w_ptr + ncols[None, :].to(tl.int64) * ldw + kk[:, None]
+        if MASKN:
+            return tl.load(ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+        return tl.load(ptrs, mask=km[:, None], other=0.0)
 
     @triton.jit
     def _fma(acc, a, w, DOT: tl.constexpr):
@@ -81,23 +85,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _mm(acc, x_ptr, ldx, rows, K, w_ptr, ldw, ncols, nmask, m0, s0, w0, b0, NORM: tl.constexpr,
-            KC: tl.constexpr, DOT: tl.constexpr):
+            KC: tl.constexpr, DOT: tl.constexpr, MASKN: tl.constexpr):
         # acc [R, N] += norm(X[rows, :K]) @ Wm[ncols, :K]^T, K in KC chunks (a runtime loop)
         for k0 in tl.range(0, K, KC):
             a, kk, km = _chunk(x_ptr, ldx, rows, k0, K, m0, s0, w0, b0, m0, s0, w0, b0, NORM, KC)
-            acc = _fma(acc, a, _wtile(w_ptr, ldw, ncols, nmask, kk, km), DOT)
+            acc = _fma(acc, a, _wtile(w_ptr, ldw, ncols, nmask, kk, km, MASKN), DOT)
         return acc
 
     @triton.jit
-    def _grid_sync(bar_ptr, target):
-        # grid-wide barrier: every program adds 1 to the counter, then waits until it reaches target (the
-        # count of all programs' arrivals so far in this launch). Only in the persistent mode (BARRIER=True)
-        tl.debug_barrier()
-        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+    def _qkv(qa, ka, va, a, wq, W: tl.constexpr, dh, kk, km, DOTQ: tl.constexpr):
+        # one K chunk of a head's q, k, v (rows dh of the three W x W blocks of qkv_w)
+        qa = _fma(qa, a, _wtile(wq, W, dh, dh, kk, km, False), DOTQ)
+        ka = _fma(ka, a, _wtile(wq + W * W, W, dh, dh, kk, km, False), DOTQ)
+        va = _fma(va, a, _wtile(wq + 2 * W * W, W, dh, dh, kk, km, False), DOTQ)
+        return qa, ka, va
 
     @triton.jit(do_not_specialize=["B", "C", "n_rows", "depth", "ph_start", "ph_end", "seed_lo", "seed_hi",
                                    "offset", "cfg_rows", "draw", "do_top_p", "write_logits", "write_values"])
@@ -139,32 +140,26 @@ if HAS_TRITON:
                     rows = (it // H) * BR + tl.arange(0, BR)
                     h = it % H
                     dh = h * DH + tl.arange(0, DH)
-                    hm = dh < W
                     wq = qkv_w + d * 3 * W * W
+                    qa = tl.zeros([BR, DH], dtype=tl.float32)
+                    ka = tl.zeros([BR, DH], dtype=tl.float32)
+                    va = tl.zeros([BR, DH], dtype=tl.float32)
                     if d == 0:  # x = LN(T), the residual stream's first value; this head's columns of it
                         t = tl.load(sT + rows[:, None] * W + cols[None, :])
                         m0, s0 = _stats(t, W)
                         x = (t - m0[:, None]) / s0[:, None] * tl.load(ln_w + cols).to(tl.float32)[None, :] \
                             + tl.load(ln_b + cols).to(tl.float32)[None, :]
                         tl.store(sX + rows[:, None] * W + cols[None, :], x, mask=(cols // DH == h)[None, :])
-                        src = sT
+                        m1, s1 = _stats(x, W)
+                        for k0 in tl.range(0, W, KCQ):
+                            a, kk, km = _chunk(sT, W, rows, k0, W, m0, s0, ln_w, ln_b, m1, s1, n1_w, n1_b, 2, KCQ)
+                            qa, ka, va = _qkv(qa, ka, va, a, wq, W, dh, kk, km, DOTQ)
                     else:
-                        x = tl.load(sX + rows[:, None] * W + cols[None, :])
-                        m0, s0 = x.sum(axis=1) * 0.0, x.sum(axis=1) * 0.0 + 1.0
-                        src = sX
-                    m1, s1 = _stats(x, W)
-                    qa = tl.zeros([BR, DH], dtype=tl.float32)
-                    ka = tl.zeros([BR, DH], dtype=tl.float32)
-                    va = tl.zeros([BR, DH], dtype=tl.float32)
-                    for k0 in tl.range(0, W, KCQ):
-                        if d == 0:
-                            a, kk, km = _chunk(src, W, rows, k0, W, m0, s0, ln_w, ln_b, m1, s1, n1_w, n1_b, 2, KCQ)
-                        else:
-                            a, kk, km = _chunk(src, W, rows, k0, W, m1, s1, n1_w + d * W, n1_b + d * W,
+                        m1, s1 = _stats(tl.load(sX + rows[:, None] * W + cols[None, :]), W)
+                        for k0 in tl.range(0, W, KCQ):
+                            a, kk, km = _chunk(sX, W, rows, k0, W, m1, s1, n1_w + d * W, n1_b + d * W,
                                                m1, s1, n1_w, n1_b, 1, KCQ)
-                        qa = _fma(qa, a, _wtile(wq, W, dh, hm, kk, km), DOTQ)
-                        ka = _fma(ka, a, _wtile(wq + W * W, W, dh, hm, kk, km), DOTQ)
-                        va = _fma(va, a, _wtile(wq + 2 * W * W, W, dh, hm, kk, km), DOTQ)
+                            qa, ka, va = _qkv(qa, ka, va, a, wq, W, dh, kk, km, DOTQ)
                     bq = qkv_b + d * 3 * W
                     qa += tl.load(bq + dh).to(tl.float32)[None, :]
                     ka += tl.load(bq + W + dh).to(tl.float32)[None, :]
@@ -217,9 +212,9 @@ if HAS_TRITON:
                 for it in range(pid, n_rt * n_ct, nprog):
                     rows = (it // n_ct) * BR + tl.arange(0, BR)
                     ncols = (it % n_ct) * BN + tl.arange(0, BN)
-                    nm = ncols < n_out
                     out_off = rows[:, None] * W + ncols[None, :]
                     acc = tl.zeros([BR, BN], dtype=tl.float32)
+                    # only the MLP's width (any int) can end inside an item: W and 256 are multiples of BN
                     if kind == 0:  # EMB: the condition's projection (cond rows past n_rows read row 0)
                         crow = tl.where(rows < n_rows, rows, 0).to(tl.int64)
                         for k0 in tl.range(0, C, KC):
@@ -227,38 +222,47 @@ if HAS_TRITON:
                             km = kk < C
                             a = tl.load(cond_ptr + crow[:, None] * stride_cond + kk[None, :], mask=km[None, :],
                                         other=0.0).to(tl.float32)
-                            acc = _fma(acc, a, _wtile(cond_w, C, ncols, nm, kk, km), DOT)
-                        acc += tl.load(cond_b + ncols, mask=nm, other=0.0).to(tl.float32)[None, :]
-                        tl.store(sT + out_off, acc, mask=nm[None, :])
+                            acc = _fma(acc, a, _wtile(cond_w, C, ncols, ncols, kk, km, False), DOT)
+                        acc += tl.load(cond_b + ncols).to(tl.float32)[None, :]
+                        tl.store(sT + out_off, acc)
                     elif kind == 2:  # PROJ: X += O @ proj^T + b
-                        acc = _mm(acc, sO, W, rows, W, proj_w + d * W * W, W, ncols, nm, 0.0, 1.0, n1_w, n1_b, 0, KC, DOT)
-                        acc += tl.load(proj_b + d * W + ncols, mask=nm, other=0.0).to(tl.float32)[None, :]
-                        x = tl.load(sX + out_off, mask=nm[None, :], other=0.0)
-                        tl.store(sX + out_off, x + acc, mask=nm[None, :])
+                        acc = _mm(acc, sO, W, rows, W, proj_w + d * W * W, W, ncols, ncols, 0.0, 1.0, n1_w, n1_b, 0,
+                                  KC, DOT, False)
+                        acc += tl.load(proj_b + d * W + ncols).to(tl.float32)[None, :]
+                        tl.store(sX + out_off, tl.load(sX + out_off) + acc)
                     elif kind == 3:  # FC1: Hh = gelu(LN2(X) @ fc1^T + b1)
+                        nm = ncols < HID
                         m, s = _stats(tl.load(sX + rows[:, None] * W + cols[None, :]), W)
                         acc = _mm(acc, sX, W, rows, W, fc1_w + d * HID * W, W, ncols, nm, m, s, n2_w + d * W,
-                                  n2_b + d * W, 1, KC, DOT)
+                                  n2_b + d * W, 1, KC, DOT, True)
                         acc += tl.load(fc1_b + d * HID + ncols, mask=nm, other=0.0).to(tl.float32)[None, :]
                         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
                         tl.store(sH + rows[:, None] * HID + ncols[None, :], acc, mask=nm[None, :])
                     elif kind == 4:  # FC2: X += Hh @ fc2^T + b2
-                        acc = _mm(acc, sH, HID, rows, HID, fc2_w + d * W * HID, HID, ncols, nm, 0.0, 1.0, n1_w,
-                                  n1_b, 0, KC, DOT)
-                        acc += tl.load(fc2_b + d * W + ncols, mask=nm, other=0.0).to(tl.float32)[None, :]
-                        x = tl.load(sX + out_off, mask=nm[None, :], other=0.0)
-                        tl.store(sX + out_off, x + acc, mask=nm[None, :])
+                        acc = _mm(acc, sH, HID, rows, HID, fc2_w + d * W * HID, HID, ncols, ncols, 0.0, 1.0, n1_w,
+                                  n1_b, 0, KC, DOT, False)
+                        acc += tl.load(fc2_b + d * W + ncols).to(tl.float32)[None, :]
+                        tl.store(sX + out_off, tl.load(sX + out_off) + acc)
                     else:  # LOGITS: F = LN_f(X) @ codebook_c^T + mlm_bias_c
                         m, s = _stats(tl.load(sX + rows[:, None] * W + cols[None, :]), W)
-                        acc = _mm(acc, sX, W, rows, W, cb_ptr + c * V * W, W, ncols, nm, m, s, nf_w, nf_b, 1, KC, DOT)
-                        acc += tl.load(mlm_b + c * V + ncols, mask=nm, other=0.0).to(tl.float32)[None, :]
-                        tl.store(sF + rows[:, None] * V + ncols[None, :], acc, mask=nm[None, :])
-                        lmask = ((rows < n_rows) & (rows * 0 + write_logits != 0))[:, None] & nm[None, :]
+                        acc = _mm(acc, sX, W, rows, W, cb_ptr + c * V * W, W, ncols, ncols, m, s, nf_w, nf_b, 1, KC,
+                                  DOT, False)
+                        acc += tl.load(mlm_b + c * V + ncols).to(tl.float32)[None, :]
+                        tl.store(sF + rows[:, None] * V + ncols[None, :], acc)
+                        lmask = (rows < n_rows) & (rows * 0 + write_logits != 0)
                         tl.store(logits_ptr + (c * n_rows + rows.to(tl.int64))[:, None] * V + ncols[None, :], acc,
-                                 mask=lmask)
+                                 mask=lmask[:, None])
             if BARRIER:
+                # grid-wide barrier between phases: every program adds 1 to the counter, then waits until it
+                # holds all programs' arrivals so far in this launch (GPU only: the interpreter runs the
+                # programs one after another)
                 if ph + 1 < ph_end:
-                    _grid_sync(bar_ptr, (ph - ph_start + 1) * nprog)
+                    tl.debug_barrier()
+                    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+                    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                    while seen < (ph - ph_start + 1) * nprog:
+                        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                    tl.debug_barrier()
         if BARRIER:
             # the last program out resets the counters for the next launch (every program has left its last
             # wait once it adds to the exit count)
