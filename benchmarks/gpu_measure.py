@@ -14,9 +14,10 @@ the budget recorded as ``"skipped: budget"``):
    ``flash_attn_qkvpacked_func`` if installed) at the target shape (MAR L=21 D=64 H=8 bf16, N=4096);
    then ``benchmarks.attention.crossover_rows``: the Triton/SDPA crossover, written to the policy overlay;
 4. ``sampler``: ``sample_logits`` Triton vs torch (V=256, 4096 rows, CFG);
-5. ``ar_step`` (:mod:`benchmarks.gpu_ar_step`, at most 30 s): ``fractalar_in64``'s level 1 at batch 1 with CFG, one
+5. ``ar_step`` (:mod:`benchmarks.gpu_ar_step`, at most 36 s): ``fractalar_in64``'s level 1 at batch 1 with CFG, one
    decode step op by op eager vs replayed from its CUDA graph (``step_graphs``) vs the fused stack, each checked
-   against eager (max abs diff), and a whole level call eager vs step graphs;
+   against eager (max abs diff), and a whole level call eager vs step graphs; then the step eager vs skinny vs
+   fused at rows 64 and 2048 too (``by_rows``: fused vs op by op at N in {2, 64, 2048});
 6. ``images_per_s``: ``fractalar_in64`` at batch 1 and ``fractalmar_large_in256`` at batch 64 (random
    weights): the reference loop (``fast=False``) vs the fast engine; one warm call, one timed.
 
