@@ -1,8 +1,8 @@
 """The GPU session's AR decode-step measurement (``benchmarks.gpu_measure`` section ``ar_step``; issue #28 item 7).
 
 ``fractalar_in64``'s level 1 built alone (width 512, 8 blocks, 8 heads, 16 positions, random weights: the same
-shapes as in the full model, without building its 432M parameters), rows = 2 (batch 1 with CFG), fp16 autocast
-and the default backend ("auto": the decode kernel per block), as ``generate`` samples on a GPU:
+shapes as in the full model, without building its 432M parameters), rows = 2 (batch 1 with CFG; part 3: more
+rows), fp16 autocast and the default backend ("auto": the decode kernel per block), as ``generate`` samples on a GPU:
 
 1. one decode step at position ``seq_len // 2`` (its cache filled by the steps before it, the same random inputs on
    every path): op by op eager (``engine.ar._blocks_step``), op by op replayed from its CUDA graph
@@ -10,11 +10,15 @@ and the default backend ("auto": the decode kernel per block), as ``generate`` s
    (``ar_block_stack_decode``, ``fused_stack=True``), and the step with its linears as ``skinny_linear``
    launches, eager and graphed; CUDA-event medians; each output's max abs diff vs eager;
    the host time per capture (warm-up + capture + first replay);
-2. one whole level call (``engine.ar.sample``, 16 steps, a stub next level): eager vs step graphs.
+2. one whole level call (``engine.ar.sample``, 16 steps, a stub next level): eager vs step graphs;
+3. the same one-step timings at more rows (:data:`MORE_ROWS`: 64 and 2048, fused vs op by op per level at N in
+   {2, 64, 2048}; no graphs there): eager, the skinny-linear step and the fused stack, each max abs diff vs eager;
+   ``by_rows`` lists every row count, rows 2 with the figures of part 1. A few hundred ms a row count on a GPU
+   (an estimate, nothing measured), plus any compile the prewarm did not cover.
 
 Capped at :data:`CAP_S` seconds (and the measure budget): a part that would start past it is recorded
 ``"skipped: budget"``. On a CPU (dry run): ``tiny_ar``'s level 1, the graphs replaced by the CPU recorder, the
-fused stack on ``backend="torch"``; timings ``"skipped: no GPU"``.
+fused stack on ``backend="torch"``, rows :data:`DRY_MORE_ROWS`; timings ``"skipped: no GPU"``.
 """
 from __future__ import annotations
 
@@ -23,9 +27,13 @@ from typing import Any, Dict
 
 import torch
 
-CAP_S = 30.0      # of the measure phase's ~95 s: the sections after this one keep the rest
+CAP_S = 36.0      # of the measure phase's ~95 s: the sections after this one keep the rest
 STEP_REPEATS = 50  # one step is ~0.1-1 ms: 50 CUDA-event timings cost well under a second
 CALL_REPEATS = 10
+MORE_ROWS = (64, 2048)    # part 3 on a GPU (batch 32 / 1024 with CFG)
+DRY_MORE_ROWS = (4, 8)    # and on the CPU dry run (tiny_ar)
+ROWS_REPEATS = 20         # a step at 2048 rows is milliseconds, not tenths
+ROW_KEYS = ("eager_s", "skinny_s", "fused_s", "skinny_max_abs_diff", "fused_max_abs_diff")
 
 
 def _level(config: str, index: int, device: torch.device):
@@ -135,13 +143,62 @@ def ar_step(c) -> Dict[str, Any]:
                                                                 step_graphs=flag), repeats=CALL_REPEATS, warmup=1)
                 else:
                     out[name] = "skipped: budget"
+
+            out["by_rows"] = [{"rows": rows, **{k: out[k] for k in ROW_KEYS if k in out}}]  # part 1's figures
+            for n in (MORE_ROWS if c.gpu else DRY_MORE_ROWS):
+                out["by_rows"].append(_step_at(c, m, n, pos, freqs, sk_step, left) if left() > 8
+                                      else {"rows": n, "status": "skipped: budget"})
     finally:
         graphs._OFF_CUDA = off_cuda
         torch.set_num_threads(threads)
         m.release_step_graphs()
-    for a, b in (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("eager_s", "skinny_s"), ("eager_s", "skinny_graph_s"),
-                 ("call_eager_s", "call_graphs_s")):
-        x, y = out.get(a), out.get(b)
-        if isinstance(x, float) and isinstance(y, float) and y > 0:
-            out[f"{a[:-2]}_over_{b[:-2]}"] = round(x / y, 3)
+    for r in out.get("by_rows", ()):
+        _ratios(r, (("eager_s", "fused_s"), ("eager_s", "skinny_s")))
+    _ratios(out, (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("eager_s", "skinny_s"), ("eager_s", "skinny_graph_s"),
+                 ("call_eager_s", "call_graphs_s")))
     return out
+
+
+def _ratios(d: Dict[str, Any], pairs) -> None:
+    for a, b in pairs:
+        x, y = d.get(a), d.get(b)
+        if isinstance(x, float) and isinstance(y, float) and y > 0:
+            d[f"{a[:-2]}_over_{b[:-2]}"] = round(x / y, 3)
+
+
+def _step_at(c, m, rows: int, pos: int, freqs, sk_step, left) -> Dict[str, Any]:
+    """Part 3 at ``rows`` rows (inside the section's autocast / no_grad): each path's caches filled by the steps
+    before ``pos`` from the same random inputs, then the step at ``pos`` timed; max abs diffs vs eager."""
+    from fractal_kernels import ar_block_stack_decode, ar_stack_cache
+    from fractal_models.engine import ar as engine_ar
+    dev = c.device
+    hs = torch.randn(pos + 1, rows, 1, m.config.dim, generator=torch.Generator().manual_seed(rows)).to(dev)
+    row: Dict[str, Any] = {"rows": rows}
+
+    def run(name, fn):  # fn(p) -> [rows, E]
+        for p in range(pos + 1):
+            got = fn(p)
+        got = got.float().clone()
+        row[f"{name}_s"] = c.time(lambda: fn(pos), repeats=ROWS_REPEATS, warmup=2)
+        return got
+
+    m.setup_caches(rows, m.seq_len, device=dev, freqs_cis=freqs)
+    ref = run("eager", lambda p: engine_ar._blocks_step(m, hs[p], p, freqs))
+    m.clear_caches()
+    if left() > 5:
+        m.setup_caches(rows, m.seq_len, device=dev, freqs_cis=freqs)
+        row["skinny_max_abs_diff"] = float((run("skinny", lambda p: sk_step(m, hs[p], p, freqs)) - ref).abs().max())
+        m.clear_caches()
+    else:
+        row["skinny_s"] = "skipped: budget"
+    if left() > 5:
+        stack = engine_ar._packed_stack(m, dev)
+        cache = ar_stack_cache(stack, rows, m.seq_len, dev)
+        backend = "triton" if c.gpu else "torch"
+        got = run("fused", lambda p: ar_block_stack_decode(hs[p][:, 0], stack, cache, p, freqs, m.config.n_head,
+                                                            backend=backend))
+        row["fused_max_abs_diff"] = float((got - ref).abs().max())
+        del cache
+    else:
+        row["fused_s"] = "skipped: budget"
+    return row

@@ -3,22 +3,31 @@
     python -m benchmarks.gpu_measure --json measure.json --budget-s 150     # on a GPU
     python -m benchmarks.gpu_measure --dry-run --json measure.json          # CPU: tiny sizes, same code, no timings
 
+(``--files-dir DIR``: where a section writes a file beside the JSON, default the JSON's folder.)
+
 Sections (each timed with ``torch.cuda.Event``, the JSON rewritten after each, a section that would start past
 the budget recorded as ``"skipped: budget"``):
 
 1. ``crossover``: per MAR level whose stack fuses (L <= ``MAR_STACK_MAX_L``), the fused block stack
    (``mar_block_stack``, one launch) vs op-by-op (``engine.mar.blocks_eval``: the level's blocks on the kernel
    backend) at N in {2, 64, 2048} rows, 16-bit as sampling runs it; the cost model's crossover data;
-2. ``cuda_graphs``: ``generate(cuda_graphs=True)`` vs the same call without: images equal?, seconds;
-3. ``attention``: ``tiny_attention_packed`` vs every SDPA backend torch offers here (and flash-attn's
+2. ``attention``: ``tiny_attention_packed`` vs every SDPA backend torch offers here (and flash-attn's
    ``flash_attn_qkvpacked_func`` if installed) at the target shape (MAR L=21 D=64 H=8 bf16, N=4096);
    then ``benchmarks.attention.crossover_rows``: the Triton/SDPA crossover, written to the policy overlay;
-4. ``sampler``: ``sample_logits`` Triton vs torch (V=256, 4096 rows, CFG);
-5. ``ar_step`` (:mod:`benchmarks.gpu_ar_step`, at most 30 s): ``fractalar_in64``'s level 1 at batch 1 with CFG, one
+3. ``sampler``: ``sample_logits`` Triton vs torch (V=256, 4096 rows, CFG);
+4. ``ar_step`` (:mod:`benchmarks.gpu_ar_step`, at most 36 s): ``fractalar_in64``'s level 1 at batch 1 with CFG, one
    decode step op by op eager vs replayed from its CUDA graph (``step_graphs``) vs the fused stack, each checked
-   against eager (max abs diff), and a whole level call eager vs step graphs;
+   against eager (max abs diff), and a whole level call eager vs step graphs; then the step eager vs skinny vs
+   fused at rows 64 and 2048 too (``by_rows``: fused vs op by op at N in {2, 64, 2048});
+5. ``pixel_head`` (:mod:`benchmarks.gpu_pixel_head`, at most 15 s): ``fractalar_in64``'s pixel head (fp32, cfg 3)
+   at B in {1, 8, 64, 512}: ``schedule="persistent"`` first, in a child process killed if it hangs, then
+   "tiles" vs "phases" (medians, ids equal, debug logits' max abs diff); a candidate dispatch overlay from the
+   medians (``pixel_head_schedule_measured.json`` in ``--files-dir``, and in the section's JSON), never installed
+   by the run: a human reviews it;
 6. ``images_per_s``: ``fractalar_in64`` at batch 1 and ``fractalmar_large_in256`` at batch 64 (random
-   weights): the reference loop (``fast=False``) vs the fast engine; one warm call, one timed.
+   weights): the reference loop (``fast=False``) vs the fast engine; one warm call, one timed;
+7. ``cuda_graphs`` (last: its first call runs ``torch.compile``): ``generate(cuda_graphs=True)`` vs the same call
+   without: images equal?, seconds.
 
 On a CPU every section runs its code on tiny shapes (the fused stack with ``backend="torch"``, the reference
 math of each op) so the dry run exercises it; every timing is ``"skipped: no GPU"``.
@@ -35,13 +44,15 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .gpu_ar_step import ar_step
+from .gpu_pixel_head import pixel_head
 
 SKIPPED = "skipped: no GPU"
 
 
 class Ctx:
-    def __init__(self, gpu: bool, budget_s: float, path: Optional[str]):
+    def __init__(self, gpu: bool, budget_s: float, path: Optional[str], files_dir: Optional[str] = None):
         self.gpu, self.path = gpu, path
+        self.files_dir = files_dir or (os.path.dirname(os.path.abspath(path)) if path else None)
         self.device = torch.device("cuda" if gpu else "cpu")
         self.deadline = time.perf_counter() + budget_s
         self.doc: Dict[str, Any] = {"device": torch.cuda.get_device_name() if gpu else "cpu (dry run)",
@@ -221,12 +232,13 @@ def images_per_s(c: Ctx) -> List[Dict[str, Any]]:
 
 #: priority order; cuda_graphs last: its first call runs torch.compile, the longest and least predictable step
 SECTIONS = (("crossover", crossover), ("attention", attention), ("sampler", sampler), ("ar_step", ar_step),
-            ("images_per_s", images_per_s), ("cuda_graphs", cuda_graphs))
+            ("pixel_head", pixel_head), ("images_per_s", images_per_s), ("cuda_graphs", cuda_graphs))
 
 
-def run(dry_run: bool, budget_s: float, path: Optional[str], only: Optional[List[str]] = None) -> Dict[str, Any]:
+def run(dry_run: bool, budget_s: float, path: Optional[str], only: Optional[List[str]] = None,
+        files_dir: Optional[str] = None) -> Dict[str, Any]:
     gpu = torch.cuda.is_available() and not dry_run
-    c = Ctx(gpu, budget_s, path)
+    c = Ctx(gpu, budget_s, path, files_dir)
     for name, fn in SECTIONS:
         if only and name not in only:
             continue
@@ -255,8 +267,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=150.0)
     p.add_argument("--only", action="append", default=None, help="run only this section (repeatable)")
     p.add_argument("--json", default=None)
+    p.add_argument("--files-dir", default=None, help="where sections write other files (default: the JSON's folder)")
     args = p.parse_args(argv)
-    doc = run(args.dry_run or not torch.cuda.is_available(), args.budget_s, args.json, args.only)
+    doc = run(args.dry_run or not torch.cuda.is_available(), args.budget_s, args.json, args.only, args.files_dir)
     return 0 if doc["ok"] else 1
 
 

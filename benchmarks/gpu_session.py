@@ -6,7 +6,8 @@ budget; a phase that fails, times out or is skipped does not stop the next. ``$O
 as each phase ends: ``name``, ``status`` (ok / failed / skipped / timed_out), ``seconds``, ``budget_s``,
 ``wrote``, ``note``. The results are at most 8 files in ``$OUT`` (no folders): phases.json, env.json,
 prewarm.json, tests.json, microbench.json, sanitizer.json, measure.json and logs.tar.gz (every log, the
-test outcomes, the dispatch overlay ``fractal_home/``), the archive refreshed after every phase.
+test outcomes, the dispatch overlay ``fractal_home/``, the pixel-head candidate overlay
+``logs/pixel_head_schedule_measured.json``, not installed), the archive refreshed after every phase.
 
 ``--dry-run`` (CI, no GPU): every phase through its real entry point on the CPU -- the test selection with
 ``pytest --collect-only``, ``fractal-bench --smoke``, a prewarm of a few specializations for sm_90 with a
@@ -337,7 +338,9 @@ def sanitizer_phase(s: Session) -> str:
 
 def measure_phase(s: Session) -> str:
     budget = max(5, int(s.deadline - time.monotonic()) - 15)
-    cmd = [s.py, "-m", "benchmarks.gpu_measure", "--json", s.out_path("measure.json"), "--budget-s", str(budget)]
+    # --files-dir: the logs (logs.tar.gz): $OUT holds its 8 files already (the pixel-head candidate overlay)
+    cmd = [s.py, "-m", "benchmarks.gpu_measure", "--json", s.out_path("measure.json"), "--budget-s", str(budget),
+           "--files-dir", s.logs]
     s.sh("measure", cmd + ([] if s.gpu else ["--dry-run"]))
     doc = json.load(open(s.out_path("measure.json")))
     return ", ".join(f"{k}: {v['status']}" for k, v in doc["sections"].items())

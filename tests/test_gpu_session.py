@@ -86,11 +86,20 @@ def test_measure_ar_step_dry_run_and_budget():
     assert res["graph_info"] == {"captures": res["position"] + 1, "failed": None}
     for k in ("eager_s", "graph_s", "fused_s", "skinny_s", "skinny_graph_s", "call_eager_s", "call_graphs_s"):
         assert res[k] == gpu_measure.SKIPPED, (k, res[k])
+    # fused vs op by op at more rows (64 and 2048 on a GPU; small rows on the dry run), rows 2 first
+    from benchmarks import gpu_ar_step
+    assert [r["rows"] for r in res["by_rows"]] == [2, *gpu_ar_step.DRY_MORE_ROWS]
+    assert res["by_rows"][0]["fused_max_abs_diff"] == res["fused_max_abs_diff"]
+    for r in res["by_rows"]:
+        assert r["fused_max_abs_diff"] < 1e-4 and r["skinny_max_abs_diff"] < 1e-4, r
+        assert all(r[k] == gpu_measure.SKIPPED for k in ("eager_s", "skinny_s", "fused_s")), r
     c = gpu_measure.Ctx(False, 6, None)  # 1 s past the 5 s reserve: only the eager step runs
     res = gpu_measure.ar_step(c)
     assert res["eager_s"] == gpu_measure.SKIPPED
     assert all(res[k] == "skipped: budget" for k in ("graph_s", "fused_s", "skinny_s", "skinny_graph_s", "call_eager_s",
                                                      "call_graphs_s")), res
+    assert all(r == {"rows": n, "status": "skipped: budget"} for r, n in zip(res["by_rows"][1:],
+                                                                          gpu_ar_step.DRY_MORE_ROWS)), res
 
 
 def test_dry_run(tmp_path):
