@@ -35,10 +35,13 @@ sys.modules["fractal_kernels._C"] = ext
 
 import fractal_kernels  # noqa: E402
 from fractal_kernels import dispatch, policy  # noqa: E402
+from fractal_kernels._target import target_arch  # noqa: E402
 from fractal_kernels.dispatch import resolve, shape_class  # noqa: E402
 from fractal_kernels.ops import tiny_attention as ta  # noqa: E402
 
 dispatch._triton = lambda: (True, "triton (assumed for this check)")  # the wheel's venv has no triton
+_FAKE_ARCH = target_arch(90)  # the fake GPU is an sm_90 one (never asked of torch); held: its exit restores it
+_FAKE_ARCH.__enter__()
 
 where = os.path.dirname(fractal_kernels.__file__)
 if mode == "installed":

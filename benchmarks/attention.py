@@ -405,8 +405,10 @@ CROSSOVER_LENGTHS = (64, 96, 128, 192, 256, 384, 512)
 def crossover_rows(device: torch.device, repeats: int, warmup: int, path: Optional[str] = None) -> List[Row]:
     """Where SDPA starts to beat the Triton kernel (forward, bf16, per head dim): one timed row per length and
     the first losing length recorded under this device's name in ``attention_crossover.json`` of the policy
-    overlay (``$FRACTAL_HOME``; ``path`` to write elsewhere), which ``tiny_attention``'s ``auto`` dispatch
-    reads over the packaged one (no entry: the kernel up to ``MAX_L``; see ``fractal_kernels.policy``)."""
+    overlay (``$FRACTAL_HOME``; ``path`` to write elsewhere; ``ATTENTION_MAX_L + 1`` where the kernel won at every
+    length), which ``tiny_attention``'s ``auto`` dispatch reads over the packaged one and over the MODEL's length
+    (no entry: the MODEL's length for the GPU's arch, else the kernel up to ``MAX_L``; see
+    ``fractal_kernels.policy.attention_sdpa_rule``)."""
     from fractal_kernels import dispatch, policy
     if device.type != "cuda" or not backend_report()["triton"][0]:
         return [Row(SUITE, "crossover", "triton vs sdpa", {}, skipped="GPU-only: measures the Triton/SDPA crossover")]
@@ -429,8 +431,8 @@ def crossover_rows(device: torch.device, repeats: int, warmup: int, path: Option
             rows.append(Row(SUITE, "crossover", "triton vs sdpa", dict(L=length, D=d, N=n, H=8, dtype="bfloat16"),
                             ours, metrics={"sdpa_median_s": sdpa["median_s"], "triton_speedup_vs_sdpa": ratio},
                             check=f"max diff {err:.1e}" if err < 4e-2 else f"OUTPUTS DIFFER {err:.1E}"))
-        if first_loss is not None:
-            table[str(d)] = first_loss
+        # no loss up to the kernels' limit is a measurement too (past the limit: SDPA anyway): it overrides the MODEL
+        table[str(d)] = first_loss if first_loss is not None else dispatch.ATTENTION_MAX_L + 1
     path = path or policy.overlay_path(policy.CROSSOVER)
     doc = policy.read_document(path)[0] or {}
     doc[torch.cuda.get_device_name(device)] = {"bfloat16": table, "float16": table}

@@ -22,7 +22,7 @@ extension import, the policy files, triton's import and the device name are each
 :func:`reload` forgets all of it (tests, and writers of the policy files).
 
 Per-op choices beyond the support predicates live here too, so every op's policy is in this module:
-:func:`choose_attention` (fp64 on torch, SDPA past ``ATTENTION_MAX_L`` or the measured crossover),
+:func:`choose_attention` (fp64 on torch, SDPA past ``ATTENTION_MAX_L``, the measured or the MODEL's crossover),
 :func:`choose_attention_decode`, :func:`choose_pixel_head` (widths the Triton kernel does not take go to
 torch) and :func:`choose_block_stack` (fuse a level's blocks or not); the other ops call :func:`resolve`.
 
@@ -327,27 +327,38 @@ def attention_crossover(D: int, dtype: torch.dtype, device: Optional[torch.devic
     return policy.load().crossover_length(name, str(dtype).replace("torch.", ""), D)
 
 
-def choose_attention(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
-                     dropout: bool = False, varlen: bool = False) -> str:
-    """The backend for this attention call; 'sdpa' when ``auto`` hands a long sequence to PyTorch SDPA."""
+def explain_attention(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
+                      dropout: bool = False, varlen: bool = False) -> Tuple[str, str]:
+    """:func:`choose_attention`'s answer and why. Under ``auto``, a call the kernels take goes to SDPA by
+    :func:`fractal_kernels.policy.attention_sdpa_rule`: a measured crossover for this device name, else on a CUDA
+    device the MODEL's length for its arch (``block_stack_model.json``), else the kernel."""
     if dtype == torch.float64:
         if backend not in (None, "auto", "torch"):
             raise TypeError(f"q: float64 runs on the torch backend only (the {backend} kernels take fp32/bf16/fp16)")
-        return resolve(op, "torch", device)
+        return resolve(op, "torch", device), "float64: the torch backend only"
     forced = backend not in (None, "auto") or os.environ.get("FRACTAL_KERNELS_BACKEND") not in (None, "", "auto")
     if L > ATTENTION_MAX_L:
         if forced and (backend or os.environ.get("FRACTAL_KERNELS_BACKEND")) != "torch":
             raise ValueError(f"q: sequence length L={L} over the kernels' limit {ATTENTION_MAX_L}; use backend=None "
                              f"(SDPA) or 'torch'")
         if not forced:
-            return record(op, "sdpa" if device.type == "cuda" else "torch")
+            return record(op, "sdpa" if device.type == "cuda" else "torch"), f"L={L} > {ATTENTION_MAX_L}: no kernel"
     shape = shape_class(D=D, dropout=dropout, varlen=varlen)
     which = resolve(op, backend, device, dtype=dtype, shape_class=shape)
-    if not forced and which != "torch" and unsupported(op, "torch", dtype, shape) is None:
-        cross = attention_crossover(D, dtype, device)  # SDPA's path runs the reference for varlen/dropout
-        if cross is not None and L >= cross:
-            return record(op, "sdpa")
-    return which
+    # SDPA's path runs the reference for varlen / dropout: only calls the torch backend runs can go there
+    if forced or which == "torch" or unsupported(op, "torch", dtype, shape) is not None:
+        return which, "forced" if forced else "no SDPA here" if which == "torch" else "SDPA's path cannot run this call"
+    from fractal_kernels._target import device_arch
+    cuda = device.type == "cuda"
+    sdpa, why = policy.attention_sdpa_rule(L, D, str(dtype).replace("torch.", ""), arch=device_arch(device) if cuda
+                                           else None, device_name=device_name(device.index) if cuda else "")
+    return (record(op, "sdpa") if sdpa else which), why
+
+
+def choose_attention(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
+                     dropout: bool = False, varlen: bool = False) -> str:
+    """The backend for this attention call; 'sdpa' when ``auto`` hands it to PyTorch SDPA (:func:`explain_attention`)."""
+    return explain_attention(op, backend, dtype, device, D, L, dropout, varlen)[0]
 
 
 def attention_without_cuda_dropout(which: str, backend: Optional[str], dropout_p: float) -> str:

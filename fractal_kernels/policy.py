@@ -180,6 +180,7 @@ def clear() -> None:
     with _LOCK:
         _CACHE.pop("policy", None)
         _CACHE.pop("block_stack", None)
+        _CACHE.pop("attention_model", None)
 
 
 def reload() -> Policy:
@@ -207,11 +208,15 @@ def describe(device_name: Optional[str] = None, ops: Tuple[str, ...] = ()) -> Li
                               for d, n in sorted(by_d.items(), key=lambda kv: int(kv[0])))
             here = " [this device]" if device_name is not None and dev == device_name else ""
             lines.append(f"attention crossover on {dev!r}{here}: {table or 'none'} (from {p.crossover_source[dev]})")
+    model = attention_model_table()
+    fallback = "the MODEL's length for the GPU's arch (below)" if model else "the kernel up to its maximum length"
     if device_name is not None and device_name not in p.crossover:
-        lines.append(f"attention crossover on {device_name!r}: none recorded: auto runs the kernel up to its "
-                     f"maximum length")
+        lines.append(f"attention crossover on {device_name!r}: none measured: auto follows {fallback}")
     elif device_name is None and not p.crossover:
-        lines.append("attention crossover: none recorded: auto runs the kernel up to its maximum length")
+        lines.append(f"attention crossover: none measured: auto follows {fallback}")
+    if model:
+        lines.append(f"attention, SDPA from L (MODEL, {package_path(BLOCK_STACK)}): " + ", ".join(
+            f"{dt} {arch} D={d}: {'never' if n is None else n}" for (dt, arch, d), n in sorted(model.items())))
     table = block_stack_table()
     for src in sorted({path for _, path in table.values()}):
         keys = sorted(k for k, (_, path) in table.items() if path == src)
@@ -371,3 +376,49 @@ def pixel_head_schedule_rule(width: int, *, schedule: Optional[str] = None, rows
     return "tiles", f"rows={rows}: the tile kernel wins here ({kind} crossover data, {src}: phases only at rows in " \
                     f"{[list(r) for r in runs] or 'no range'})"
 
+
+
+# ------------------------------------------------------------------- attention: the MODEL's SDPA crossover length
+ATTENTION_MODEL_OP = "attention_sdpa"  # benchmarks.costmodel.attention.OP: entries of the package's BLOCK_STACK file
+
+
+def attention_model_table() -> Dict[Tuple[str, str, str], Optional[int]]:
+    """``{(dtype, "sm_XX", head dim): sdpa_from_l}`` of the package's ``block_stack_model.json`` (op
+    :data:`ATTENTION_MODEL_OP`, ``python -m benchmarks.costmodel --write-policy``: a MODEL; None = SDPA wins nowhere
+    up to the kernels' longest length). Package data only: a measured crossover is ``attention_crossover.json``'s
+    (per device name). Read once per process; :func:`clear` forgets it."""
+    table = _CACHE.get("attention_model")
+    if table is None:
+        doc, _ = read_document(package_path(BLOCK_STACK))  # an unreadable file: block_stack_table() warns
+        table = {}
+        by_dtype = ((doc or {}).get("entries") or {}).get(ATTENTION_MODEL_OP)
+        for dtype, by_arch in (by_dtype.items() if isinstance(by_dtype, dict) else ()):
+            for arch, by_d in (by_arch.items() if isinstance(by_arch, dict) else ()):
+                for d, entry in (by_d.items() if isinstance(by_d, dict) else ()):
+                    length = entry.get("sdpa_from_l", False) if isinstance(entry, dict) else False
+                    if length is None or (isinstance(length, int) and not isinstance(length, bool)):
+                        table[(str(dtype), str(arch), str(d))] = length
+        _CACHE["attention_model"] = table
+    return table
+
+
+def attention_sdpa_rule(L: int, D: int, dtype: str, *, device_name: str, arch: Optional[int]) -> Tuple[bool, str]:
+    """Whether ``auto`` hands an attention call of length ``L`` (within the kernels' limit) to PyTorch SDPA, and
+    why: a measured crossover for ``device_name`` (:attr:`Policy.crossover_length`: the package's or the overlay's
+    ``attention_crossover.json``) first; else, with a GPU ``arch``, the MODEL's length for (``dtype``, arch, ``D``)
+    (:func:`attention_model_table`); else the kernel."""
+    p = load()
+    measured = p.crossover_length(device_name, dtype, D)
+    if measured is not None:
+        return L >= measured, (f"L={L}, measured crossover on {device_name!r}: SDPA from L={measured} "
+                               f"({p.crossover_source.get(device_name)})")
+    key = (dtype, f"sm_{arch}", str(D))
+    if arch is not None and key in attention_model_table():
+        length = attention_model_table()[key]
+        if length is None:
+            return False, (f"L={L}, MODEL ({package_path(BLOCK_STACK)}): on sm_{arch} D={D} tiny_attention wins at "
+                           f"every length it takes")
+        return L >= length, f"L={L}, MODEL crossover on sm_{arch} D={D}: SDPA from L={length} " \
+                            f"({package_path(BLOCK_STACK)})"
+    return False, (f"L={L}: no crossover for {device_name or 'this device'!r} {dtype} D={D}: the kernel up to its "
+                   f"longest length")

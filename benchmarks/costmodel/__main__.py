@@ -2,7 +2,8 @@
 
 Writes the markdown table (stdout, or ``--md``), ``--json PATH`` (``{"records": [...]}``), ``--png PATH``;
 ``--out DIR`` writes all three as ``DIR/costmodel.{md,json,png}``; ``--write-policy`` regenerates the package
-data ``fractal_kernels/data/block_stack_model.json`` (the modeled fused-stack crossovers the dispatch reads).
+data ``fractal_kernels/data/block_stack_model.json`` (the modeled crossovers the dispatch reads: fused stacks, the
+step alternatives, the pixel-head schedules, PyTorch SDPA vs tiny_attention).
 Everything is a MODEL: nothing here runs on a GPU.
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     head = report.headline(tot)
     upstream = [] if (a.no_upstream or a.tiny) else report.upstream_rows(doc, a.hardware)
     violations = report.target_violations(records, a.hardware)
-    md = report.markdown(records, head, upstream, violations, a.hardware)
+    md = report.markdown(records, head, upstream, violations, a.hardware,
+                         doc["entries"].get(crossover.attention.OP, {}).get(crossover.DTYPE))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         a.json = a.json or os.path.join(a.out, "costmodel.json")

@@ -56,6 +56,8 @@ SOURCES = {
     "registers, shared memory, warps of a Triton specialization": "benchmarks/results/aot/full.json (sm_90 rows); "
         "where a kernel has no row there, its launcher's num_warps and register cap (maxnreg) (see launch.py)",
     "cuBLAS tile model": "ours (this file): a MODEL, no source; a GPU run must check it",
+    "SDPA tile model (FlashAttention-2-style forward)": "ours (this file, SDPA_*): a MODEL of PyTorch's fused "
+        "attention, no source read; a GPU run (benchmarks/attention.py crossover_rows) must check it",
     "grid barrier = 3 L2 round trips": "ours (this file, BARRIER_L2_TRIPS): derived from the L2 latency; a GPU run "
                                        "must check it",
     "upstream figures": "fractalgen issue #13 (21 s, one FractalAR-64 image, RTX 4090) and issue #19 (~7 min for "
@@ -82,6 +84,24 @@ GEMM_CTAS_PER_SM = 2
 # to cover the tensor, 8 CTAs per SM
 ELEM_BYTES_PER_CTA_IN_FLIGHT = 4 * 32 * 16
 ELEM_CTAS_PER_SM = 8
+
+# PyTorch SDPA's fused attention forward (ours, a MODEL of a library we cannot read): FlashAttention-2 on sm_80,
+# FlashAttention-2 / cuDNN on sm_90, modeled alike as FlashAttention-2's forward: one CTA per (sequence, head,
+# 128-row query tile), the query tiles of one head adjacent in the grid (so its keys and values are re-read from the
+# L2), 128-key tiles of K and V streamed with 2 stages (one K and one V tile in flight), 4 warps; the head dim
+# padded to a multiple of 32 (FlashAttention-2's head-dim kernels 32, 64, 96, 128: D = 16 runs the 32 one, D = 80
+# the 96 one), every tile computed whole (padded rows and keys included); mma.sync (HMMA) on both archs (the
+# FlashAttention-2 kernels are sm_80 code; a cuDNN wgmma kernel on sm_90 would be faster: this is the slow end);
+# 16-bit q, k, v and output only (bf16 and fp16 alike; fp32 inputs take another kernel, not modeled). CTAs per SM
+# from shared memory (the query tile + 2 stages of K and V tiles, 16-bit, at the padded head dim) and registers
+# (SDPA_REGS a thread: ptxas's cap, the slow end); one eager PyTorch op (no output copy: the [N, H, L, D] result
+# is what tiny_attention returns). benchmarks/attention.py's crossover rows measure it against the kernel.
+SDPA_BLOCK_M = 128
+SDPA_BLOCK_N = 128
+SDPA_STAGES = 2
+SDPA_WARPS = 4
+SDPA_REGS = 255
+SDPA_D_MULTIPLE = 32
 
 # a grid-wide barrier between two phases of a persistent launch (the phased pixel head's "persistent" schedule):
 # ours, a MODEL derived from the L2 latency of the table, never measured: the release fence before the arrival,

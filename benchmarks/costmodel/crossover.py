@@ -12,6 +12,12 @@ document lists the N ranges where the fused step's modeled time is lower at ever
 range). ``fractal_kernels.policy.block_stack_ranges`` reads it, ``dispatch.choose_block_stack`` follows it; a
 measured file of the same form in the overlay (``$FRACTAL_HOME/block_stack_model.json``, a GPU run) overrides
 an entry. ``tests/test_costmodel.py`` checks that the committed file equals what the model regenerates.
+
+Attention (op ``attention_sdpa``, :mod:`benchmarks.costmodel.attention`): per (dtype, arch, head dim) not N ranges
+but ``sdpa_from_l``, the first length from which PyTorch SDPA's modeled forward beats tiny_attention's at every
+modeled ``N x H`` (null: nowhere up to ``dispatch.ATTENTION_MAX_L``), with the lengths it wins at per ``N x H`` and
+the bound of each side; ``fractal_kernels.policy.attention_model_length`` reads it (package data only: a measured
+crossover is ``attention_crossover.json``'s, per device name).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Dict, List, Sequence
 
 from fractal_kernels.policy import PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP
 
+from . import attention
 from . import constants as C
 from .levels import build_levels, step_time, with_n
 from .workload import STACK_OPS
@@ -89,6 +96,9 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                     e["best_ratio"] = round(e["best_ratio"], 4)
         for other in DTYPES if DTYPE in by_dtype else ():
             by_dtype.setdefault(other, copy.deepcopy(by_dtype[DTYPE]))
+    if hardware:  # SDPA vs tiny_attention, 16-bit: the same figures for bf16 and fp16
+        sdpa = attention.sweep(hardware)
+        entries[attention.OP] = {dt: copy.deepcopy(sdpa) for dt in DTYPES}
     return {
         "schema": 1,
         "kind": "MODEL",
@@ -101,7 +111,10 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                 "pixel_head_persistent: the pixel head's phased schedule, a launch per phase / one launch with grid "
                 "barriers, fp32 weights, N = rows per call) beats op-by-op with aten linears (a pixel head: its tile "
                 "kernel) at every published level of that width; "
-                "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere)",
+                "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere); "
+                "attention_sdpa: per head dim, sdpa_from_l = the first sequence length from which PyTorch SDPA's "
+                "modeled forward beats tiny_attention's at every modeled N x H (null: nowhere up to "
+                "dispatch.ATTENTION_MAX_L), sdpa_wins_l = where it does per N x H, bounds = kernel / SDPA bound",
         "entries": entries,
     }
 

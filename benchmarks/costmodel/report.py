@@ -208,8 +208,33 @@ def headline(tot: Dict[Tuple[str, int, str], dict]) -> List[dict]:
     return rows
 
 
+def attention_lines(entries: Optional[dict]) -> List[str]:
+    """The SDPA-vs-tiny_attention section from the crossover document's ``attention_sdpa`` entries of one dtype
+    (``{"sm_XX": {D: entry}}``, :mod:`benchmarks.costmodel.attention`)."""
+    if not entries:
+        return []
+    keys = sorted({k for by_d in entries.values() for e in by_d.values() for k in e["sdpa_from_l_by_nh"]},
+                  key=lambda k: -int(k.split("x")[0]) * int(k.split("x")[1]))
+    lines = ["", "## Attention: PyTorch SDPA vs tiny_attention (MODEL, bidirectional, 16-bit)", "",
+             "SDPA as the FlashAttention-2-style tile model of `constants.py` (ours: 128-row query tiles, 128-key "
+             "tiles in 2 stages, the head dim padded to a multiple of 32, mma.sync); tiny_attention as its launcher "
+             "configures it. `SDPA from L` = the first length from which SDPA's modeled time is lower at every grid "
+             "length up to the kernels' limit; dispatch (`explain_attention`) takes the every-N×H column on a GPU of "
+             "that arch unless a measured crossover (`attention_crossover.json`) says otherwise.", "",
+             "| arch | D | SDPA from L (every N×H) | " + " | ".join(f"from L at N×H = {k}" for k in keys)
+             + " | " + " | ".join(f"bound at L=261, {k} (kernel / SDPA)" for k in keys) + " |",
+             "|" + "---|" * (3 + 2 * len(keys))]
+    never = lambda n: "never" if n is None else str(n)  # noqa: E731
+    for arch in sorted(entries, reverse=True):
+        for d, e in sorted(entries[arch].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {arch} | {d} | {never(e['sdpa_from_l'])} | "
+                         + " | ".join(never(e["sdpa_from_l_by_nh"].get(k)) for k in keys) + " | "
+                         + " | ".join(e["bounds"].get(k, {}).get("261", "—") for k in keys) + " |")
+    return lines
+
+
 def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], violations: List[dict],
-             hw_name: str = "H100") -> str:
+             hw_name: str = "H100", attention: Optional[dict] = None) -> str:
     hw = C.HARDWARE[hw_name]
     tot = totals(records)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -246,7 +271,9 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "phases in one launch with grid barriers where that wins (`schedule=\"persistent\"`: GPU-only, never run; "
         "dispatch takes it only from measured data; a barrier costs 3 L2 round trips, ours; its later phases are records of "
         "`launch_kind` `barrier`, whose `launches_per_image` counts phase runs, not launches). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
-        "come from the launchers' own config functions at the original width and the AOT report.",
+        "come from the launchers' own config functions at the original width and the AOT report. MAR attention is "
+        "tiny_attention's on every path (the MODEL hands no published length to PyTorch SDPA: see the attention "
+        "section).",
         "",
         "## Headline (MODEL, H100, s per image)",
         "",
@@ -290,6 +317,7 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
     else:
         lines.append("None on the `fast` path (dispatch picks no fused stack; the op-by-op GEMMs' grids are "
                      "listed per level below).")
+    lines += attention_lines(attention)
     lines += ["", "## Per config, batch and level (MODEL)", "",
               "% floor = the level's floor (max(FLOPs / HGMMA peak, fused-engine bytes / HBM BW)) / modeled time.", "",
               "| config | batch | level | N per call | path | runs | launches/img | modeled s/img | bound (share) "

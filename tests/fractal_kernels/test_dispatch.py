@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from fractal_kernels import dispatch, policy
+from fractal_kernels import _target, dispatch, policy
 from fractal_kernels.dispatch import BackendUnavailable, last_backend, resolve, shape_class
 
 CUDA = torch.device("cuda", 0)
@@ -30,6 +30,7 @@ def _fake_gpu(monkeypatch, verified=(), ext_symbols=("sample_logits", "ce_rows",
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(_target, "_OVERRIDE", 90)  # its arch (never asked of torch: no capability is cached)
     if ext_symbols is not None:
         ext = types.ModuleType("fractal_kernels._C")
         for name in ext_symbols:

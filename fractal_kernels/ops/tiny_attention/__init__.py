@@ -37,8 +37,9 @@ rounds to the input dtype, as on a GPU (the backward's TF32 operand rounding is 
 Dispatch (``fractal_kernels.dispatch``): "torch" runs ``fractal_kernels.reference.attention``; "triton" these
 kernels; "cuda" the ``csrc/tiny_attention`` kernels (forward/backward; decode has no CUDA version). ``auto``
 on a GPU uses SDPA instead for lengths past the crossover measured by the benchmark
-(``attention_crossover.json``, see ``fractal_kernels.policy``), and always past ``MAX_L``
-(``dispatch.ATTENTION_MAX_L``).
+(``attention_crossover.json``, see ``fractal_kernels.policy``), else past the cost MODEL's length for the GPU's
+arch (``policy.attention_sdpa_rule``; today none), and always past ``MAX_L`` (``dispatch.ATTENTION_MAX_L``);
+``dispatch.explain_attention`` says which decided.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def tiny_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         alike (fp64 on the torch backend only). Backends: "torch" (any L and D; not dropout together with
         ``seqlens``), "triton" (L <= 512, D <= 128, tuned for 16/32/64/80/128; dropout and ``seqlens``), "cuda"
         (D in {16, 32, 64, 80, 128}, no dropout; picked by auto only once listed in ``cuda_verified.json``);
-        auto hands L > 512, or L past the measured crossover, to PyTorch SDPA.
+        auto hands L > 512, or L past the measured (else, on a GPU, the MODEL's) crossover, to PyTorch SDPA.
     """
     _check_qkv(q, k, v, scale)
     N, H, L, D = q.shape
