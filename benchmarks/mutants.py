@@ -86,6 +86,12 @@ FAMILIES = {f.name: f for f in (
         _T + "test_pixel_head_phased.py::test_draws_agree_with_the_tile_kernel",
         _T + "test_pixel_head_phased.py::test_scratch_is_written_before_it_is_read[sm_90]",
         _T + "test_pixel_head_phased.py::test_a_hidden_width_no_tile_divides")),
+    Family("ar_step_phased", "fractal_kernels/ops/ar_stack/phased_kernels.py", tuple(
+        _T + f"test_ar_step_phased.py::test_phases_match_the_reference_over_steps[{p}]"
+        for p in ("32-2-wdtype0-1-1", "32-2-wdtype1-2-2", "48-3-wdtype2-17-1", "64-4-wdtype3-3-2")) + (
+        _T + "test_ar_step_phased.py::test_bf16_input_and_cache",
+        _T + "test_ar_step_phased.py::test_phased_gpu_configs[D32-H2-bfloat16-rows16-sm90]",
+        _T + "test_ar_step_phased.py::test_scratch_is_written_before_it_is_read")),
     Family("tiny_attention", "fractal_kernels/ops/tiny_attention/kernels.py", (
         _T + "test_tiny_attention.py::test_forward_grid_fp32[17-80-False]",
         _T + "test_tiny_attention.py::test_forward_grid_fp32[261-16-True]",

@@ -341,41 +341,50 @@ def crossover_rule(op: str, width: int, force: Optional[bool], *, n: Optional[in
 
 PIXEL_PHASES_OP = "pixel_head_phases"  # the phased pixel head (a launch per phase) vs the tile kernel
 PIXEL_PERSISTENT_OP = "pixel_head_persistent"  # the same phases in one launch with grid barriers
-
-
+AR_PHASES_OP = "ar_step_phases"  # the phased AR decode step (ar_block_stack_decode) vs op by op
+AR_PERSISTENT_OP = "ar_step_persistent"
 PIXEL_HEAD_SCHEDULES = ("tiles", "phases", "persistent")
+_SCHEDULE_OPS = {"pixel_head": (PIXEL_PHASES_OP, PIXEL_PERSISTENT_OP, "FRACTAL_PIXEL_HEAD_SCHEDULE"),
+                 "ar_step": (AR_PHASES_OP, AR_PERSISTENT_OP, "FRACTAL_AR_STEP_SCHEDULE")}
 
 
-def pixel_head_schedule_rule(width: int, *, schedule: Optional[str] = None, rows: Optional[int],
-                             dtype: Optional[str], arch: Optional[int]) -> Tuple[str, str]:
-    """The pixel head's Triton schedule at ``rows`` rows per call (both CFG halves) and why: ``schedule`` (or
-    ``$FRACTAL_PIXEL_HEAD_SCHEDULE``) when given; else "phases" inside the crossover data's ranges for
-    :data:`PIXEL_PHASES_OP` (the MODEL, or a measured overlay), "tiles" outside them or without a GPU ``arch``.
-    "persistent" (grid barriers: never run on a GPU yet, and a barrier that is not reached hangs the launch) only
-    where a *measured* overlay entry for :data:`PIXEL_PERSISTENT_OP` says so; the MODEL alone never picks it."""
-    choice = schedule or os.environ.get("FRACTAL_PIXEL_HEAD_SCHEDULE") or "auto"
+def schedule_rule(op: str, width: int, *, schedule: Optional[str] = None, rows: Optional[int],
+                  dtype: Optional[str], arch: Optional[int]) -> Tuple[str, str]:
+    """The work split of a phased op (``op``: "pixel_head" or "ar_step") at ``rows`` rows per call and why:
+    ``schedule`` (or ``$FRACTAL_PIXEL_HEAD_SCHEDULE`` / ``$FRACTAL_AR_STEP_SCHEDULE``) when given; else "phases"
+    inside the crossover data's ranges for its phases op (the MODEL, or a measured overlay), "tiles" outside them
+    or without a GPU ``arch``. "persistent" (grid barriers: never run on a GPU yet, and a barrier that is not
+    reached hangs the launch) only where a *measured* overlay entry for its persistent op says so; the MODEL alone
+    never picks it. "tiles" is the op's one-program-per-tile kernel (the AR step: op by op for the engine)."""
+    phases_op, persistent_op, env = _SCHEDULE_OPS[op]
+    choice = schedule or os.environ.get(env) or "auto"
     if choice not in PIXEL_HEAD_SCHEDULES + ("auto",):
         raise ValueError(f"schedule: expected one of {PIXEL_HEAD_SCHEDULES} or None/'auto', got {choice!r}")
     if choice != "auto":
-        return choice, "forced (schedule=...)" if schedule else "forced ($FRACTAL_PIXEL_HEAD_SCHEDULE)"
-    key = lambda op: (op, dtype or "", f"sm_{arch}", str(width))  # noqa: E731
+        return choice, "forced (schedule=...)" if schedule else f"forced (${env})"
+    key = lambda o: (o, dtype or "", f"sm_{arch}", str(width))  # noqa: E731
     table = block_stack_table() if arch is not None and dtype else {}
-    hit = table.get(key(PIXEL_PERSISTENT_OP))
+    hit = table.get(key(persistent_op))
     if hit and hit[1] == overlay_path(BLOCK_STACK) and rows is not None and any(lo <= rows <= hi for lo, hi in hit[0]):
         return "persistent", f"rows={rows}: the persistent schedule wins here (measured crossover data, {hit[1]})"
-    hit = table.get(key(PIXEL_PHASES_OP))
+    hit = table.get(key(phases_op))
     if hit is None:
-        return "tiles", (f"no crossover data for W={width} {dtype} on sm_{arch}: the tile kernel" if arch is not None
-                         else "no GPU arch: the tile kernel")
+        return "tiles", (f"no crossover data for W={width} {dtype} on sm_{arch}: tiles" if arch is not None
+                         else "no GPU arch: tiles")
     runs, src = hit
     kind = "measured" if src == overlay_path(BLOCK_STACK) else "MODEL"
     if rows is None:
         return "tiles", f"per call on sm_{arch}: phases at rows in {[list(r) for r in runs]} ({kind}, {src})"
     if any(lo <= rows <= hi for lo, hi in runs):
-        return "phases", f"rows={rows}: the phased head wins here ({kind} crossover data, {src})"
-    return "tiles", f"rows={rows}: the tile kernel wins here ({kind} crossover data, {src}: phases only at rows in " \
+        return "phases", f"rows={rows}: the phases win here ({kind} crossover data, {src})"
+    return "tiles", f"rows={rows}: tiles win here ({kind} crossover data, {src}: phases only at rows in " \
                     f"{[list(r) for r in runs] or 'no range'})"
 
+
+def pixel_head_schedule_rule(width: int, *, schedule: Optional[str] = None, rows: Optional[int],
+                             dtype: Optional[str], arch: Optional[int]) -> Tuple[str, str]:
+    """:func:`schedule_rule` of the pixel head ("tiles": the tile kernel, a program per 8 pixels)."""
+    return schedule_rule("pixel_head", width, schedule=schedule, rows=rows, dtype=dtype, arch=arch)
 
 
 # ------------------------------------------------------------------- attention: the MODEL's SDPA crossover length

@@ -230,7 +230,7 @@ def _ar_block_stack_decode_cases() -> List[Case]:
     import torch
     from fractal_kernels.ops.ar_stack import ArStackWeights, ar_block_stack_decode, ar_stack_cache
 
-    def step(D, H, depth, T, dtype, B=64, pos=None):
+    def step(D, H, depth, T, dtype, B=64, pos=None, schedule=None):
         # one sampling step of an AR level (fractal_models/engine/ar.py): all blocks + the final norm, one launch
         def run():
             M = -(-int(8 * D / 3) // 256) * 256  # FeedForward's hidden width: find_multiple(int(8 D / 3), 256)
@@ -241,7 +241,7 @@ def _ar_block_stack_decode_cases() -> List[Case]:
                                torch.zeros(D, device="cuda"), 1e-6)
             freqs = torch.randn(T + 1, D // H // 2, 2, device="cuda")
             ar_block_stack_decode(torch.randn(B, D, device="cuda"), w, ar_stack_cache(w, B, T, "cuda"),
-                                  T // 2 if pos is None else pos, freqs, H, backend="triton")
+                                  T // 2 if pos is None else pos, freqs, H, backend="triton", schedule=schedule)
         return run
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -253,6 +253,15 @@ def _ar_block_stack_decode_cases() -> List[Case]:
     ar("ar_stack D=512 H=8 depth=8 T=16 fp16", step(512, 8, 8, 16, fp16))
     ar("ar_stack D=128 H=4 depth=3 T=16 fp32", step(128, 4, 3, 16, fp32))
     ar("ar_stack D=128 H=4 depth=3 T=16 bf16", step(128, 4, 3, 16, bf16))
+    # the phased step (_ar_step_phased_kernel) of fractalar_in64's levels: batch 1 and 8 with CFG (2 / 16 rows),
+    # one launch with grid barriers, fp32 weights, and level 0 (D=1024, 257 positions)
+    ar("ar_step phases D=512 H=8 depth=8 T=16 rows=2 bf16", step(512, 8, 8, 16, bf16, B=2, schedule="phases"))
+    ar("ar_step phases D=512 H=8 depth=8 T=16 rows=16 bf16", step(512, 8, 8, 16, bf16, B=16, schedule="phases"))
+    ar("ar_step persistent D=512 H=8 depth=8 T=16 rows=2 bf16", step(512, 8, 8, 16, bf16, B=2,
+                                                                     schedule="persistent"))
+    ar("ar_step phases D=512 H=8 depth=8 T=16 rows=2 fp32", step(512, 8, 8, 16, fp32, B=2, schedule="phases"))
+    ar("ar_step phases D=1024 H=16 depth=32 T=256 rows=2 fp16", step(1024, 16, 32, 256, fp16, B=2,
+                                                                      schedule="phases"))
     return c
 
 def _skinny_linear_cases() -> List[Case]:

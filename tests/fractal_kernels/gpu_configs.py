@@ -38,6 +38,7 @@ ARCHS = (90, 80)
 CODE_PATH: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "_mar_stack_kernel": ("qkv_w", ("LP", "NC", "KC", "DC", "EVEN")),
     "_ar_stack_decode_kernel": ("wqkv", ("BM", "KC", "NC", "KB", "EVEN")),
+    "_ar_step_phased_kernel": ("wqkv", ("BR", "BN", "BK", "KB", "ROUND", "BARRIER")),
     "_pixel_head_kernel": ("qkv_w", ("GUIDED", "BLOCK_B", "KC", "NC", "HC", "BK")),
     "_pixel_head_phased_kernel": ("qkv_w", ("GUIDED", "BR", "BN", "KC", "KCQ", "BP", "BARRIER")),
     "_attn_fwd_kernel": ("q_ptr", ("CAUSAL", "DECODE", "ROPE", "HAS_LENS", "DROPOUT", "GROUPS", "LPQ", "LPK",

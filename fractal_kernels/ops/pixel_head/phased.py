@@ -7,13 +7,14 @@ MODEL's crossover data); this module only runs the one it is given.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from fractal_kernels._scratch import workspace
 from fractal_kernels._target import device_arch, sm_count as _sm_count
 from fractal_kernels.dispatch import triton_interpreting
+from fractal_kernels.ops._grid import barrier
 from fractal_kernels.ops.pixel_head.phased_kernels import (EMB, FC1, HAS_TRITON, LOGITS, QKV, SAMPLE)
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights
 
@@ -103,20 +104,6 @@ def scratch_floats(cfg: PhasedConfig, width: int, hidden: int, depth: int, n_row
     return nrp * (3 * width + hidden + VOCAB + max(depth, 1) * 4 * width)
 
 
-_BARRIERS: Dict[Tuple[str, int, int], torch.Tensor] = {}
-
-
-def _barrier(device: torch.device) -> torch.Tensor:
-    """The persistent mode's two counters (arrivals, exits) for this device and stream, zero between launches
-    (the last program out resets them); one per stream so that two streams' launches never share one."""
-    real = device.type == "cuda" and torch.cuda.is_available()  # (the AOT capture's GPU views are CPU tensors)
-    key = (device.type, device.index or 0, torch.cuda.current_stream(device).stream_id if real else 0)
-    bar = _BARRIERS.get(key)
-    if bar is None:
-        bar = _BARRIERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return bar
-
-
 def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg_scalar, inv_temp, filter_threshold,
                   top_p, greedy, uniforms, seed_lo, seed_hi, offset, ids, logits=None, exponentials=None,
                   value_table=None, values=None, *, schedule: str = "phases", config: Optional[PhasedConfig] = None,
@@ -151,7 +138,7 @@ def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg
     else:
         launches = [(p, p + 1, min(cap, phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden,
                                                     n_rows, bsz))) for p in range(n_ph)]
-    bar = _barrier(cond.device)  # the phases never touch it (one buffer a device and stream, not one a call)
+    bar = barrier(cond.device)  # the phases never touch it (one buffer a device and stream, not one a call)
     args = (cond, *w, cfg_t if cfg_t is not None else ws, uni, exp, ids, ws, logits if logits is not None else ws,
             value_table if value_table is not None else ws, values if values is not None else ws, bar)
     grids = []
