@@ -60,4 +60,7 @@ EQUIVALENT: dict = {
         "the causal key bound hi: streaming programs (GROUPS == 1) now scan every key block, whose keys past the "
         "diagonal the causal mask zeroes anyway; packed programs (mb = 0, BLOCK_M >= LK) get min(LK, BLOCK_M) = "
         "LK, their bound before: more work, the same outputs",
+    "fractal_kernels/ops/pixel_head/phased_kernels.py:_pixel_head_phased_kernel:6b5efbcf:+ -> -:0":
+        "write_values is 0 or 1: pix * 0 - write_values is 0 or -1, != 0 exactly when pix * 0 + write_values is "
+        "(the flag's sign never mattered): the same mask",
 }

@@ -85,7 +85,9 @@ FAMILIES = {f.name: f for f in (
         _T + "test_pixel_head_phased.py::test_nan_rows_value_table_and_empty_batch",
         _T + "test_pixel_head_phased.py::test_draws_agree_with_the_tile_kernel",
         _T + "test_pixel_head_phased.py::test_scratch_is_written_before_it_is_read[sm_90]",
-        _T + "test_pixel_head_phased.py::test_a_hidden_width_no_tile_divides")),
+        _T + "test_pixel_head_phased.py::test_a_hidden_width_no_tile_divides",
+        _T + "test_pixel_head_phased.py::test_16bit_weights_on_broadcast_tiles",
+        _T + "test_pixel_head_phased.py::test_a_dead_channel_stays_dead_when_later_channels_are_finite")),
     Family("ar_step_phased", "fractal_kernels/ops/ar_stack/phased_kernels.py", tuple(
         _T + f"test_ar_step_phased.py::test_phases_match_the_reference_over_steps[{p}]"
         for p in ("32-2-wdtype0-1-1", "32-2-wdtype1-2-2", "48-3-wdtype2-17-1", "64-4-wdtype3-3-2")) + (

@@ -225,3 +225,32 @@ def test_a_hidden_width_no_tile_divides(bsz):
                   max_programs=3)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(ids, ref_ids)
+
+
+def test_16bit_weights_on_broadcast_tiles():
+    """bf16 weights at batch 1 (2-row tiles: the broadcast products, DOT=0, not the split-operand dot): upcast on
+    load, the same ids and logits as the reference on the same bf16 weights."""
+    w = pack_pixel_head_weights(head(32, 1, 2), torch.bfloat16)
+    cond, u = conds(1, True), unis(1)
+    cfg = phased_config(32, 2, 2, CPU, arch=90, interpret=False)
+    assert cfg.dot == 0
+    ref_ids, ref_logits = _ref(cond, w, 2, True, 2.0, u)
+    ids = torch.full((1, 3), -7, dtype=torch.int64)
+    logits = torch.full((3, 2, 256), float("nan"))
+    launch_phased(cond, w, 2, True, None, 2.0, 1.0, 1e-4, 0.9, False, u, 0, 0, 0, ids, logits=logits, config=cfg)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(ids, ref_ids)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on the NaN logits' math
+def test_a_dead_channel_stays_dead_when_later_channels_are_finite():
+    """Channel 0's logits all NaN (its bias): every pixel gets -1 there, and -1 for G and B too although their
+    logits (from codebook row 0, the dead id's embedding) are finite: the op's contract, the reference's."""
+    w = pack_pixel_head_weights(head(32, 1, 2))
+    mlm_b = w.mlm_bias.clone()
+    mlm_b[0] = float("nan")
+    w = w._replace(mlm_bias=mlm_b)
+    cond, u = conds(5, True), unis(5)
+    want = pixel_head_sample(cond, w, 2, cfg=2.0, uniforms=u, backend="torch")
+    got = pixel_head_sample(cond, w, 2, cfg=2.0, uniforms=u, backend="triton", schedule="phases")
+    assert (want == -1).all() and torch.equal(got, want)
