@@ -92,7 +92,7 @@ FAMILIES = {f.name: f for f in (
         _T + f"test_ar_step_phased.py::test_phases_match_the_reference_over_steps[{p}]"
         for p in ("32-2-wdtype0-1-1", "32-2-wdtype1-2-2", "48-3-wdtype2-17-1", "64-4-wdtype3-3-2")) + (
         _T + "test_ar_step_phased.py::test_bf16_input_and_cache",
-        _T + "test_ar_step_phased.py::test_phased_gpu_configs[D32-H2-bfloat16-rows16-sm90]",
+        _T + "test_ar_step_phased.py::test_phased_gpu_configs[D384-H6-bfloat16-rows16-sm90_80]",
         _T + "test_ar_step_phased.py::test_scratch_is_written_before_it_is_read")),
     Family("tiny_attention", "fractal_kernels/ops/tiny_attention/kernels.py", (
         _T + "test_tiny_attention.py::test_forward_grid_fp32[17-80-False]",

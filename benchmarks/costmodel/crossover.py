@@ -25,7 +25,7 @@ import copy
 import json
 from typing import Dict, List, Sequence
 
-from fractal_kernels.policy import PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP
+from fractal_kernels.policy import AR_PERSISTENT_OP, AR_PHASES_OP, PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP
 
 from . import attention
 from . import constants as C
@@ -59,18 +59,19 @@ def ranges(wins: Sequence[bool], grid: Sequence[int] = N_GRID) -> List[List[int]
     return out
 
 
-def _add(entries: dict, op: str, path: str, lv, config: str, hardware: Sequence[str], dtype: str = DTYPE) -> None:
-    """Fold one level's modeled step times on ``path`` vs op by op (aten linears; a pixel head: the tile kernel)
-    into ``entries[op]``."""
+def _add(entries: dict, op: str, path: str, lv, config: str, hardware: Sequence[str], dtype: str = DTYPE,
+         against: Sequence[str] = ("op_by_op",)) -> None:
+    """Fold one level's modeled step times on ``path`` vs the fastest of ``against`` (default op by op with aten
+    linears; a pixel head: the tile kernel) into ``entries[op]``."""
     for name in hardware:
         hw, arch = C.HARDWARE[name], C.ARCH[name]
-        times = [(step_time(with_n(lv, n), path, hw, arch), step_time(with_n(lv, n), "op_by_op", hw, arch))
-                 for n in N_GRID]
+        times = [(step_time(with_n(lv, n), path, hw, arch),
+                  min(step_time(with_n(lv, n), p, hw, arch) for p in against)) for n in N_GRID]
         e = entries.setdefault(op, {}).setdefault(dtype, {}).setdefault(f"sm_{arch}", {}).setdefault(
             str(lv.width), {"levels": [], "wins": [True] * len(N_GRID), "best_ratio": None})
         e["levels"].append(f"{config} {lv.label} (depth {lv.depth}, L {lv.tokens})")
         e["wins"] = [a and f < o for a, (f, o) in zip(e["wins"], times)]
-        ratio = max(o / f for f, o in times)  # op-by-op / the path's at its best N (> 1: it wins somewhere)
+        ratio = max(o / f for f, o in times)  # the baseline's / the path's at its best N (> 1: it wins somewhere)
         e["best_ratio"] = ratio if e["best_ratio"] is None else min(e["best_ratio"], ratio)
 
 
@@ -83,6 +84,10 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                 _add(entries, LINEAR_OP, "fused_linear", lv, config, hardware)
             if lv.kind == "AR":
                 _add(entries, SKINNY_OP, "skinny", lv, config, hardware)
+                # the phased step where it beats op by op *and* the skinny step (dispatch takes it first)
+                _add(entries, AR_PHASES_OP, "ar_phases", lv, config, hardware, against=("op_by_op", "skinny"))
+                _add(entries, AR_PERSISTENT_OP, "ar_persistent", lv, config, hardware,
+                     against=("op_by_op", "skinny", "ar_phases"))
             if lv.fusable:
                 _add(entries, STACK_OPS[lv.kind], "fused", lv, config, hardware)
             if lv.kind == "pixel":
@@ -109,7 +114,9 @@ def sweep(configs: Sequence[str] = PUBLISHED, hardware: Sequence[str] = ("H100",
                 "(mar_block_stack / ar_block_stack_decode: the fused block stack; ar_skinny_step: the AR step with "
                 "skinny_linear launches; mar_linear_step: the MAR step with fused_linear launches; pixel_head_phases / "
                 "pixel_head_persistent: the pixel head's phased schedule, a launch per phase / one launch with grid "
-                "barriers, fp32 weights, N = rows per call) beats op-by-op with aten linears (a pixel head: its tile "
+                "barriers, fp32 weights, N = rows per call; ar_step_phases / ar_step_persistent: the AR step's phased "
+                "kernel, the same two ways, against the fastest of op by op, the skinny step and (persistent) the phases) "
+                "beats op-by-op with aten linears (a pixel head: its tile "
                 "kernel) at every published level of that width; "
                 "best_ratio: op-by-op / the op's modeled time at its best N (< 1: it loses everywhere); "
                 "attention_sdpa: per head dim, sdpa_from_l = the first sequence length from which PyTorch SDPA's "

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import arstep, pixel
 from . import constants as C
-from . import pixel
 from .launch import Launch, launch_time
 from .workload import (BLOCK_LAUNCHES, EB, STACK_KERNELS, Level, ar_stack, attention_decode,
                                            attention_mar, elementwise, fused_gemm, gemm, mar_stack, skinny)
@@ -25,7 +25,9 @@ LAUNCHES_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 PATHS = ("fast", "op_by_op", "skinny", "fused_linear", "fused", "pre28_default", "reference", "op_by_op_graph",
          "fast_graph", "fast_persistent")
 # pixel heads: their schedule per path is report.pixel_schedule (tiles / phases / persistent, pixel.SCHEDULES);
-# fast_persistent: the fast path with the pixel heads' phases in one launch with grid barriers (GPU-only option)
+# AR levels may take the phased step (level paths ar_phases / ar_persistent, arstep.py) where its crossover wins;
+# fast_persistent: the fast path with the pixel heads' and AR steps' phases in one launch with grid barriers
+# where that wins (GPU-only options, never run)
 # skinny: op by op with the AR levels' linears as skinny_linear launches (norm / SwiGLU / residual / the KV-cache write
 # fused: 5 launches a block, not 13; issue #28 item 4); fast_graph: the fast path with the AR levels' blocks replayed from per-position
 # CUDA graphs (the engine's step_graphs option: GPU-only, never run); fused_linear: op by op with the MAR levels'
@@ -179,6 +181,9 @@ def step_launches(lv: Level, path: str, hw: C.Hardware = C.HARDWARE["H100"], arc
     D, H = lv.width, lv.hidden
     M = lv.n * lv.tokens if lv.kind == "MAR" else lv.n
     act = M * D * EB
+    if lv.kind == "AR" and path in ("ar_phases", "ar_persistent"):  # the phased step (arstep.py), glue as fused
+        return arstep.phased(lv, hw, arch, persistent=path == "ar_persistent") + [
+            (elementwise("level glue", 2 * act), c["other_fused"])]
     if path == "fused" and lv.fusable:
         stack = mar_stack(lv, hw, arch) if lv.kind == "MAR" else ar_stack(lv, hw, arch)
         return [(stack, 1.0), (elementwise("level glue", 2 * act), c["other_fused"])]

@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from . import constants as C
 from .launch import launch_time, record as launch_record
 from .levels import PATHS, PRE28_MAX_WIDTH, build_levels, generate_overhead, step_launches, syncs_per_step
-from .crossover import LINEAR_OP, PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP, SKINNY_OP
+from .crossover import (AR_PERSISTENT_OP, AR_PHASES_OP, LINEAR_OP, PIXEL_PERSISTENT_OP, PIXEL_PHASES_OP,
+                        SKINNY_OP)
 from .workload import STACK_OPS, Level, elementwise
 
 KEYS = ("config", "batch", "path", "level", "kernel", "launches_per_image", "grid_ctas", "ctas_per_sm",
@@ -61,6 +62,10 @@ def level_path(lv: Level, path: str, doc: Optional[dict], arch: int) -> str:
     if path in ("fast", "fast_graph", "fast_persistent"):
         if fuses(lv, doc, arch):
             return "fused"
+        if lv.kind == "AR" and path == "fast_persistent" and _in_range(lv, doc, arch, AR_PERSISTENT_OP):
+            return "ar_persistent"
+        if lv.kind == "AR" and _in_range(lv, doc, arch, AR_PHASES_OP):  # dispatch's phased step (schedule_rule)
+            return "ar_phases"
         return "skinny" if skinny_wins(lv, doc, arch) else "fused_linear" if linear_wins(lv, doc, arch) else "op_by_op"
     if path == "fused_linear":
         return "fused_linear" if lv.kind == "MAR" else "op_by_op"
@@ -268,7 +273,8 @@ def markdown(records: Sequence[dict], head: List[dict], upstream: List[dict], vi
         "GPU-only, never run, so also unmeasured); the pixel heads take the schedule dispatch picks "
         "(`tiles`: the tile kernel, a program per 8 pixels; `phases`: the phased kernel, a launch per phase split over "
         "the grid, where the crossover data says it wins); `fast_persistent` = the fast path with the pixel heads' "
-        "phases in one launch with grid barriers where that wins (`schedule=\"persistent\"`: GPU-only, never run; "
+        "phases (and the AR levels' phased steps) in one launch with grid barriers where that wins "
+        "(`schedule=\"persistent\"`: GPU-only, never run; "
         "dispatch takes it only from measured data; a barrier costs 3 L2 round trips, ours; its later phases are records of "
         "`launch_kind` `barrier`, whose `launches_per_image` counts phase runs, not launches). Launch counts are the exact counts of `benchmarks.launches`; shapes, grids and CTAs/SM "
         "come from the launchers' own config functions at the original width and the AOT report. MAR attention is "

@@ -124,10 +124,23 @@ def explain_fused_stack(m, device: torch.device, backend=None, policy_only: bool
         return None, "no blocks"
     dtype = (torch.get_autocast_dtype(device.type) if autocast_on(device.type)
              else m.blocks[0].attention.wqkv.weight.dtype)
-    return dispatch.explain_block_stack("ar_block_stack_decode",
-                                        kernel_backend(backend or m.blocks[0].attention.backend),
-                                        device, m.config.dim, fuse=m.__dict__.get("fused_stack"), policy_only=policy_only,
-                                        n=rows, dtype=dtype)
+    kb = kernel_backend(backend or m.blocks[0].attention.backend)
+    fuse = m.__dict__.get("fused_stack")
+    which, why = dispatch.explain_block_stack("ar_block_stack_decode", kb, device, m.config.dim, fuse=fuse,
+                                              policy_only=policy_only, n=rows, dtype=dtype)
+    if which is not None or fuse is False:
+        return which, why
+    # the op's phased schedule (the step split over the grid) where its crossover data says it wins at this N
+    # (ar_block_stack_decode takes the same schedule from the same rule)
+    from fractal_kernels import policy
+    from fractal_kernels._target import device_arch
+    sched, swhy = policy.schedule_rule("ar_step", m.config.dim, rows=rows, dtype=str(dtype)[6:],
+                                       arch=device_arch(device) if device.type == "cuda" else None)
+    if sched == "tiles":
+        return None, f"{why}; phased step: {swhy}"
+    if not policy_only and dispatch.resolve("ar_block_stack_decode", kb, device) != "triton":
+        return None, f"{why}; phased step: {swhy}, but only the Triton kernel has it"
+    return "triton", f"the phased step ({sched}): {swhy}"
 
 
 def _packed_stack(m, device: torch.device) -> ArStackWeights:

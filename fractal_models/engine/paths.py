@@ -23,7 +23,8 @@ def _mar_tokens(m) -> int:
 def level_paths(model, device: torch.device, backend: Optional[str] = None,
                 policy_only: bool = False) -> List[Dict[str, Any]]:
     """One row per level, top first: ``level``, ``kind`` (MAR / AR / PixelLoss), ``width``, ``path``
-    (``fused`` / ``skinny`` (AR: op by op, linears as ``skinny_linear``) / ``fused_linear`` (MAR: op by op,
+    (``fused`` / ``phased`` (AR: the step split over the grid, ``ar_block_stack_decode(schedule=...)``) / ``skinny``
+    (AR: op by op, linears as ``skinny_linear``) / ``fused_linear`` (MAR: op by op,
     linears as ``fused_linear``) / ``op_by_op`` for generator levels; the
     pixel head's own description) and ``why``; AR levels also ``step_graphs`` (whether the op-by-op step is
     replayed from per-position CUDA graphs) and ``step_graphs_why``.
@@ -43,7 +44,7 @@ def level_paths(model, device: torch.device, backend: Optional[str] = None,
         else:
             which, why = explain_fused_blocks(m, device, _mar_tokens(m), backend, policy_only=policy_only)
             width = m.norm.normalized_shape[0]
-        path = "fused" if which else "op_by_op"
+        path = ("phased" if which and why.startswith("the phased step") else "fused") if which else "op_by_op"
         if not which:  # op by op: aten linears, or skinny_linear (AR) / fused_linear (MAR) launches (issue #28)
             explain_alt, alt_path = ((explain_skinny_step, "skinny") if ar else
                                      (explain_fused_linear_step, "fused_linear"))

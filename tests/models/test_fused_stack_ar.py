@@ -104,3 +104,47 @@ def test_generate_runs_the_fused_stack(monkeypatch):
     assert out["triton"].shape == out["torch"].shape and out["triton"].dtype == torch.uint8
     # shared uniforms: the fused fp32 stack draws the reference's pixels up to rare near-ties of a CDF boundary
     assert (out["torch"] == out["triton"]).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("schedule", ["phases", "tiles"])
+def test_phased_step_matches_the_kernel_path(schedule, monkeypatch):
+    """The level's step as ar_block_stack_decode with the phased schedule (forced here; on a GPU the crossover
+    data picks it at few rows): the same per-step outputs and image as the op-by-op kernel path."""
+    model, _ = model_for("tiny_ar", "triton")
+    level = model.levels()[1]
+    level.fused_stack = False
+    want = _steps(level, 4, True)
+    level.fused_stack = True
+    monkeypatch.setenv("FRACTAL_AR_STEP_SCHEDULE", schedule)
+    dispatch.forget("ar_step_schedule")
+    got = _steps(level, 4, True)
+    assert dispatch.last_backend("ar_step_schedule") == schedule
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[1], want[1])
+
+
+def test_the_phased_step_follows_the_crossover_data(tmp_path, monkeypatch):
+    """On a GPU (a CUDA device object under target_arch(90); no kernel runs) the engine takes the phased step
+    where policy.schedule_rule picks it for the level's width and rows (here a measured overlay entry for the tiny
+    level's width: rows 1-8), and says so; elsewhere op by op; fused_stack=False wins."""
+    import json
+    from fractal_kernels._target import target_arch
+    model, _ = model_for("tiny_ar", "triton")
+    level = model.levels()[1]
+    width = str(level.config.dim)
+    doc = {"entries": {policy.AR_PHASES_OP: {"float32": {"sm_90": {width: {"fused_n": [[1, 8]]}}}}}}
+    monkeypatch.setenv("FRACTAL_HOME", str(tmp_path))
+    (tmp_path / policy.BLOCK_STACK).write_text(json.dumps(doc))
+    dispatch.reload()
+    cuda = torch.device("cuda")
+    try:
+        with target_arch(90):
+            which, why = engine_ar.explain_fused_stack(level, cuda, policy_only=True, rows=2)
+            assert which == "triton" and "the phased step (phases)" in why and "measured" in why
+            which, why = engine_ar.explain_fused_stack(level, cuda, policy_only=True, rows=64)
+            assert which is None and "tiles win here" in why
+            level.fused_stack = False
+            assert engine_ar.explain_fused_stack(level, cuda, policy_only=True, rows=2)[0] is None
+    finally:
+        monkeypatch.delenv("FRACTAL_HOME")
+        dispatch.reload()

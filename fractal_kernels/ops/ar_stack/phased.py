@@ -19,7 +19,7 @@ if HAS_TRITON:
     import triton
     from fractal_kernels.ops.ar_stack.phased_kernels import _ar_step_phased_kernel
 
-PRODUCT = 4096  # elements of one [BR, BN, BK] accumulator: 32 fp32 registers a thread at 4 warps
+PRODUCT = 8192  # elements of one [BR, BN, BK] accumulator: 32 fp32 registers a thread at 8 warps
 
 
 class ArStepConfig(NamedTuple):
@@ -36,11 +36,11 @@ class ArStepConfig(NamedTuple):
 def ar_step_config(width: int, hidden: int, head_dim: int, rows: int, device: torch.device, *,
                    arch: Optional[int] = None, interpret: Optional[bool] = None) -> ArStepConfig:
     """The one place the phased AR step's configuration is chosen. GPU: row tiles of ``min(16, rows)`` rows;
-    output-column items as narrow as gives the D-wide phases about one item per SM (2 columns at D = 512 and 2
-    rows: 256 items; the 3 D and hidden-wide phases 3-6 times that), the largest K chunk that keeps each
-    ``[BR, BN, BK]`` accumulator at :data:`PRODUCT` elements (a whole 512-wide row in one trip at batch 1),
-    32-key attention chunks, 4 warps and a 255-register cap, one program per SM at most (the persistent mode's barrier needs every
-    program resident). The interpreter pays per program and op: 64-column items and whole-K chunks."""
+    output-column items as narrow as keeps the widest phase (3 D or the hidden width) at <= 2 items a program (8
+    columns at D = 512 and 2 rows: 192 items for qkv and w1 | w3, 64 for wo and w2), the largest K chunk that
+    keeps each ``[BR, BN, BK]`` accumulator at :data:`PRODUCT` elements (a whole 512-wide row in one trip at batch
+    1), 32-key attention chunks, 8 warps and a 255-register cap, one program per SM at most (the persistent mode's
+    barrier needs every program resident). The interpreter pays per program and op: 64-column items and whole-K chunks."""
     if interpret is None:
         interpret = device.type == "cpu" and triton_interpreting()
     br = max(2, min(16, triton.next_power_of_2(max(1, rows))))
@@ -52,13 +52,13 @@ def ar_step_config(width: int, hidden: int, head_dim: int, rows: int, device: to
     if arch is None:
         arch = device_arch(device)
     sms = sm_count(device, arch)
+    # the widest phase (3 D or the hidden width) at <= 2 items a program: its weights in about 2 trips a program
     bn = 2
-    while bn < 16 and n_rt * width // (2 * bn) >= sms:
+    while bn < 64 and n_rt * max(3 * width, hidden) // bn > 2 * sms:
         bn *= 2
     bn = min(bn, width & -width, hidden & -hidden)  # a power of two that divides D and the hidden width
     bk = max(16, min(triton.next_power_of_2(max(width, hidden)), PRODUCT // (br * bn)))
-    # maxnreg 255: ptxas' own choice on sm_90 (128-168 registers) spills 8-32 B at D = 512-1024
-    return ArStepConfig(br=br, bn=bn, bk=bk, kb=32, num_warps=4, max_programs=sms, maxnreg=255)
+    return ArStepConfig(br=br, bn=bn, bk=bk, kb=32, num_warps=8, max_programs=sms, maxnreg=255)
 
 
 def phase_count(depth: int) -> int:

@@ -57,19 +57,20 @@ def test_phase_table():
     kinds = [phase_kind(p, 2) for p in range(phase_count(2))]
     assert phase_count(2) == 12 and kinds == [K.INIT, K.QKV, K.ATT, K.WO, K.W13, K.W2, K.QKV, K.ATT, K.WO, K.W13,
                                               K.W2, K.FINAL]
-    cfg = ArStepConfig(br=2, bn=2, bk=1024, kb=32, num_warps=4, max_programs=132, maxnreg=255)
+    cfg = ar_step_config(512, 1536, 64, 2, CPU, arch=90, interpret=False)
+    assert (cfg.br, cfg.bn, cfg.bk, cfg.num_warps) == (2, 8, 512, 8)
     # fractalar_in64's level 1 at batch 1 with CFG: D=512, 8 heads, hidden 1536, 2 rows
-    assert [phase_items(k, cfg, 512, 1536, 8, 2) for k in range(7)] == [768, 16, 256, 768, 256, 1, 1]
+    assert [phase_items(k, cfg, 512, 1536, 8, 2) for k in range(7)] == [192, 16, 64, 192, 64, 1, 1]
 
 
 # ---------------------------------------------------------------- the GPU's configurations
 
-# (D, heads, weight dtype, rows, depth, arches): the items' column count and K chunk follow the width and the SM
-# count, so each AOT code path (BR, BN, BK, KB, ROUND) of fractalar_in64's levels runs at a width that gives it:
-# D=512 at batch 1 (2 rows) on both arches; sm_80's D=1024; at batch 8 (16 rows) sm_90's path at D=32 and sm_80's at
-# D=448 (its column count needs >= 432 columns); sm_90's D=1024 path is sm_80's D=512 fp16 one
-GPU_CASES = [(512, 8, BF16, 2, 1, (90, 80)), (512, 8, F32, 2, 1, (90, 80)), (512, 8, F16, 2, 1, (90, 80)),
-             (1024, 16, F16, 2, 1, (80,)), (32, 2, BF16, 16, 1, (90,)), (448, 7, BF16, 16, 1, (80,))]
+# (D, heads, weight dtype, rows, depth, arches): the items' column count and K chunk follow the widest phase, so
+# each AOT code path (BR, BN, BK, KB, ROUND) of fractalar_in64's levels runs at a width that gives it (sm_90 and
+# sm_80 take the same ones): D=512 at batch 1 (2 rows: 8 columns, K chunk 512), D=768 for D=1024 at batch 1 (16
+# columns, K chunk 256), D=384 for batch 8 (16 rows: 8 columns, K chunk 64)
+GPU_CASES = [(512, 8, BF16, 2, 1, (90, 80)), (512, 8, F32, 2, 1, (90, 80)), (768, 12, F16, 2, 1, (90, 80)),
+             (384, 6, BF16, 16, 1, (90, 80))]
 
 
 def _path(cfg, wdtype, barrier=False):
