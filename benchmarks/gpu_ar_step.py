@@ -7,14 +7,17 @@ rows), fp16 autocast and the default backend ("auto": the decode kernel per bloc
 1. one decode step at position ``seq_len // 2`` (its cache filled by the steps before it, the same random inputs on
    every path): op by op eager (``engine.ar._blocks_step``), op by op replayed from its CUDA graph
    (``engine.graphs``, ``step_graphs``; includes the copy into the static input), the fused stack
-   (``ar_block_stack_decode``, ``fused_stack=True``), and the step with its linears as ``skinny_linear``
+   (``ar_block_stack_decode``, ``schedule="tiles"``), the phased step (``schedule="phases"``: the step split over
+   the grid, a launch per phase), and the step with its linears as ``skinny_linear``
    launches, eager and graphed; CUDA-event medians; each output's max abs diff vs eager;
    the host time per capture (warm-up + capture + first replay);
 2. one whole level call (``engine.ar.sample``, 16 steps, a stub next level): eager vs step graphs;
 3. the same one-step timings at more rows (:data:`MORE_ROWS`: 64 and 2048, fused vs op by op per level at N in
-   {2, 64, 2048}; no graphs there): eager, the skinny-linear step and the fused stack, each max abs diff vs eager;
-   ``by_rows`` lists every row count, rows 2 with the figures of part 1. A few hundred ms a row count on a GPU
-   (an estimate, nothing measured), plus any compile the prewarm did not cover.
+   {2, 64, 2048}; no graphs there): eager, the skinny-linear step, the fused stack and the phased step, each max
+   abs diff vs eager; ``by_rows`` lists every row count, rows 2 with the figures of part 1. A few hundred ms a row
+   count on a GPU (an estimate, nothing measured), plus any compile the prewarm did not cover;
+4. ``persistent``: the step in one launch with grid barriers against the phased one, in a watched child process
+   (:mod:`benchmarks.gpu_ar_persistent`: a barrier never reached would hang the launch).
 
 Capped at :data:`CAP_S` seconds (and the measure budget): a part that would start past it is recorded
 ``"skipped: budget"``. On a CPU (dry run): ``tiny_ar``'s level 1, the graphs replaced by the CPU recorder, the
@@ -27,28 +30,16 @@ from typing import Any, Dict
 
 import torch
 
+from .gpu_ar_persistent import level as _level, measure as _persistent
+
 CAP_S = 36.0      # of the measure phase's ~95 s: the sections after this one keep the rest
 STEP_REPEATS = 50  # one step is ~0.1-1 ms: 50 CUDA-event timings cost well under a second
 CALL_REPEATS = 10
 MORE_ROWS = (64, 2048)    # part 3 on a GPU (batch 32 / 1024 with CFG)
 DRY_MORE_ROWS = (4, 8)    # and on the CPU dry run (tiny_ar)
 ROWS_REPEATS = 20         # a step at 2048 rows is milliseconds, not tenths
-ROW_KEYS = ("eager_s", "skinny_s", "fused_s", "skinny_max_abs_diff", "fused_max_abs_diff")
-
-
-def _level(config: str, index: int, device: torch.device):
-    """Level ``index`` of ``config`` built alone, with the constructor arguments ``FractalGen`` gives it."""
-    from fractal_models.ar import AR
-    from fractal_models.configs import config_kwargs
-    k = config_kwargs(config)
-    sizes = k["img_size_list"]
-    m = AR(seq_len=(sizes[index] // sizes[index + 1]) ** 2, patch_size=sizes[index + 1],
-           cond_embed_dim=k["embed_dim_list"][index - 1] if index > 0 else k["embed_dim_list"][0],
-           embed_dim=k["embed_dim_list"][index], num_blocks=k["num_blocks_list"][index],
-           num_heads=k["num_heads_list"][index])
-    for b in m.blocks:
-        b.attention.backend = "auto"  # generate's default backend
-    return m.to(device).eval()
+ROW_KEYS = ("eager_s", "skinny_s", "fused_s", "phases_s", "skinny_max_abs_diff", "fused_max_abs_diff",
+            "phases_max_abs_diff")
 
 
 def ar_step(c) -> Dict[str, Any]:
@@ -125,14 +116,20 @@ def ar_step(c) -> Dict[str, Any]:
                 stack = engine_ar._packed_stack(m, dev)
                 cache = ar_stack_cache(stack, rows, m.seq_len, dev)
                 backend = "triton" if c.gpu else "torch"
-                fused = lambda p: ar_block_stack_decode(hs[p][:, 0], stack, cache, p, freqs, m.config.n_head,  # noqa: E731
-                                                        backend=backend)
-                for p in range(pos + 1):
-                    got = fused(p)
-                out["fused_max_abs_diff"] = float((got.float() - ref).abs().max())
-                out["fused_s"] = c.time(lambda: fused(pos), repeats=STEP_REPEATS, warmup=3)
+                for sched in ("tiles", "phases"):  # the one-program-per-tile stack, then the step over the grid
+                    key = "fused" if sched == "tiles" else "phases"
+                    if left() <= 8:
+                        out[f"{key}_s"] = "skipped: budget"
+                        continue
+                    fused = lambda p: ar_block_stack_decode(  # noqa: E731
+                        hs[p][:, 0], stack, cache, p, freqs, m.config.n_head, backend=backend,
+                        schedule=sched if c.gpu else None)
+                    for p in range(pos + 1):
+                        got = fused(p)
+                    out[f"{key}_max_abs_diff"] = float((got.float() - ref).abs().max())
+                    out[f"{key}_s"] = c.time(lambda: fused(pos), repeats=STEP_REPEATS, warmup=3)
             else:
-                out["fused_s"] = "skipped: budget"
+                out["fused_s"] = out["phases_s"] = "skipped: budget"
 
             cond = [torch.randn(rows, m.cond_emb.in_features, device=dev)]
             stub_patch = torch.zeros(rows // 2, 3 * m.patch_size ** 2, device=dev)
@@ -148,12 +145,14 @@ def ar_step(c) -> Dict[str, Any]:
             for n in (MORE_ROWS if c.gpu else DRY_MORE_ROWS):
                 out["by_rows"].append(_step_at(c, m, n, pos, freqs, sk_step, left) if left() > 8
                                       else {"rows": n, "status": "skipped: budget"})
+        # part 4: the persistent step (grid barriers, never run) in a watched child process
+        out["persistent"] = _persistent(c.gpu, left())
     finally:
         graphs._OFF_CUDA = off_cuda
         torch.set_num_threads(threads)
         m.release_step_graphs()
     for r in out.get("by_rows", ()):
-        _ratios(r, (("eager_s", "fused_s"), ("eager_s", "skinny_s")))
+        _ratios(r, (("eager_s", "fused_s"), ("eager_s", "skinny_s"), ("eager_s", "phases_s")))
     _ratios(out, (("eager_s", "graph_s"), ("eager_s", "fused_s"), ("eager_s", "skinny_s"), ("eager_s", "skinny_graph_s"),
                  ("call_eager_s", "call_graphs_s")))
     return out
@@ -195,10 +194,15 @@ def _step_at(c, m, rows: int, pos: int, freqs, sk_step, left) -> Dict[str, Any]:
         stack = engine_ar._packed_stack(m, dev)
         cache = ar_stack_cache(stack, rows, m.seq_len, dev)
         backend = "triton" if c.gpu else "torch"
-        got = run("fused", lambda p: ar_block_stack_decode(hs[p][:, 0], stack, cache, p, freqs, m.config.n_head,
-                                                            backend=backend))
-        row["fused_max_abs_diff"] = float((got - ref).abs().max())
+        for sched in ("tiles", "phases"):
+            key = "fused" if sched == "tiles" else "phases"
+            if left() <= 5:
+                row[f"{key}_s"] = "skipped: budget"
+                continue
+            got = run(key, lambda p: ar_block_stack_decode(hs[p][:, 0], stack, cache, p, freqs, m.config.n_head,
+                                                           backend=backend, schedule=sched if c.gpu else None))
+            row[f"{key}_max_abs_diff"] = float((got - ref).abs().max())
         del cache
     else:
-        row["fused_s"] = "skipped: budget"
+        row["fused_s"] = row["phases_s"] = "skipped: budget"
     return row
