@@ -23,8 +23,13 @@ Kernel design (:func:`.kernels._ar_stack_decode_kernel`, configuration :func:`.l
 Numerics: all fp32 except the 16-bit rounding of each linear's input (16-bit weights); agrees with the torch
 backend (:func:`fractal_kernels.reference.ar_stack.ar_block_stack_decode_reference`) to summation order.
 
-Layers: :mod:`.kernels` (``@triton.jit``, only with triton) -> :mod:`.launch` (configuration, launcher, input
-checks) -> :mod:`.api` (:func:`ar_block_stack_decode`, backend choice ``dispatch.resolve``).
+Schedules (``ar_block_stack_decode(schedule=...)``): that kernel is ``"tiles"``; ``"phases"`` / ``"persistent"``
+run the same math as :mod:`.phased_kernels` (the step cut into phases split over the whole grid, a launch per
+phase or one launch with grid barriers; :mod:`.phased`), chosen by ``policy.schedule_rule`` (op ``ar_step``).
+
+Layers: :mod:`.kernels` / :mod:`.phased_kernels` (``@triton.jit``, only with triton) -> :mod:`.launch` /
+:mod:`.phased` (configuration, launcher, input checks) -> :mod:`.api` (:func:`ar_block_stack_decode`, backend
+choice ``dispatch.resolve``).
 """
 from fractal_kernels.ops.ar_stack.kernels import HAS_TRITON  # noqa: F401
 from fractal_kernels.ops.ar_stack.launch import BM, ArStackConfig, ar_stack_config, check, launch_triton  # noqa: F401
