@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch

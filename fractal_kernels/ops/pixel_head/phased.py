@@ -19,7 +19,6 @@ from fractal_kernels.ops.pixel_head.phased_kernels import (EMB, FC1, HAS_TRITON,
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights
 
 if HAS_TRITON:
-    import triton
     from fractal_kernels.ops.pixel_head.phased_kernels import _pixel_head_phased_kernel
 
 SCHEDULES = ("tiles", "phases", "persistent")
