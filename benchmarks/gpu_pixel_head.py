@@ -284,16 +284,10 @@ def _compare(c, w, shape: Dict[str, Any], bsz: int, backend: str) -> Dict[str, A
 # ---- the candidate overlay -----------------------------------------------------------------------------------
 
 def _ranges(points: Sequence[tuple]) -> List[List[int]]:
-    """Inclusive ``[lo, hi]`` runs of consecutive points ``(n, wins)`` (sorted by n) where ``wins``."""
-    out: List[List[int]] = []
-    last = False
-    for n, wins in points:
-        if wins and last:
-            out[-1][1] = n
-        elif wins:
-            out.append([n, n])
-        last = wins
-    return out
+    """Inclusive ``[lo, hi]`` runs of consecutive points ``(n, wins)`` (sorted by n) where ``wins``: the cost
+    model's crossover ranges, so a measured file has the MODEL's form."""
+    from .costmodel.crossover import ranges
+    return ranges([w for _, w in points], [n for n, _ in points])
 
 
 def candidate_overlay(by_batch: Sequence[Dict[str, Any]], persistent: Dict[str, Any], *, device: str, arch: int,
