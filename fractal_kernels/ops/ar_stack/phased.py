@@ -11,7 +11,7 @@ import torch
 from fractal_kernels._scratch import workspace
 from fractal_kernels._target import device_arch, sm_count
 from fractal_kernels.dispatch import triton_interpreting
-from fractal_kernels.ops._grid import barrier
+from fractal_kernels.ops._grid import barrier, check_schedule, launch_plan
 from fractal_kernels.ops.ar_stack.phased_kernels import ATT, FINAL, HAS_TRITON, INIT, QKV, W13
 from fractal_kernels.reference.ar_stack import ArStackWeights
 
@@ -40,7 +40,8 @@ def ar_step_config(width: int, hidden: int, head_dim: int, rows: int, device: to
     columns at D = 512 and 2 rows: 192 items for qkv and w1 | w3, 64 for wo and w2), the largest K chunk that
     keeps each ``[BR, BN, BK]`` accumulator at :data:`PRODUCT` elements (a whole 512-wide row in one trip at batch
     1), 32-key attention chunks, 8 warps and a 255-register cap, one program per SM at most (the persistent mode's
-    barrier needs every program resident). The interpreter pays per program and op: 64-column items and whole-K chunks."""
+    barrier needs every program resident). The interpreter pays per program and op: 64-column items and whole-K
+    chunks."""
     if interpret is None:
         interpret = device.type == "cpu" and triton_interpreting()
     br = max(2, min(16, triton.next_power_of_2(max(1, rows))))
@@ -90,8 +91,7 @@ def launch_phased(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: 
                   config: Optional[ArStepConfig] = None, max_programs: Optional[int] = None) -> List[int]:
     """Run the phased step into ``out`` (inputs checked by the caller); ``schedule`` "phases" or "persistent"
     (CUDA only). Returns the grid of each launch."""
-    if schedule not in ("phases", "persistent"):
-        raise ValueError(f"schedule: expected 'phases' or 'persistent', got {schedule!r}")
+    check_schedule(schedule)
     bsz, dim = x.shape
     depth, hidden = w.wo.shape[0], w.w1.shape[1]
     hd = dim // num_heads
@@ -102,15 +102,8 @@ def launch_phased(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: 
     nrp = math.ceil(bsz / cfg.br) * cfg.br
     ws = workspace(nrp * (3 * dim + hidden), x.device)
     cap = max(1, max_programs or cfg.max_programs)
-    n_ph = phase_count(depth)
-    if schedule == "persistent":
-        if x.device.type != "cuda" or triton_interpreting():
-            raise ValueError("schedule: 'persistent' (grid barriers) runs on CUDA devices only; use 'phases'")
-        most = max(phase_items(phase_kind(p, depth), cfg, dim, hidden, num_heads, bsz) for p in range(n_ph))
-        launches = [(0, n_ph, min(cap, most))]
-    else:
-        launches = [(p, p + 1, min(cap, phase_items(phase_kind(p, depth), cfg, dim, hidden, num_heads, bsz)))
-                    for p in range(n_ph)]
+    launches = launch_plan(schedule, x.device, phase_count(depth),
+                           lambda p: phase_items(phase_kind(p, depth), cfg, dim, hidden, num_heads, bsz), cap)
     rnd = {torch.bfloat16: 1, torch.float16: 2}.get(w.wqkv.dtype, 0)
     bar = barrier(x.device)
     grids = []
@@ -119,7 +112,8 @@ def launch_phased(x: torch.Tensor, w: ArStackWeights, cache: torch.Tensor, pos: 
             x, w.wqkv, w.wo, w.w1, w.w3, w.w2, w.attn_norm, w.ffn_norm, w.rms_eps, w.norm_w, w.norm_b, cache,
             freqs_cis, out, ws, bar,
             bsz, pos, depth, cache.shape[3], x.stride(0), float(w.norm_eps), hd ** -0.5, start, end,
-            D=dim, DP=triton.next_power_of_2(dim), H=num_heads, HD=hd, HID=hidden, NRP=nrp, BR=cfg.br, BN=cfg.bn, BK=cfg.bk, KB=cfg.kb, ROUND=rnd,
+            D=dim, DP=triton.next_power_of_2(dim), H=num_heads, HD=hd, HID=hidden, NRP=nrp, BR=cfg.br, BN=cfg.bn,
+            BK=cfg.bk, KB=cfg.kb, ROUND=rnd,
             BARRIER=schedule == "persistent", num_warps=cfg.num_warps, num_stages=1, maxnreg=cfg.maxnreg,
         )
         grids.append(grid)

@@ -14,8 +14,8 @@ one CTA streams every weight of the level. Here:
 * ``W13`` (3): ``G = silu(n @ w1^T) * (n @ w3^T)`` over ``BN`` of the hidden columns, RMSNorm recomputed;
 * ``W2`` (4): ``X += round(G) @ w2^T``;
 
-then ``FINAL`` (phase ``1 + 5 NB``): the final LayerNorm of every row tile into the output. ``BARRIER=False``: the host launches
-one phase at a time (the *phased* mode, what the interpreter tests); ``BARRIER=True``: all of them in one launch
+then ``FINAL`` (phase ``1 + 5 NB``): the final LayerNorm of every row tile into the output. ``BARRIER=False``: the
+host launches one phase at a time (the *phased* mode, what the interpreter tests); ``BARRIER=True``: all of them in one launch
 with a grid-wide barrier between phases (the *persistent* mode: GPU only, every program resident). Products are
 fp32 FMA (``[BR, BN, BK]`` broadcast products summed once at the end), a 16-bit weight's input rounded to its
 dtype first (autocast's rounding, as the reference).
@@ -26,6 +26,7 @@ try:
     import triton
     import triton.language as tl
     # 16-bit casts through tiny_attention's _cast: the interpreter's fp32 -> bf16 cast truncates, a GPU's rounds
+    from fractal_kernels.ops._grid_kernels import _grid_exit, _grid_sync
     from fractal_kernels.ops.tiny_attention.kernels import _cast
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
@@ -191,19 +192,7 @@ if HAS_TRITON:
                                    ROUND, BK)
                         xo = sX + rows[:, None] * D + ncols[None, :]
                         tl.store(xo, tl.load(xo) + tl.sum(acc, axis=2))
-            if BARRIER:
-                # grid-wide barrier between phases (GPU only: the interpreter runs programs one after another)
+            if BARRIER:  # between phases, not after the last one
                 if ph + 1 < ph_end:
-                    tl.debug_barrier()
-                    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-                    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                    while seen < (ph - ph_start + 1) * nprog:
-                        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                    tl.debug_barrier()
-        if BARRIER:
-            # the last program out resets the counters for the next launch
-            tl.debug_barrier()
-            gone = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
-            if gone == nprog - 1:
-                tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+                    _grid_sync(bar_ptr, (ph - ph_start + 1) * nprog, BARRIER)
+        _grid_exit(bar_ptr, nprog, BARRIER)

@@ -14,14 +14,13 @@ import torch
 from fractal_kernels._scratch import workspace
 from fractal_kernels._target import device_arch, sm_count as _sm_count
 from fractal_kernels.dispatch import triton_interpreting
-from fractal_kernels.ops._grid import barrier
+from fractal_kernels.ops._grid import barrier, check_schedule, launch_plan
 from fractal_kernels.ops.pixel_head.phased_kernels import (EMB, FC1, HAS_TRITON, LOGITS, QKV, SAMPLE)
 from fractal_kernels.reference.pixel_head import VOCAB, PixelHeadWeights
 
 if HAS_TRITON:
     from fractal_kernels.ops.pixel_head.phased_kernels import _pixel_head_phased_kernel
 
-SCHEDULES = ("tiles", "phases", "persistent")
 PRODUCT = 4096  # elements of one [BR, KC, N] FMA product: 32 fp32 registers a thread at 4 warps
 
 
@@ -109,8 +108,7 @@ def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg
                   max_programs: Optional[int] = None) -> List[int]:
     """Run the phased kernel with :func:`.launch._launch_triton`'s arguments; ``schedule`` "phases" (one launch per
     phase) or "persistent" (one launch with grid barriers: CUDA only). Returns the grid of each launch."""
-    if schedule not in ("phases", "persistent"):
-        raise ValueError(f"schedule: expected 'phases' or 'persistent', got {schedule!r}")
+    check_schedule(schedule)
     w = PixelHeadWeights(*(t.contiguous() for t in weights))
     rows, c_in = cond.shape
     interp = cond.device.type == "cpu" and triton_interpreting()
@@ -127,16 +125,9 @@ def launch_phased(cond, weights: PixelHeadWeights, num_heads, guided, cfg_t, cfg
     exp = exponentials.float().contiguous() if exponentials is not None else ws
     draw = 3 if greedy else 2 if exponentials is not None else 1 if uniforms is not None else 0
     cap = max(1, max_programs or cfg.max_programs)
-    n_ph = phase_count(depth)
-    if schedule == "persistent":
-        if cond.device.type != "cuda" or triton_interpreting():
-            raise ValueError("schedule: 'persistent' (grid barriers) runs on CUDA devices only; use 'phases'")
-        most = max(phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden, n_rows, bsz)
-                   for p in range(n_ph))
-        launches = [(0, n_ph, min(cap, most))]
-    else:
-        launches = [(p, p + 1, min(cap, phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden,
-                                                    n_rows, bsz))) for p in range(n_ph)]
+    launches = launch_plan(schedule, cond.device, phase_count(depth),
+                           lambda p: phase_items(phase_kind(p, depth)[0], cfg, width, num_heads, hidden, n_rows, bsz),
+                           cap)
     bar = barrier(cond.device)  # the phases never touch it (one buffer a device and stream, not one a call)
     args = (cond, *w, cfg_t if cfg_t is not None else ws, uni, exp, ids, ws, logits if logits is not None else ws,
             value_table if value_table is not None else ws, values if values is not None else ws, bar)

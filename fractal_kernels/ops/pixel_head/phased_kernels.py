@@ -27,6 +27,7 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
+    from fractal_kernels.ops._grid_kernels import _grid_exit, _grid_sync
     from fractal_kernels.ops.pixel_head.kernels import _dot, _sample_pixels
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional
@@ -252,22 +253,7 @@ if HAS_TRITON:
                         lmask = (rows < n_rows) & (rows * 0 + write_logits != 0)
                         tl.store(logits_ptr + (c * n_rows + rows.to(tl.int64))[:, None] * V + ncols[None, :], acc,
                                  mask=lmask[:, None])
-            if BARRIER:
-                # grid-wide barrier between phases: every program adds 1 to the counter, then waits until it
-                # holds all programs' arrivals so far in this launch (GPU only: the interpreter runs the
-                # programs one after another)
+            if BARRIER:  # between phases, not after the last one
                 if ph + 1 < ph_end:
-                    tl.debug_barrier()
-                    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-                    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                    while seen < (ph - ph_start + 1) * nprog:
-                        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                    tl.debug_barrier()
-        if BARRIER:
-            # the last program out resets the counters for the next launch (every program has left its last
-            # wait once it adds to the exit count)
-            tl.debug_barrier()
-            gone = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
-            if gone == nprog - 1:
-                tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+                    _grid_sync(bar_ptr, (ph - ph_start + 1) * nprog, BARRIER)
+        _grid_exit(bar_ptr, nprog, BARRIER)
