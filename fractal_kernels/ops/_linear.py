@@ -8,6 +8,8 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
+from fractal_kernels import dispatch
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -71,3 +73,16 @@ def refuse_grad(op: str, tensors: Iterable[Optional[torch.Tensor]]) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"{op}: the Triton kernel has no backward (an inference op: the sampling steps); run it "
                            f"under torch.no_grad() / inference_mode(), or use backend='torch' for gradients")
+
+
+def resolve_backend(op: str, backend: Optional[str], x: torch.Tensor, weight: torch.Tensor,
+                    tensors: Iterable[Optional[torch.Tensor]]) -> str:
+    """The linear op's backend ("triton" or "torch": neither has a CUDA kernel) through ``dispatch.resolve``; on
+    Triton, :func:`refuse_grad` of ``tensors``."""
+    which = dispatch.resolve(op, backend, x.device, dtype=weight.dtype)
+    if which not in ("triton", "torch"):
+        raise dispatch.BackendUnavailable(f"{op}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
+    if which == "triton":
+        refuse_grad(op, tensors)
+    return which
+

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from fractal_kernels import dispatch
-from fractal_kernels.ops._linear import refuse_grad
+from fractal_kernels.ops._linear import resolve_backend
 from fractal_kernels.ops.fused_linear.launch import check, launch_triton
 from fractal_kernels.reference.fused_linear import fused_linear_reference
 
@@ -38,12 +38,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         refused), "torch" (autograd through the reference); no CUDA kernel.
     """
     out_dtype = check(x, weight, bias, norm_weight, norm_bias, norm_eps, act, residual, out_dtype)
-    which = dispatch.resolve(OP, backend, x.device, dtype=weight.dtype)
-    if which not in ("triton", "torch"):
-        raise dispatch.BackendUnavailable(f"{OP}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
+    which = resolve_backend(OP, backend, x, weight, (x, weight, bias, norm_weight, norm_bias, residual))
     m, n = x.shape[0], weight.shape[0]
-    if which == "triton":
-        refuse_grad(OP, (x, weight, bias, norm_weight, norm_bias, residual))
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x.device)
     if which == "torch":

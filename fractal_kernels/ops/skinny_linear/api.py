@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from fractal_kernels import dispatch
-from fractal_kernels.ops._linear import refuse_grad
+from fractal_kernels.ops._linear import resolve_backend
 from fractal_kernels.ops.skinny_linear.launch import check, launch_triton
 from fractal_kernels.reference.skinny_linear import skinny_linear_reference
 
@@ -42,17 +42,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
     Shapes:
         x ``[M, K]``, weight / gate ``[N, K]``, bias ``[N]``, norm_weight ``[K]``, residual ``[M, N]`` ->
-        ``[M, N]``; with kv_out ``[2, M, H, D]`` (N = 3 H D): -> ``[M, H D]``. Dtypes: fp32 / bf16 / fp16 (a 16-bit weight rounds its input to its dtype); accumulation
-        fp32. Backends: "triton" (no backward: inputs that require grad under grad mode are refused), "torch"
+        ``[M, N]``; with kv_out ``[2, M, H, D]`` (N = 3 H D): -> ``[M, H D]``. Dtypes: fp32 / bf16 / fp16 (a 16-bit
+        weight rounds its input to its dtype); accumulation fp32. Backends: "triton" (no backward: inputs that require grad under grad mode are refused), "torch"
         (autograd through the reference); no CUDA kernel.
     """
     out_dtype = check(x, weight, bias, norm_weight, norm_eps, gate, residual, out_dtype, kv_out)
-    which = dispatch.resolve(OP, backend, x.device, dtype=weight.dtype)
-    if which not in ("triton", "torch"):
-        raise dispatch.BackendUnavailable(f"{OP}: no {which!r} kernel for this op; use 'triton', 'torch' or None")
+    which = resolve_backend(OP, backend, x, weight, (x, weight, bias, norm_weight, gate, residual))
     m, n = x.shape[0], weight.shape[0]
-    if which == "triton":
-        refuse_grad(OP, (x, weight, bias, norm_weight, gate, residual))
     nq = n if kv_out is None else n - 2 * kv_out.shape[2] * kv_out.shape[3]
     if m == 0:
         return torch.empty(0, nq, dtype=out_dtype, device=x.device)
