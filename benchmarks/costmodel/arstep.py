@@ -16,20 +16,15 @@ from typing import List, Tuple
 import torch
 
 from . import constants as C
-from .launch import Launch, occupancy
+from .launch import Launch, occupancy, phase_launch
 
 WB = 2   # 16-bit linear weights
 F32 = 4  # scratch, cache
 AR_STEP_REGS = 170  # registers of _ar_step_phased_kernel (8 warps, 255 cap), the worst of the CI subset (sm_90 fp32)
 
 
-def _launch(kind: str, items: int, cap: int, per: float, trip: float, weights: float, unique: float, flops: float,
-            launch_kind: str, ctas: int) -> Launch:
-    grid = max(1, min(items, cap))
-    return Launch(kernel=f"triton:_ar_step_phased_kernel {kind}", grid_ctas=grid, ctas_per_sm=ctas,
-                  bytes_per_cta=per, in_flight_bytes=max(1.0, min(trip, per)), unique_bytes=unique,
-                  weight_bytes=weights, flops_per_cta=flops, unit="FMA", items_per_cta=math.ceil(items / grid),
-                  launch_kind=launch_kind)
+def _launch(kind: str, *args) -> Launch:
+    return phase_launch(f"triton:_ar_step_phased_kernel {kind}", *args)
 
 
 def phased(lv, hw: C.Hardware, arch: int, persistent: bool = False) -> List[Tuple[Launch, float]]:
@@ -75,8 +70,3 @@ def phased(lv, hw: C.Hardware, arch: int, persistent: bool = False) -> List[Tupl
     out.append((_launch("FINAL", n_rt, cap, br * D * F32 + br * D * WB, br * D * F32, 0.0, rows_b, 0.0, nxt, ctas),
                 1.0))
     return out
-
-
-def phases_per_step(depth: int) -> int:
-    from fractal_kernels.ops.ar_stack.phased import phase_count
-    return phase_count(depth)

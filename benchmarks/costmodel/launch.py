@@ -65,6 +65,16 @@ class Launch:
         return self.bytes_per_cta * self.grid_ctas * self.items_per_cta
 
 
+def phase_launch(kernel: str, items: int, cap: int, per_item: float, per_trip: float, weights: float, unique: float,
+                 flops: float, launch_kind: str, ctas: int) -> Launch:
+    """One phase of a phased kernel (the pixel head's, the AR step's): ``items`` work items over at most ``cap``
+    programs (persistent: each runs its share one after another), one loop trip's loads in flight, FMA."""
+    grid = max(1, min(items, cap))
+    return Launch(kernel=kernel, grid_ctas=grid, ctas_per_sm=ctas, bytes_per_cta=per_item,
+                  in_flight_bytes=max(1.0, min(per_trip, per_item)), unique_bytes=unique, weight_bytes=weights,
+                  flops_per_cta=flops, unit="FMA", items_per_cta=math.ceil(items / grid), launch_kind=launch_kind)
+
+
 def occupancy(regs: int, warps: int, smem: int = 0, hw: Hardware = HARDWARE["H100"]) -> int:
     """CTAs resident per SM from registers per thread, warps per CTA and shared memory per CTA (spec limits;
     register allocation granularity ignored)."""

@@ -20,13 +20,15 @@ from typing import List, Tuple
 import torch
 
 from . import constants as C
-from .launch import Launch
+from .launch import Launch, occupancy, phase_launch
+from .workload import aot_ctas_per_sm, elementwise
 
 WB = 4   # fp32 pixel-head weights (see the module docstring)
 F32 = 4  # the phased kernel's scratch
 EB = 2   # condition rows (16-bit under autocast)
 VOCAB = 256
-PHASED_REGS = 221  # registers of _pixel_head_phased_kernel, 4 warps, sm_90 (benchmarks/results/aot/ci.md; full.json has no row)
+# registers of _pixel_head_phased_kernel, 4 warps, sm_90 (benchmarks/results/aot/ci.md; full.json has no row)
+PHASED_REGS = 221
 SAMPLER_FLOPS_PER_LOGIT = 40  # sanitize, filter + CFG mix (two softmaxes), softmax, the CDF scan and draw: ~40 ops
 
 
@@ -40,7 +42,6 @@ def tiles(lv, hw: C.Hardware, arch: int) -> Launch:
     the condition projection once; one ``[KC, NC]`` weight chunk in flight."""
     from fractal_kernels._target import target_arch
     from fractal_kernels.ops.pixel_head.launch import pixel_head_config
-    from .workload import aot_ctas_per_sm
     pairs = max(1, lv.n // 2)
     with target_arch(arch):
         cfg = pixel_head_config(lv.width, lv.hidden, lv.c_in, pairs, True, torch.float32, torch.device("cuda"))
@@ -59,13 +60,8 @@ def tiles(lv, hw: C.Hardware, arch: int) -> Launch:
                   launch_kind="triton", meta={"block_b": cfg.block_b, "tiles": n_tiles})
 
 
-def _phase(kind: str, items: int, cap: int, per_item: float, per_trip: float, weights: float, unique: float,
-           flops: float, launch_kind: str, ctas: int) -> Launch:
-    grid = max(1, min(items, cap))
-    return Launch(kernel=f"triton:_pixel_head_phased_kernel {kind}", grid_ctas=grid, ctas_per_sm=ctas,
-                  bytes_per_cta=per_item, in_flight_bytes=max(1.0, min(per_trip, per_item)),
-                  unique_bytes=unique, weight_bytes=weights, flops_per_cta=flops, unit="FMA",
-                  items_per_cta=math.ceil(items / grid), launch_kind=launch_kind)
+def _phase(kind: str, *args) -> Launch:
+    return phase_launch(f"triton:_pixel_head_phased_kernel {kind}", *args)
 
 
 def phased(lv, hw: C.Hardware, arch: int, persistent: bool = False) -> List[Tuple[Launch, float]]:
@@ -80,14 +76,12 @@ def phased(lv, hw: C.Hardware, arch: int, persistent: bool = False) -> List[Tupl
     br, bn = cfg.br, cfg.bn
     n_rt = math.ceil(n / br)
     rows_b = br * W * F32  # one row tile of the residual stream
-    from .launch import occupancy
-    from .workload import aot_ctas_per_sm
     ctas = aot_ctas_per_sm("_pixel_head_phased_kernel", arch, {"W": W}) or occupancy(PHASED_REGS, cfg.num_warps, hw=hw)
     ctas = 1 if persistent else ctas  # the barrier's grid is one program per SM
     cap = hw.sms if persistent else cfg.max_programs
     nxt = "barrier" if persistent else "triton"
 
-    def cols(n_out, k, x_bytes, x_reads, out_bytes, w_rows=None):
+    def cols(n_out, k, x_bytes, x_reads, out_bytes):
         # a column-split phase: items (row tile, BN columns); x rows read x_reads times, BN weight rows of K
         items = n_rt * math.ceil(n_out / bn)
         kc = min(k, cfg.kc)
@@ -130,7 +124,6 @@ def step(lv, schedule: str, hw: C.Hardware, arch: int) -> List[Tuple[Launch, flo
     other = max(0.0, lv.counts["kernel_launches"] - 1.0)
     extra = []
     if other:
-        from .workload import elementwise
         extra = [(elementwise("pixel head glue", 2 * lv.n * 3 * F32), other)]
     if schedule == "tiles":
         return [(tiles(lv, hw, arch), 1.0)] + extra
