@@ -356,7 +356,8 @@ def explain_attention(op: str, backend: Optional[str], dtype: torch.dtype, devic
 
 def choose_attention(op: str, backend: Optional[str], dtype: torch.dtype, device: torch.device, D: int, L: int,
                      dropout: bool = False, varlen: bool = False) -> str:
-    """The backend for this attention call; 'sdpa' when ``auto`` hands it to PyTorch SDPA (:func:`explain_attention`)."""
+    """The backend for this attention call; 'sdpa' when ``auto`` hands it to PyTorch SDPA
+    (:func:`explain_attention`)."""
     return explain_attention(op, backend, dtype, device, D, L, dropout, varlen)[0]
 
 
@@ -399,15 +400,16 @@ def choose_pixel_head(backend: Optional[str], device: torch.device, width: int) 
     return which
 
 
-def choose_pixel_head_schedule(schedule: Optional[str], device: torch.device, width: int, rows: int,
-                               wdtype: torch.dtype) -> Tuple[str, str]:
-    """The Triton pixel head's schedule and why (:func:`fractal_kernels.policy.pixel_head_schedule_rule`: forced
-    by ``schedule`` or ``$FRACTAL_PIXEL_HEAD_SCHEDULE``, else the crossover data at this call's rows on a CUDA
-    device's arch); recorded as the op ``pixel_head_schedule`` (:func:`last_backend`)."""
+def choose_schedule(op: str, schedule: Optional[str], device: torch.device, width: int, rows: int,
+                    wdtype: torch.dtype) -> Tuple[str, str]:
+    """A phased op's Triton schedule and why (``op`` "pixel_head" / "ar_step",
+    :func:`fractal_kernels.policy.schedule_rule`: forced by ``schedule`` or its environment variable, else the
+    crossover data at this call's rows on a CUDA device's arch); recorded as the op ``<op>_schedule``
+    (:func:`last_backend`)."""
     from fractal_kernels._target import device_arch
-    which, why = policy.pixel_head_schedule_rule(width, schedule=schedule, rows=rows, dtype=str(wdtype)[6:],
-                                                 arch=device_arch(device) if device.type == "cuda" else None)
-    return record("pixel_head_schedule", which), why
+    which, why = policy.schedule_rule(op, width, schedule=schedule, rows=rows, dtype=str(wdtype)[6:],
+                                      arch=device_arch(device) if device.type == "cuda" else None)
+    return record(f"{op}_schedule", which), why
 
 
 MAR_STACK_MAX_L = 64  # longest sequence (prefix tokens included) of the fused MAR stack's Triton kernel

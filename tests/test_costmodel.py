@@ -254,24 +254,24 @@ def test_the_pixel_head_schedules_win_only_at_few_rows_and_persistent_needs_a_me
                           for k, (runs, _) in phases.items())
     cuda = torch.device("cuda")
     with target_arch(90):
-        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.float32)[0] == "phases"
-        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 65536, torch.float32)[0] == "tiles"
-        assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.bfloat16)[0] == "tiles"  # no entry
+        assert dispatch.choose_schedule("pixel_head", None, cuda, 128, 2, torch.float32)[0] == "phases"
+        assert dispatch.choose_schedule("pixel_head", None, cuda, 128, 65536, torch.float32)[0] == "tiles"
+        assert dispatch.choose_schedule("pixel_head", None, cuda, 128, 2, torch.bfloat16)[0] == "tiles"  # no entry
         # the MODEL's persistent entry alone never picks it
         assert (crossover.PIXEL_PERSISTENT_OP, "float32", "sm_90", "128") in table
-        assert dispatch.choose_pixel_head_schedule("persistent", cuda, 128, 2, torch.float32)[0] == "persistent"
-    assert dispatch.choose_pixel_head_schedule(None, torch.device("cpu"), 128, 2, torch.float32)[0] == "tiles"
+        assert dispatch.choose_schedule("pixel_head", "persistent", cuda, 128, 2, torch.float32)[0] == "persistent"
+    assert dispatch.choose_schedule("pixel_head", None, torch.device("cpu"), 128, 2, torch.float32)[0] == "tiles"
     with pytest.raises(ValueError, match="schedule"):
-        dispatch.choose_pixel_head_schedule("fast", cuda, 128, 2, torch.float32)
+        dispatch.choose_schedule("pixel_head", "fast", cuda, 128, 2, torch.float32)
     doc = {"entries": {crossover.PIXEL_PERSISTENT_OP: {"float32": {"sm_90": {"128": {"fused_n": [[1, 64]]}}}}}}
     monkeypatch.setenv("FRACTAL_HOME", str(tmp_path))
     (tmp_path / policy.BLOCK_STACK).write_text(json.dumps(doc))
     dispatch.reload()
     try:
         with target_arch(90):
-            which, why = dispatch.choose_pixel_head_schedule(None, cuda, 128, 2, torch.float32)
+            which, why = dispatch.choose_schedule("pixel_head", None, cuda, 128, 2, torch.float32)
             assert which == "persistent" and "measured" in why
-            assert dispatch.choose_pixel_head_schedule(None, cuda, 128, 128, torch.float32)[0] == "phases"
+            assert dispatch.choose_schedule("pixel_head", None, cuda, 128, 128, torch.float32)[0] == "phases"
     finally:
         monkeypatch.delenv("FRACTAL_HOME")
         dispatch.reload()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from fractal_kernels import dispatch, policy
+from fractal_kernels import dispatch
 from fractal_kernels.ops.ar_stack.launch import check, launch_triton
 from fractal_kernels.ops.ar_stack.phased import launch_phased
 from fractal_kernels.reference.ar_stack import ArStackWeights, ar_block_stack_decode_reference
@@ -28,11 +28,11 @@ def ar_block_stack_decode(x: torch.Tensor, weights: ArStackWeights, cache: torch
     ``[>pos, HD/2, 2]``. ``backend``: None/"auto" (Triton on CUDA tensors, torch elsewhere), "triton" (CPU
     tensors need ``TRITON_INTERPRET=1``), "torch". An empty batch returns ``[0, D]`` without a launch.
 
-    ``schedule`` (the Triton backend's work split; None/"auto": :func:`schedule`): "tiles" (one program runs a
-    16-row tile's whole stack: one CTA at batch 1), "phases" (the step cut into ``2 + 5 NB`` phases, each split
-    over the grid by output columns / (row, head), a launch per phase; :mod:`.phased`), "persistent" (those phases
-    in one launch with grid barriers: CUDA only, never the default until a GPU run has measured it). The same
-    math; another summation order.
+    ``schedule`` (the Triton backend's work split; None/"auto": :func:`fractal_kernels.dispatch.choose_schedule`):
+    "tiles" (one program runs a 16-row tile's whole stack: one CTA at batch 1), "phases" (the step cut into
+    ``2 + 5 NB`` phases, each split over the grid by output columns / (row, head), a launch per phase;
+    :mod:`.phased`), "persistent" (those phases in one launch with grid barriers: CUDA only, never the default
+    until a GPU run has measured it). The same math; another summation order.
 
     Math:
         Per block, for the new token ``h`` of every row: ``n = RMSNorm(h)``, ``q, k, v = n @ wqkv^T``, q and k
@@ -59,19 +59,10 @@ def ar_block_stack_decode(x: torch.Tensor, weights: ArStackWeights, cache: torch
     if which == "torch":
         return ar_block_stack_decode_reference(x, w, cache, pos, freqs_cis, num_heads)
     out = torch.empty(bsz, dim, dtype=x.dtype, device=x.device)
-    sched, _ = choose_schedule(schedule, x.device, dim, bsz, w.wqkv.dtype)
+    sched, _ = dispatch.choose_schedule("ar_step", schedule, x.device, dim, bsz, w.wqkv.dtype)
     if sched == "tiles":
         launch_triton(x, w, cache, pos, freqs_cis, num_heads, out)
     else:
         launch_phased(x, w, cache, pos, freqs_cis, num_heads, out, schedule=sched)
     return out
 
-
-def choose_schedule(schedule: Optional[str], device: torch.device, width: int, rows: int,
-                    wdtype: torch.dtype):
-    """(schedule, why) of the Triton step (:func:`fractal_kernels.policy.schedule_rule`, op "ar_step": forced, or
-    the crossover data at this call's rows on a CUDA device's arch); recorded as ``ar_step_schedule``."""
-    from fractal_kernels._target import device_arch
-    which, why = policy.schedule_rule("ar_step", width, schedule=schedule, rows=rows, dtype=str(wdtype)[6:],
-                                      arch=device_arch(device) if device.type == "cuda" else None)
-    return dispatch.record("ar_step_schedule", which), why

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from fractal_kernels.dispatch import choose_pixel_head as _choose
-from fractal_kernels.dispatch import choose_pixel_head_schedule as _schedule
+from fractal_kernels.dispatch import choose_schedule as _schedule
 from fractal_kernels.ops.pixel_head.launch import _check
 from fractal_kernels.ops.pixel_head.register import _pixel_head_op
 from fractal_kernels.reference.philox import philox_uniform
@@ -60,7 +60,7 @@ def pixel_head_sample(
     torch backend's to ~1e-6 (another summation order), so ids can differ where two candidates nearly tie.
 
     ``schedule`` (the Triton backend's work split; None/"auto": :func:`fractal_kernels.dispatch.
-    choose_pixel_head_schedule`, the cost MODEL's crossover at this call's rows): "tiles" (a program runs its pixels'
+    choose_schedule`, the cost MODEL's crossover at this call's rows): "tiles" (a program runs its pixels'
     whole 3-channel loop: fills the GPU from ~132 tiles of 8 pixels up), "phases" (the loop cut into ``1 + 3 (4
     depth + 2)`` phases, each split over the grid by output columns, a launch per phase: batch 1 uses ~100
     programs, not one), "persistent" (those phases in one launch with grid barriers: CUDA only, never the default
@@ -98,7 +98,7 @@ def pixel_head_sample(
                          f"head its own way (use schedule=None, or backend='triton')")
     sched = "tiles"
     if which == "triton":
-        sched, _ = _schedule(schedule, cond.device, w.ln_w.shape[0], cond.shape[0], w.qkv_w.dtype)
+        sched, _ = _schedule("pixel_head", schedule, cond.device, w.ln_w.shape[0], cond.shape[0], w.qkv_w.dtype)
     if bsz == 0:
         return torch.empty(0, 3, dtype=torch.int64 if value_table is None else torch.float32, device=cond.device)
     greedy = temperature == 0

@@ -1,7 +1,7 @@
 """Fused pixel head over the whole GPU: the launch configuration and the launcher of
 :mod:`.phased_kernels` (``schedule="phases"``: one launch per phase; ``"persistent"``: one launch, grid barriers).
 
-Which schedule runs by default is :func:`fractal_kernels.dispatch.choose_pixel_head_schedule`'s call (the cost
+Which schedule runs by default is :func:`fractal_kernels.dispatch.choose_schedule`'s call (the cost
 MODEL's crossover data); this module only runs the one it is given.
 """
 from __future__ import annotations

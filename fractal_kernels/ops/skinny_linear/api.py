@@ -43,8 +43,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Shapes:
         x ``[M, K]``, weight / gate ``[N, K]``, bias ``[N]``, norm_weight ``[K]``, residual ``[M, N]`` ->
         ``[M, N]``; with kv_out ``[2, M, H, D]`` (N = 3 H D): -> ``[M, H D]``. Dtypes: fp32 / bf16 / fp16 (a 16-bit
-        weight rounds its input to its dtype); accumulation fp32. Backends: "triton" (no backward: inputs that require grad under grad mode are refused), "torch"
-        (autograd through the reference); no CUDA kernel.
+        weight rounds its input to its dtype); accumulation fp32. Backends: "triton" (no backward: inputs that require
+        grad under grad mode are refused), "torch" (autograd through the reference); no CUDA kernel.
     """
     out_dtype = check(x, weight, bias, norm_weight, norm_eps, gate, residual, out_dtype, kv_out)
     which = resolve_backend(OP, backend, x, weight, (x, weight, bias, norm_weight, gate, residual))
